@@ -1,0 +1,49 @@
+# megatron-triton: `make serve` and `make test` work from a fresh clone (they set up .venv and the demo model).
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo_model
+
+# Serving configuration, read by triton_backend/config.py (see README "Configuration").
+TP ?= 1
+export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
+       MAX_BATCH_SIZE MAX_QUEUE ADMIN_TOKEN LOG_VERBOSE
+
+.PHONY: serve test unit functional lint demo-model setup system-deps clean
+
+serve: setup demo-model
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
+
+test: setup demo-model
+	$(PY) -m pytest tests
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+functional: setup demo-model
+	$(PY) -m pytest tests/functional
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+setup: $(VENV)/.installed system-deps
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# perf_analyzer (tritonclient's wheel) needs libb64 from Debian.
+system-deps:
+	@ldconfig -p | grep -q libb64.so.0d || { \
+	  echo "installing libb64-0d (needed by perf_analyzer)"; \
+	  apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; }
+
+demo-model: $(DEMO)/checkpoint/latest_checkpointed_iteration.txt
+
+$(DEMO)/checkpoint/latest_checkpointed_iteration.txt: | $(VENV)/.installed
+	$(PY) -m triton_backend.demo_model --out $(DEMO)
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,98 @@
+"""One client for both of Triton's protocols, speaking the ensemble's tensors (DESIGN.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from preprocessing.params import SCALARS
+
+OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
+           "output_log_probs"]
+_WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL"}
+
+
+class GenerationError(RuntimeError):
+    """The server refused or failed the request; ``status`` is the HTTP status or gRPC code name."""
+
+    def __init__(self, message: str, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    cum_log_probs: float
+    output_log_probs: list[float]
+
+
+class GenerationClient:
+    """``GenerationClient("localhost:8000").generate("Hello", max_tokens=16, temperature=0)``."""
+
+    def __init__(self, url: str = "localhost:8000", protocol: str = "http", model: str = "ensemble",
+                 timeout_s: float = 120.0):
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(url, network_timeout=timeout_s, connection_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(url)
+        self._tc = tc
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def inputs(self, prompt: str, **params) -> list:
+        """The ensemble's input tensors for one request; ``None`` values are left out (server default)."""
+        unknown = set(params) - set(SCALARS)
+        if unknown:
+            raise ValueError(f"unknown parameters: {', '.join(sorted(unknown))}")
+        text = self._tc.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
+        tensors = [text]
+        for name, value in params.items():
+            if value is None:
+                continue
+            spec = SCALARS[name]
+            tensor = self._tc.InferInput(name, [1, 1], _WIRE[spec.triton_type])
+            tensor.set_data_from_numpy(np.array([[value]], dtype=spec.dtype))
+            tensors.append(tensor)
+        return tensors
+
+    def generate(self, prompt: str, **params) -> Result:
+        outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]
+        try:
+            if self.protocol == "http":
+                response = self._client.infer(self.model, self.inputs(prompt, **params), outputs=outputs)
+            else:
+                response = self._client.infer(self.model, self.inputs(prompt, **params), outputs=outputs,
+                                              client_timeout=self.timeout_s)
+        except Exception as err:  # tritonclient raises InferenceServerException for both protocols
+            status = err.status() if hasattr(err, "status") else None
+            message = err.message() if hasattr(err, "message") else str(err)
+            raise GenerationError(message, status) from None
+        value = response.as_numpy
+        return Result(
+            text=value("text_output")[0][0].decode("utf-8"),
+            finish_reason=value("finish_reason")[0][0].decode("utf-8"),
+            num_input_tokens=int(value("num_input_tokens")[0][0]),
+            num_output_tokens=int(value("num_output_tokens")[0][0]),
+            cum_log_probs=float(value("cum_log_probs")[0][0]),
+            output_log_probs=[float(x) for x in value("output_log_probs")[0]],
+        )

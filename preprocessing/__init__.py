@@ -1,0 +1,1 @@
+"""Tokenizer and request validation for the ensemble; plain Python, importable without Triton."""

@@ -1,0 +1,123 @@
+"""The request surface: one dataclass whose fields, defaults and rules drive validation everywhere.
+
+The ensemble's scalar inputs (DESIGN.md's tensor table), the tensors preprocessing hands to ``megatron_gpt``
+and the checks rank 0 runs before anything reaches the model all come from ``SamplingParams``, so names
+and rules cannot drift between the client, the preprocessing model and the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+class InvalidRequest(ValueError):
+    """A request broke a rule; the message names the tensor, the value and the rule."""
+
+    PREFIX = "invalid input"
+
+    def __init__(self, field: str, value, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"{self.PREFIX} '{field}' = {value!r}: {rule}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """How one scalar request field travels: Triton type and numpy dtype (same for ensemble and model)."""
+
+    triton_type: str
+    dtype: type
+    required: bool = False
+
+
+# Ensemble name -> wire spec. The internal tensor of megatron_gpt is the upper-case name.
+SCALARS: dict[str, Scalar] = {
+    "max_tokens": Scalar("TYPE_INT32", np.int32, required=True),
+    "min_length": Scalar("TYPE_INT32", np.int32),
+    "end_id": Scalar("TYPE_INT32", np.int32),
+    "temperature": Scalar("TYPE_FP32", np.float32),
+    "top_k": Scalar("TYPE_INT32", np.int32),
+    "top_p": Scalar("TYPE_FP32", np.float32),
+    "repetition_penalty": Scalar("TYPE_FP32", np.float32),
+    "presence_penalty": Scalar("TYPE_FP32", np.float32),
+    "frequency_penalty": Scalar("TYPE_FP32", np.float32),
+    "seed": Scalar("TYPE_UINT64", np.uint64),
+    "return_log_probs": Scalar("TYPE_BOOL", np.bool_),
+    "exclude_input_in_output": Scalar("TYPE_BOOL", np.bool_),
+}
+
+MAX_SEED = 2**64 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Everything that decides what one request generates. ``None`` end_id means the tokenizer's EOS."""
+
+    max_tokens: int
+    min_length: int = 0
+    end_id: int | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    return_log_probs: bool = False
+    exclude_input_in_output: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check(self, vocab_size: int, prompt_tokens: int, context: int) -> None:
+        """Raise ``InvalidRequest`` naming the first field that breaks its rule (DESIGN.md's table)."""
+        finite = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in finite:
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidRequest(name, value, "must be a finite number")
+        if prompt_tokens < 1:
+            raise InvalidRequest("text_input", "", "must not be empty")
+        if prompt_tokens >= context:
+            raise InvalidRequest(
+                "text_input", f"<{prompt_tokens} tokens>", f"the prompt must be shorter than the model context "
+                f"({context} tokens) to leave room for at least one generated token")
+        room = context - prompt_tokens
+        if not 1 <= self.max_tokens <= room:
+            raise InvalidRequest(
+                "max_tokens", self.max_tokens, f"must be between 1 and {room} (context {context} minus the "
+                f"{prompt_tokens}-token prompt)")
+        if not 0 <= self.min_length <= self.max_tokens:
+            raise InvalidRequest("min_length", self.min_length, f"must be between 0 and max_tokens ({self.max_tokens})")
+        if self.end_id is not None and not -1 <= self.end_id < vocab_size:
+            raise InvalidRequest("end_id", self.end_id, f"must be -1 (no EOS stop) or a token id below {vocab_size}")
+        if self.temperature < 0:
+            raise InvalidRequest("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if not 0 <= self.top_k <= vocab_size:
+            raise InvalidRequest("top_k", self.top_k, f"must be between 0 (off) and the vocabulary size {vocab_size}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p", self.top_p, "must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequest("seed", self.seed, "must be an unsigned 64-bit integer")
+
+
+def from_tensors(values: dict, upper: bool = False) -> SamplingParams:
+    """Build ``SamplingParams`` from one row's scalars (``None`` or absent means: use the default).
+
+    ``upper`` reads megatron_gpt's internal names (MAX_TOKENS ...) instead of the ensemble's.
+    """
+    kwargs = {}
+    for name, spec in SCALARS.items():
+        value = values.get(name.upper() if upper else name)
+        if value is None:
+            if spec.required:
+                raise InvalidRequest(name.upper() if upper else name, None, "is required")
+            continue
+        kwargs[name] = bool(value) if spec.dtype is np.bool_ else (float(value) if spec.dtype is np.float32
+                                                                   else int(value))
+    return SamplingParams(**kwargs)

@@ -1,0 +1,103 @@
+"""What the preprocessing and postprocessing models do, as plain functions over numpy arrays.
+
+The Python-backend models in ``model_repository/`` only move tensors in and out of these, so everything
+here is unit-tested without Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .params import SCALARS, InvalidRequest, from_tensors
+from .tokenizer import Tokenizer
+
+
+def _text(value, field: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidRequest(field, value[:32], f"must be valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return str(value)
+
+
+def _flag(values: dict, name: str, row: int, default: bool) -> bool:
+    value = values.get(name)
+    return default if value is None else bool(value[row][0])
+
+
+class GenerationFailed(RuntimeError):
+    """megatron_gpt reported a row error; ``invalid`` tells a broken rule (the client's) from a server fault."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.invalid = message.startswith(InvalidRequest.PREFIX)
+
+
+class Preprocessor:
+    """Text and sampling parameters in; validated, padded token ids out."""
+
+    def __init__(self, tokenizer: Tokenizer, context: int):
+        self.tokenizer, self.context = tokenizer, context
+
+    @classmethod
+    def from_env(cls) -> Preprocessor:
+        """The tokenizer and context length the server exported for the pipeline models."""
+        return cls(Tokenizer(os.environ["MEGATRON_TRITON_TOKENIZER"]), int(os.environ["MEGATRON_TRITON_CONTEXT"]))
+
+    def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``values`` maps lower-case ensemble names to [batch, 1] arrays (absent: default).
+
+        Returns INPUT_IDS (padded to the context so that the dynamic batcher can merge any requests) and
+        INPUT_LENGTH; raises ``InvalidRequest`` for the first rule a row breaks.
+        """
+        texts = values.get("text_input")
+        if texts is None:
+            raise InvalidRequest("text_input", None, "is required")
+        rows = len(texts)
+        ids = np.zeros((rows, self.context), np.int32)
+        lengths = np.zeros((rows, 1), np.int32)
+        for row in range(rows):
+            prompt = self.tokenizer.encode(_text(texts[row][0], "text_input"))
+            scalars = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
+            from_tensors(scalars).check(self.tokenizer.vocab_size, len(prompt), self.context)
+            ids[row, : len(prompt)] = prompt
+            lengths[row, 0] = len(prompt)
+        return {"INPUT_IDS": ids, "INPUT_LENGTH": lengths}
+
+
+class Postprocessor:
+    """Generated ids in; text (with the prompt first when ``exclude_input_in_output`` is false) and log-probs out."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_env(cls) -> Postprocessor:
+        return cls(Tokenizer(os.environ["MEGATRON_TRITON_TOKENIZER"]))
+
+    def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raises ``GenerationFailed`` with megatron_gpt's message when a row carries an ERROR."""
+        errors = values.get("ERROR")
+        if errors is not None:
+            message = next((e[0] for e in errors if e[0]), b"")
+            if message:
+                raise GenerationFailed(_text(message, "ERROR"))
+        out_ids, out_len = values["OUTPUT_IDS"], values["OUTPUT_LENGTH"]
+        in_ids, in_len = values["INPUT_IDS"], values["INPUT_LENGTH"]
+        texts = np.empty((len(out_ids), 1), dtype=object)
+        # Log-probs not asked for come back empty (DESIGN.md); asked-for ones trimmed to the longest row.
+        asked = any(_flag(values, "RETURN_LOG_PROBS", row, False) for row in range(len(out_ids)))
+        width = int(out_len.max()) if asked and len(out_len) else 0
+        logprobs = np.zeros((len(out_ids), width), np.float32)
+        if width:
+            logprobs[:] = values["OUTPUT_LOG_PROBS"][:, :width]
+        for row in range(len(out_ids)):
+            prompt = in_ids[row][: int(in_len[row][0])]
+            text = self.tokenizer.decode_continuation(prompt, out_ids[row][: int(out_len[row][0])])
+            if not _flag(values, "EXCLUDE_INPUT_IN_OUTPUT", row, True):
+                text = _text(values["TEXT_INPUT"][row][0], "text_input") + text
+            texts[row, 0] = text.encode("utf-8")
+        return {"TEXT_OUTPUT": texts, "OUT_OUTPUT_LOG_PROBS": logprobs}

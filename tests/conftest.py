@@ -1,0 +1,36 @@
+"""Fixtures shared by unit and functional tests."""
+
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small sentencepiece model trained like the demo's (byte fallback, lossless), in a second or two."""
+    from preprocessing.tokenizer import Tokenizer
+    from triton_backend.demo_model import corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    return Tokenizer(train_tokenizer(corpus()[:200], out, vocab_size=400, seed=0))
+
+
+@pytest.fixture(scope="session")
+def dummy_prefix_tokenizer(tmp_path_factory):
+    """A Llama-style tokenizer (dummy prefix, whitespace normalisation) to test decoding rules against."""
+    import io
+
+    import sentencepiece as spm
+
+    from preprocessing.tokenizer import Tokenizer
+    from triton_backend.demo_model import corpus
+
+    model = io.BytesIO()
+    lines = [line for text in corpus()[:200] for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2, num_threads=1)
+    path = tmp_path_factory.mktemp("tok_llama") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return Tokenizer(path)

@@ -1,0 +1,88 @@
+"""A real server (torchrun -> PyTriton -> tritonserver) in a subprocess on free ports, shared by the module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclasses.dataclass
+class Server:
+    http: str
+    grpc: str
+    metrics: str
+    process: subprocess.Popen
+    log: pathlib.Path
+
+    def get(self, path: str, port_url: str | None = None, timeout: float = 5.0):
+        with urllib.request.urlopen(f"http://{port_url or self.http}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_server(tmp: pathlib.Path, **env) -> Server:
+    http, grpc, metrics = free_ports(3)
+    log = tmp / "server.log"
+    environ = {**os.environ, "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
+               "DEVICE": "cpu", "HOST": "127.0.0.1", "TMPDIR": str(tmp), **env}
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    process = subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", "triton_backend.server"],
+        cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
+        try:
+            if server.get("/v2/models/ensemble/ready", timeout=2)[0] == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server not ready within {START_TIMEOUT_S} s:\n{server.tail()}")
+
+
+def stop_server(server: Server, timeout: float = 60) -> int:
+    """SIGTERM the whole job, then kill what is left; returns the exit code."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+    return server.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("server"))
+    yield s
+    stop_server(s)

@@ -1,0 +1,86 @@
+"""The engine over a small random Megatron GPT: caching, mixed batches and finish rules."""
+
+import pytest
+import torch
+
+from preprocessing.params import InvalidRequest, SamplingParams
+from triton_backend.architecture import GPTArchitecture
+from triton_backend.engine import Engine
+from triton_backend.gpt import CachedGPT, build_model, init_parallel
+
+ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                       padded_vocab_size=128, max_position_embeddings=64, seq_length=64)
+VOCAB, EOS = 120, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    init_parallel(1, "cpu")
+    torch.manual_seed(0)
+    return build_model(ARCH).eval()
+
+
+@pytest.fixture
+def engine(model):
+    eng = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS).start()
+    yield eng
+    eng.stop()
+
+
+def greedy_uncached(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor([ids])
+            logits = model(x, torch.arange(len(ids))[None], None)[0, -1, :VOCAB]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def run(engine, prompt, **kw):
+    g = engine.submit(prompt, SamplingParams(**{"max_tokens": 10, "end_id": -1, **kw}))
+    assert g.wait(60)
+    assert g.error is None
+    return g
+
+
+def test_cached_greedy_equals_uncached(engine, model):
+    prompt = [5, 17, 33, 4, 90]
+    assert run(engine, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
+
+
+def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engine):
+    prompts = [[3 + i] * (1 + 3 * i) for i in range(6)]
+    params = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.9, seed=i, top_k=20) for i in range(6)]
+    alone = [run(engine, p, **kw).tokens for p, kw in zip(prompts, params)]
+    steps_before = engine.stats.steps
+    gens = [engine.submit(p, SamplingParams(max_tokens=10, end_id=-1, **kw)) for p, kw in zip(prompts, params)]
+    assert all(g.wait(60) for g in gens)
+    assert [g.tokens for g in gens] == alone
+    assert engine.stats.max_rows_in_step > 1
+    assert engine.stats.steps - steps_before < 6 * 9  # fewer steps than serving them one by one
+
+
+def test_finish_reasons(engine):
+    g = run(engine, [1, 2, 3], temperature=0.0, max_tokens=4)
+    assert g.finish_reason == "length" and len(g.tokens) == 4
+    first = g.tokens[0]
+    g = run(engine, [1, 2, 3], temperature=0.0, end_id=first)
+    assert g.finish_reason == "stop" and g.tokens == []
+    g = run(engine, [1, 2, 3], temperature=0.0, end_id=first, min_length=2, max_tokens=3)
+    assert len(g.tokens) >= 2 and g.tokens[0] != first
+
+
+def test_invalid_requests_are_refused_before_reaching_the_model(engine):
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        engine.submit([1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidRequest, match="INPUT_IDS"):
+        engine.submit([1, VOCAB + 1], SamplingParams(max_tokens=1))
+    assert engine.stats.requests_failed == 0
+
+
+def test_slots_are_reused_beyond_the_cache_size(engine):
+    gens = [engine.submit([i + 1, i + 2], SamplingParams(max_tokens=3, seed=i)) for i in range(20)]
+    assert all(g.wait(60) for g in gens)
+    assert all(g.error is None for g in gens)
+    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0}

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from preprocessing.params import InvalidRequest
+from preprocessing.pipeline import GenerationFailed, Postprocessor, Preprocessor
+
+CONTEXT = 64
+
+
+def strings(*values):
+    return np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object)
+
+
+def test_preprocessing_pads_to_the_context_and_reports_lengths(tiny_tokenizer):
+    pre = Preprocessor(tiny_tokenizer, CONTEXT)
+    out = pre({"text_input": strings("Hello world", "A much longer prompt than the first"),
+               "max_tokens": np.array([[4], [4]], np.int32)})
+    assert out["INPUT_IDS"].shape == (2, CONTEXT)
+    for row, text in enumerate(["Hello world", "A much longer prompt than the first"]):
+        n = int(out["INPUT_LENGTH"][row, 0])
+        assert tiny_tokenizer.decode(out["INPUT_IDS"][row, :n]) == text
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"text_input": strings(""), "max_tokens": np.array([[4]], np.int32)}, "text_input"),
+        ({"text_input": strings(b"\xff"), "max_tokens": np.array([[4]], np.int32)}, "text_input"),
+        ({"text_input": strings("hi"), "max_tokens": np.array([[0]], np.int32)}, "max_tokens"),
+        ({"text_input": strings("hi"), "max_tokens": np.array([[4]], np.int32),
+          "top_p": np.array([[2.0]], np.float32)}, "top_p"),
+        ({"text_input": strings("word " * 80), "max_tokens": np.array([[1]], np.int32)}, "text_input"),
+    ],
+)
+def test_preprocessing_rejects_with_the_field_named(tiny_tokenizer, values, field):
+    with pytest.raises(InvalidRequest) as err:
+        Preprocessor(tiny_tokenizer, CONTEXT)(values)
+    assert err.value.field == field
+
+
+def test_postprocessing_decodes_and_optionally_prefixes_the_prompt(tiny_tokenizer):
+    prompt, new = tiny_tokenizer.encode("The for"), tiny_tokenizer.encode(" statement loops")
+    values = {
+        "INPUT_IDS": np.array([prompt + [0] * 5], np.int32), "INPUT_LENGTH": np.array([[len(prompt)]], np.int32),
+        "OUTPUT_IDS": np.array([new + [0]], np.int32), "OUTPUT_LENGTH": np.array([[len(new)]], np.int32),
+        "OUTPUT_LOG_PROBS": np.full((1, len(new) + 1), -0.5, np.float32), "ERROR": strings(""),
+        "TEXT_INPUT": strings("The for"),
+    }
+    out = Postprocessor(tiny_tokenizer)(values)
+    assert out["TEXT_OUTPUT"][0, 0].decode() == " statement loops"
+    assert out["OUT_OUTPUT_LOG_PROBS"].shape == (1, 0)  # not asked for: empty
+    values["EXCLUDE_INPUT_IN_OUTPUT"] = np.array([[False]])
+    values["RETURN_LOG_PROBS"] = np.array([[True]])
+    out = Postprocessor(tiny_tokenizer)(values)
+    assert out["TEXT_OUTPUT"][0, 0].decode() == "The for statement loops"
+    assert out["OUT_OUTPUT_LOG_PROBS"].tolist() == [[-0.5] * len(new)]
+
+
+def test_postprocessing_raises_the_model_error(tiny_tokenizer):
+    values = {"ERROR": strings("invalid input 'MAX_TOKENS' = 0: must be ...")}
+    with pytest.raises(GenerationFailed) as err:
+        Postprocessor(tiny_tokenizer)(values)
+    assert err.value.invalid
+    values = {"ERROR": strings("generation failed: boom")}
+    with pytest.raises(GenerationFailed) as err:
+        Postprocessor(tiny_tokenizer)(values)
+    assert not err.value.invalid

@@ -1,0 +1,1 @@
+"""Megatron-core GPT generation model served through PyTriton (rank 0) with tensor-parallel followers."""

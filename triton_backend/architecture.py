@@ -1,0 +1,88 @@
+"""The model's architecture as Megatron training records it (the checkpoint's ``args``).
+
+Megatron-LM stores its argparse namespace in every checkpoint and ``--use-checkpoint-args`` rebuilds the
+model from it. We keep the same names so that a checkpoint written by Megatron training and one written by
+the demo-model builder are read the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTArchitecture:
+    """Hyper-parameters that decide the shape of a Megatron GPT model (Megatron-LM argument names)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    padded_vocab_size: int
+    max_position_embeddings: int
+    seq_length: int
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    position_embedding_type: str = "learned_absolute"
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+
+    @classmethod
+    def from_megatron_args(cls, args: argparse.Namespace | dict) -> GPTArchitecture:
+        """Read the architecture from a Megatron ``args`` namespace; unknown fields are ignored."""
+        values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"checkpoint args lack required model fields: {', '.join(missing)}")
+        kept = {k: v for k, v in values.items() if k in names}
+        if not values.get("group_query_attention", False):
+            kept["num_query_groups"] = None
+        return cls(**kept)
+
+    def to_megatron_args(self, **extra) -> argparse.Namespace:
+        """The namespace Megatron training would have saved for this architecture."""
+        values = dataclasses.asdict(self)
+        values["group_query_attention"] = self.num_query_groups is not None
+        values.update(extra)
+        return argparse.Namespace(**values)
+
+    def transformer_config(self, params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1):
+        """Megatron-core ``TransformerConfig`` for inference (no dropout, CPU-safe initialisation)."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            ffn_hidden_size=self.ffn_hidden_size,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=self.swiglu,
+            activation_func=F.silu if self.swiglu else F.gelu,
+            add_bias_linear=self.add_bias_linear,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=tensor_parallel,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            use_cpu_initialization=True,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+        )

@@ -1,0 +1,93 @@
+"""Megatron checkpoints in the layout Megatron training writes (torch_dist format).
+
+    <dir>/latest_checkpointed_iteration.txt
+    <dir>/iter_0000300/   .metadata  __0_0.distcp  common.pt (holds ``args``)  metadata.json
+
+``dist_checkpointing`` reshards on load, so a checkpoint saved at one tensor-parallel size loads at another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from unittest import mock
+
+import torch
+
+from .architecture import GPTArchitecture
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, unreadable or does not fit the model built from its args."""
+
+
+def resolve(path: str | pathlib.Path) -> pathlib.Path:
+    """The torch_dist directory of ``path``: a Megatron save directory (with a tracker file) or the iter dir."""
+    path = pathlib.Path(path)
+    tracker = path / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        name = "release" if text == "release" else f"iter_{int(text):07d}"
+        path = path / name
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a torch_dist checkpoint (no metadata.json, no {TRACKER})")
+    return path
+
+
+def read_args(path: str | pathlib.Path):
+    """The Megatron ``args`` namespace stored in the checkpoint's common state."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(resolve(path)))
+    if "args" not in common:
+        raise CheckpointError(f"{path} stores no training args; cannot tell the model's architecture")
+    return common["args"]
+
+
+def read_architecture(path: str | pathlib.Path) -> GPTArchitecture:
+    try:
+        return GPTArchitecture.from_megatron_args(read_args(path))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def load_weights(model, path: str | pathlib.Path) -> None:
+    """Load (and reshard) the weights of ``path`` into ``model``, strictly: every tensor must be there."""
+    from megatron.core import dist_checkpointing
+
+    directory = resolve(path)
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+    except Exception as err:  # dist_checkpointing raises several types; the message is what matters
+        raise CheckpointError(f"{directory} does not fit the model built from its args: {err}") from err
+    model.load_state_dict(loaded["model"], strict=True)
+
+
+@contextlib.contextmanager
+def _cpu_safe_save():
+    """``dist_checkpointing.save`` calls ``torch.cuda`` even for CPU tensors; make those calls harmless."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with mock.patch("torch.cuda.synchronize"), mock.patch("torch.cuda.current_device", return_value="cpu"):
+        yield
+
+
+def save(model, args, directory: str | pathlib.Path, iteration: int) -> pathlib.Path:
+    """Write ``model`` and ``args`` the way Megatron training does; returns the iter directory.
+
+    Call it under an ``if __name__ == "__main__"`` guard: the writer spawns a multiprocessing manager.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = pathlib.Path(directory)
+    target = directory / f"iter_{iteration:07d}"
+    target.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.sharded_state_dict(), "args": args, "iteration": iteration, "checkpoint_version": 3.0}
+    with _cpu_safe_save():
+        dist_checkpointing.save(state, str(target))
+    if torch.distributed.get_rank() == 0:
+        (directory / TRACKER).write_text(str(iteration))
+    return target

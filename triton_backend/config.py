@@ -1,0 +1,69 @@
+"""Server configuration: one keyword-only dataclass, read from the environment (the Makefile's variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "demo_model"
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass(kw_only=True)
+class ServerConfig:
+    """Everything ``make serve`` can set; see the README's configuration table."""
+
+    checkpoint: pathlib.Path = DEMO_DIR / "checkpoint"
+    tokenizer: pathlib.Path = DEMO_DIR / "tokenizer.model"
+    tensor_parallel: int = 1
+    device: str = ""
+    dtype: str = ""  # float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on CPU
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_repository: pathlib.Path = ROOT / "model_repository"
+    max_batch_size: int = 64  # Triton's dynamic batcher, per execution of megatron_gpt
+    instances: int = 4  # megatron_gpt instances: batches that can be in flight in the engine at once
+    max_slots: int = 64  # sequences running in the engine at once (KV-cache rows)
+    max_queue: int = 1024  # waiting sequences beyond which requests are refused
+    queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
+    admin_token: str = ""  # token for model-control endpoints; random when empty
+    log_verbose: int = 0
+
+    def __post_init__(self):
+        self.checkpoint, self.tokenizer = pathlib.Path(self.checkpoint), pathlib.Path(self.tokenizer)
+        self.model_repository = pathlib.Path(self.model_repository)
+        self.device = self.device or _default_device()
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"DEVICE must be 'cpu' or 'cuda', got {self.device!r}")
+        self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"DTYPE must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ValueError(f"{name.upper()} must be a TCP port, got {getattr(self, name)}")
+        for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> ServerConfig:
+        """Read every field from its upper-case environment variable (``TP`` for ``tensor_parallel``)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        aliases = {"tensor_parallel": "TP"}
+        values = {}
+        for name, field in names.items():
+            raw = env.get(aliases.get(name, name.upper()), "")
+            if raw == "":
+                continue
+            kind = type(field.default)
+            values[name] = raw if kind is str else (pathlib.Path(raw) if kind.__name__.endswith("Path") else int(raw))
+        return cls(**values)

@@ -1,0 +1,216 @@
+"""Continuous-batching generation engine (rank 0).
+
+Every step admits waiting requests into free KV-cache slots (prefill), then advances every running sequence
+by one token (decode), and retires the ones that finished. Requests therefore join and leave the running
+batch at token granularity, whatever their prompt lengths and sampling parameters.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+
+import torch
+
+from preprocessing.params import InvalidRequest, SamplingParams
+
+from .sampling import RowSampler, sample
+
+LOG = logging.getLogger(__name__)
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclasses.dataclass
+class Generation:
+    """One request's progress; ``wait()`` returns once it has finished or failed."""
+
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length"
+    error: str | None = None
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+@dataclasses.dataclass
+class _Running:
+    generation: Generation
+    slot: int
+    sampler: RowSampler
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prefills: int = 0
+    max_rows_in_step: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+
+
+class Engine:
+    """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads."""
+
+    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096):
+        self.gpt = gpt
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self.context = gpt.max_len
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        self.stats = EngineStats()
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._running: list[_Running] = []
+        self._free_slots = list(range(gpt.cache.max_slots))
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # -- serving side -------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join(timeout)
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Every rule a request must meet before it may reach the model (raises ``InvalidRequest``)."""
+        params.check(self.vocab_size, len(prompt), self.context)
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest("INPUT_IDS", bad, f"token ids must be in [0, {self.vocab_size})")
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+        self.validate(prompt, params)
+        generation = Generation(prompt=list(prompt), params=params)
+        with self._wake:
+            if self._stopping:
+                raise EngineBusy("the engine is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self._waiting)} requests are already waiting; retry later")
+            self._waiting.append(generation)
+            self._wake.notify()
+        return generation
+
+    def load(self) -> dict:
+        """Running and waiting sequences and the share of KV-cache slots in use."""
+        with self._wake:
+            running, waiting = len(self._running), len(self._waiting)
+        return {"running": running, "waiting": waiting, "kv_slots_used": running / self.gpt.cache.max_slots}
+
+    # -- engine thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self._running:
+                    self._decode()
+            except Exception as err:  # a failed step fails its rows, not the server
+                LOG.exception("engine step failed")
+                for row in {id(r): r for r in admitted + self._running}.values():
+                    self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
+        for row in self._running:
+            self._retire(row, error="the server is shutting down")
+        while self._waiting:
+            generation = self._waiting.popleft()
+            generation.error = "the server is shutting down"
+            generation._done.set()
+
+    def _admit(self) -> list[_Running]:
+        """Move waiting requests into free slots, within the prefill token budget (called under the lock)."""
+        admitted, budget = [], self.prefill_tokens
+        while self._waiting and self._free_slots:
+            longest = max([len(self._waiting[0].prompt)] + [len(r.generation.prompt) for r in admitted])
+            if admitted and longest * (len(admitted) + 1) > budget:
+                break
+            generation = self._waiting.popleft()
+            p = generation.params
+            end_id = self.eos_id if p.end_id is None else p.end_id
+            seed = p.seed if p.seed is not None else secrets.randbits(63)
+            sampler = RowSampler(p, generation.prompt, end_id, seed)
+            admitted.append(_Running(generation, self._free_slots.pop(), sampler))
+        return admitted
+
+    def _prefill(self, rows: list[_Running]) -> None:
+        """Run the prompts (right-padded into one batch) and sample each row's first token."""
+        device = self.gpt.device
+        longest = max(len(r.generation.prompt) for r in rows)
+        tokens = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r.generation.prompt)] = torch.tensor(r.generation.prompt)
+        positions = torch.arange(longest)[None].expand(len(rows), -1)
+        last = torch.tensor([len(r.generation.prompt) - 1 for r in rows])
+        slots = torch.tensor([r.slot for r in rows])
+        logits = self.gpt.forward(tokens.to(device), positions.to(device), slots.to(device), last.to(device))
+        self.stats.prefills += 1
+        with self._wake:
+            self._running.extend(rows)
+        self._advance(rows, logits)
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        device = self.gpt.device
+        tokens = torch.tensor([[r.sampler.generated[-1]] for r in rows])
+        positions = torch.tensor([[len(r.generation.prompt) + len(r.sampler.generated) - 1] for r in rows])
+        slots = torch.tensor([r.slot for r in rows])
+        last = torch.zeros(len(rows), dtype=torch.long)
+        logits = self.gpt.forward(tokens.to(device), positions.to(device), slots.to(device), last.to(device))
+        self.stats.steps += 1
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(rows))
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[_Running], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            g, s = row.generation, row.sampler
+            if token == s.end_id:
+                self._retire(row, reason="stop")
+                continue
+            s.generated.append(token)
+            g.tokens.append(token)
+            g.logprobs.append(logprob)
+            self.stats.tokens_generated += 1
+            if len(g.tokens) >= g.params.max_tokens:
+                self._retire(row, reason="length")
+
+    def _retire(self, row: _Running, reason: str | None = None, error: str | None = None) -> None:
+        with self._wake:
+            if row in self._running:
+                self._running.remove(row)
+            if row.slot not in self._free_slots:
+                self._free_slots.append(row.slot)
+        g = row.generation
+        g.finish_reason, g.error = reason, error
+        if error:
+            self.stats.requests_failed += 1
+        else:
+            self.stats.requests_finished += 1
+        g._done.set()

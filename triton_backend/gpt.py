@@ -1,0 +1,94 @@
+"""Build a Megatron-core ``GPTModel`` from a ``GPTArchitecture`` and run cached forward passes on it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .architecture import GPTArchitecture
+from .attention import KVCache, SlotCacheAttention, StepContext
+
+
+def init_parallel(tensor_parallel: int = 1, device: str = "cpu") -> None:
+    """Initialise torch.distributed (NCCL on CUDA, gloo on CPU) and Megatron's ``parallel_state``.
+
+    Works both under torchrun and in a plain process (a single-rank group on a free local port).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def layer_spec(arch: GPTArchitecture):
+    """Megatron's local (no Transformer Engine) GPT layer spec with our cache-aware core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    spec.submodules.self_attention.submodules.core_attention = SlotCacheAttention
+    return spec
+
+
+def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parallel: int = 1):
+    """A ``GPTModel`` on CPU (move it with ``.to(device)``); requires ``init_parallel`` first."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=arch.transformer_config(params_dtype, tensor_parallel),
+        transformer_layer_spec=layer_spec(arch),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
+        position_embedding_type=arch.position_embedding_type,
+        rotary_base=arch.rotary_base,
+        rotary_percent=arch.rotary_percent,
+        parallel_output=False,
+    )
+
+
+class CachedGPT:
+    """A GPTModel plus its KV cache: ``forward`` runs tokens of some slots and returns last-token logits."""
+
+    def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None):
+        self.model = model.eval()
+        self.arch = arch
+        param = next(model.parameters())
+        config = model.config
+        tp = config.tensor_model_parallel_size
+        groups = (arch.num_query_groups or arch.num_attention_heads) // tp
+        head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+        self.max_len = min(max_len or arch.seq_length, arch.max_position_embeddings)
+        self.cache = KVCache(arch.num_layers, max_slots, self.max_len, groups, head_dim, param.dtype, param.device)
+        self.attention = [m for m in model.modules() if isinstance(m, SlotCacheAttention)]
+        self.device = param.device
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor):
+        """Logits (float32, [b, vocab]) at index ``last[b]`` of each row after running ``tokens`` [b, s]."""
+        step = StepContext(self.cache, slots, positions)
+        for module in self.attention:
+            module.step = step
+        try:
+            logits = self.model(tokens, positions, None)  # [b, s, vocab]
+        finally:
+            for module in self.attention:
+                module.step = None
+        return logits[torch.arange(len(last), device=logits.device), last].float()

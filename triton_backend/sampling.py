@@ -1,0 +1,84 @@
+"""Per-row logits processing and sampling: every row of a batch keeps its own parameters and random stream.
+
+Seeded rows draw from their own ``torch.Generator`` (one uniform number per token), so a seeded request
+yields the same tokens whether it runs alone or among others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from preprocessing.params import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+class RowSampler:
+    """Random stream and token history of one sequence."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], end_id: int, seed: int):
+        self.params = params
+        self.end_id = end_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.prompt = prompt
+        self.generated: list[int] = []
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """Repetition penalty over prompt + generated tokens; presence/frequency over generated tokens only."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=logits.device)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.generated:
+            ids, counts = torch.tensor(row.generated, device=logits.device).unique(return_counts=True)
+            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tuple[list[int], list[float]]:
+    """Pick the next token of every row; returns the tokens and their log-probabilities under the model.
+
+    ``logits`` is float32 [rows, padded_vocab]; ids at or above ``vocab_size`` (Megatron's vocabulary padding)
+    are never chosen.
+    """
+    logits = logits.clone()
+    logits[:, vocab_size:] = NEG_INF
+    model_logprobs = torch.log_softmax(logits, dim=-1)
+    _apply_penalties(logits, rows)
+    for i, row in enumerate(rows):
+        if row.end_id >= 0 and len(row.generated) < row.params.min_length:
+            logits[i, row.end_id] = NEG_INF
+
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        chosen[sampled] = _draw(logits[sampled], [rows[i] for i in sampled])
+    tokens = chosen.tolist()
+    logprobs = model_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    return tokens, logprobs
+
+
+def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    """Temperature, top-k and top-p per row, then inverse-CDF sampling with each row's own uniform draw."""
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
+    top_k = torch.tensor([r.params.top_k for r in rows], device=device)[:, None]
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
+    uniform = torch.tensor([r.uniform() for r in rows], device=device)[:, None]
+
+    ordered, order = (logits / temperature).sort(dim=-1, descending=True)
+    rank = torch.arange(ordered.shape[-1], device=device)[None]
+    ordered = ordered.masked_fill((top_k > 0) & (rank >= top_k), NEG_INF)
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass ranked strictly above each token
+    probs = probs.masked_fill((before >= top_p) & (rank > 0), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=ordered.shape[-1] - 1)
+    # A zero-probability token can only be hit at an exact CDF tie; step back to the last kept one.
+    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return order.gather(1, pick)[:, 0]

@@ -1,0 +1,143 @@
+"""Serve a Megatron GPT checkpoint: ``torchrun --nproc-per-node $TP -m triton_backend.server``.
+
+Rank 0 loads its shard, starts the engine and binds ``megatron_gpt`` with PyTriton into the Triton server
+that also serves ``model_repository/`` (preprocessing, postprocessing and the ensemble).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import signal
+import sys
+import sysconfig
+import time
+
+import torch
+
+from . import checkpoint
+from .binding import MODEL_NAME, make_infer, tensors
+from .config import ROOT, ServerConfig
+from .engine import Engine
+from .gpt import CachedGPT, build_model, init_parallel
+
+LOG = logging.getLogger("megatron_triton")
+START_ATTEMPTS = 3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_engine(cfg: ServerConfig) -> Engine:
+    """Build the model from the checkpoint's own args, load its weights and wrap it in an engine."""
+    from preprocessing.tokenizer import Tokenizer
+
+    arch = checkpoint.read_architecture(cfg.checkpoint)
+    tokenizer = Tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > arch.padded_vocab_size:
+        raise checkpoint.CheckpointError(
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but the model only "
+            f"{arch.padded_vocab_size} embeddings")
+    model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
+    checkpoint.load_weights(model, cfg.checkpoint)
+    model = model.to(cfg.device)
+    gpt = CachedGPT(model, arch, max_slots=cfg.max_slots)
+    return Engine(gpt, tokenizer.vocab_size, tokenizer.eos_id, max_queue=cfg.max_queue)
+
+
+def pipeline_env(cfg: ServerConfig, context: int) -> None:
+    """Environment the Triton process and its Python-backend models inherit."""
+    # The backend stub links the system libpython; a pyenv/venv interpreter must put its own libdir first.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["MEGATRON_TRITON_TOKENIZER"] = str(cfg.tokenizer.resolve())
+    os.environ["MEGATRON_TRITON_CONTEXT"] = str(context)
+
+
+def serve(cfg: ServerConfig, engine: Engine) -> None:
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    pipeline_env(cfg, engine.context)
+    triton_config = TritonConfig(
+        model_repository=cfg.model_repository.resolve(),
+        http_address=cfg.host, http_port=cfg.http_port,
+        grpc_address=cfg.host, grpc_port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port,
+        exit_on_error=False,  # the ensemble's first load fails until megatron_gpt is bound; Triton retries it
+        exit_timeout_secs=5,
+        log_verbose=cfg.log_verbose,
+    )
+    # Loading a model is code execution: keep model control (and shared memory, trace, logging) behind a
+    # token. Statistics stay open because perf_analyzer reads them.
+    security = TritonSecurityConfig(
+        access_token=cfg.admin_token or None,
+        restricted_endpoints=["model-repository", "shared-memory", "trace", "logging"],
+    )
+    inputs, outputs = tensors()
+    model_config = ModelConfig(
+        max_batch_size=cfg.max_batch_size,
+        batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us),
+    )
+    for attempt in range(1, START_ATTEMPTS + 1):
+        workspace = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_triton_{os.getpid()}_{attempt}"
+        with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
+            triton.bind(
+                model_name=MODEL_NAME, infer_func=[make_infer(engine)] * cfg.instances,
+                inputs=inputs, outputs=outputs, config=model_config, strict=False,
+            )
+            try:
+                triton.run()  # starts tritonserver and loads every model
+            except Exception as err:  # PyTriton surfaces load failures as several exception types
+                # PyTriton 0.7's instance handshake races (the first instance's socket file appears before it
+                # listens); the other instances then fail with ConnectionRefusedError. A fresh start fixes it.
+                if attempt == START_ATTEMPTS:
+                    raise
+                LOG.warning("start attempt %d failed (%s); restarting Triton", attempt, str(err).splitlines()[0])
+                continue
+            LOG.info("serving on http :%d, grpc :%d, metrics :%d", cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+            while triton.is_alive():
+                time.sleep(1.0)
+            return
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    started = time.monotonic()
+    try:
+        cfg = ServerConfig.from_env()
+    except ValueError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    init_parallel(cfg.tensor_parallel, cfg.device)
+    world = torch.distributed.get_world_size()
+    if world != cfg.tensor_parallel:
+        print(f"configuration error: TP={cfg.tensor_parallel} but torchrun started {world} ranks", file=sys.stderr)
+        return 2
+    if world > 1:
+        print("configuration error: tensor parallelism (TP > 1) is not available yet", file=sys.stderr)
+        return 2
+    try:
+        engine = load_engine(cfg)
+    except (checkpoint.CheckpointError, FileNotFoundError) as err:
+        print(f"cannot load the model: {err}", file=sys.stderr)
+        return 1
+    LOG.info("model loaded in %.1f s on %s (%s)", time.monotonic() - started, cfg.device, cfg.dtype)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    engine.start()
+    try:
+        serve(cfg, engine)
+    except KeyboardInterrupt:
+        LOG.info("interrupted, shutting down")
+    finally:
+        engine.stop()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
