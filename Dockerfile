@@ -1,0 +1,25 @@
+# GPU image: the Megatron-core GPT ensemble behind Triton (PyTriton bundles the tritonserver binary).
+#   docker build -t megatron-triton .
+#   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -v /ckpt:/ckpt \
+#     -e CHECKPOINT=/ckpt/megatron -e TOKENIZER=/ckpt/tokenizer.model megatron-triton
+FROM nvcr.io/nvidia/pytorch:24.12-py3
+
+WORKDIR /opt/megatron-triton
+COPY requirements.txt .
+# Keep the base image's CUDA build of torch; everything else is installed at the project's pins.
+RUN grep -v '^torch==' requirements.txt > /tmp/requirements-gpu.txt \
+    && pip install --no-cache-dir -r /tmp/requirements-gpu.txt \
+    && rm /tmp/requirements-gpu.txt
+
+COPY preprocessing/ preprocessing/
+COPY triton_backend/ triton_backend/
+COPY model_repository/ model_repository/
+COPY client/ client/
+COPY docker/entrypoint.sh docker/entrypoint.sh
+
+ENV HOST=0.0.0.0 HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002 DEVICE=cuda
+EXPOSE 8000 8001 8002
+# Ready means the whole pipeline can serve: the ensemble, not just the Triton process.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD curl -sf "http://localhost:${HTTP_PORT}/v2/models/ensemble/ready" || exit 1
+ENTRYPOINT ["/opt/megatron-triton/docker/entrypoint.sh"]
