@@ -49,6 +49,17 @@ class GPTArchitecture:
             kept["num_query_groups"] = None
         return cls(**kept)
 
+    def tensor_parallel_problem(self, tp: int) -> str | None:
+        """Why this model cannot be split ``tp`` ways, or None."""
+        groups = self.num_query_groups or self.num_attention_heads
+        for what, value in (("num_attention_heads", self.num_attention_heads), ("num_query_groups", groups),
+                            ("ffn_hidden_size", self.ffn_hidden_size), ("padded_vocab_size", self.padded_vocab_size)):
+            if value % tp:
+                return f"{what}={value} is not divisible by {tp}"
+        if self.position_embedding_type not in ("learned_absolute", "rope"):
+            return f"position_embedding_type={self.position_embedding_type!r} is not supported"
+        return None
+
     def to_megatron_args(self, **extra) -> argparse.Namespace:
         """The namespace Megatron training would have saved for this architecture."""
         values = dataclasses.asdict(self)
@@ -56,11 +67,14 @@ class GPTArchitecture:
         values.update(extra)
         return argparse.Namespace(**values)
 
-    def transformer_config(self, params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1):
+    def transformer_config(self, params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1, **overrides):
         """Megatron-core ``TransformerConfig`` for inference (no dropout, CPU-safe initialisation)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        return TransformerConfig(
+        return TransformerConfig(**{**self._config_fields(params_dtype, tensor_parallel), **overrides})
+
+    def _config_fields(self, params_dtype: torch.dtype, tensor_parallel: int) -> dict:
+        return dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,

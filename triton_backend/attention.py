@@ -4,6 +4,9 @@ Why our own module: the stock ``DotProductAttention`` calls ``torch.cuda`` (so i
 Megatron's ``StaticInferenceContext`` keeps one sequence offset for the whole batch, while continuous
 batching needs every row at its own length. Megatron's ``SelfAttention`` still computes Q, K, V and the
 output projection with its tensor-parallel layers; only the softmax(QK^T)V part and the cache live here.
+
+Rotary position embeddings are applied here too (the model is built without its own rotary module): GPTModel
+would rotate every row by positions 0..s-1, but each cached row continues at its own position.
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ class KVCache:
         return self.keys[layer][step.slots, :, :span], self.values[layer][step.slots, :, :span]
 
 
+class Rotary:
+    """RoPE with Megatron's frequencies and rotation, at arbitrary per-row positions."""
+
+    def __init__(self, config, head_dim: int, rotary_percent: float, rotary_base: int):
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        self.config = config
+        self.inv_freq = RotaryEmbedding(head_dim, rotary_percent, rotary_base=rotary_base,
+                                        use_cpu_initialization=True).inv_freq
+
+    def __call__(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``t`` [s, b, heads, d] whose tokens sit at ``positions`` [b, s]."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        freqs = positions.t()[..., None].float() * self.inv_freq.to(t.device)  # [s, b, rot / 2]
+        freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [s, b, 1, rot]
+        return apply_rotary_pos_emb(t, freqs, config=self.config)
+
+
 class SlotCacheAttention(MegatronModule):
     """softmax(QK^T)V with grouped-query support; reads and writes the KV cache when a step is set."""
 
@@ -58,8 +80,15 @@ class SlotCacheAttention(MegatronModule):
         self.layer_index = layer_number - 1  # Megatron numbers layers from 1
         self.softmax_scale = softmax_scale
         self.step: StepContext | None = None
+        self.rotary: Rotary | None = None  # set by build_model for rotary-position models
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_):
+        if self.rotary is not None:
+            if self.step is not None:
+                positions = self.step.positions
+            else:
+                positions = torch.arange(query.shape[0], device=query.device)[None].expand(query.shape[1], -1)
+            query, key = self.rotary(query, positions), self.rotary(key, positions)
         # Megatron's layout is [s, b, heads, d]; SDPA wants [b, heads, s, d].
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if self.step is None:  # training or a plain forward: causal over the given sequence

@@ -35,6 +35,7 @@ class ServerConfig:
     max_slots: int = 64  # sequences running in the engine at once (KV-cache rows)
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
+    collective_timeout_s: int = 45  # a collective stalled this long fails the job (TP > 1) instead of hanging
     admin_token: str = ""  # token for model-control endpoints; random when empty
     log_verbose: int = 0
 

@@ -22,8 +22,9 @@ from . import checkpoint
 from .architecture import GPTArchitecture
 from .gpt import build_model, init_parallel
 
-# GPT-2 style: learned absolute positions, LayerNorm, GeLU, tied embeddings.
-DEMO = dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024, vocab=4096, seq_length=256)
+# GPT-2 style: learned absolute positions, LayerNorm, GeLU, tied embeddings. Eight heads so that every
+# tensor-parallel size up to 8 divides the model.
+DEMO = dict(num_layers=4, hidden_size=256, num_attention_heads=8, ffn_hidden_size=1024, vocab=4096, seq_length=256)
 
 
 def corpus() -> list[str]:
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch", default=8, type=int)
     parser.add_argument("--layers", default=DEMO["num_layers"], type=int)
     parser.add_argument("--hidden", default=DEMO["hidden_size"], type=int)
+    parser.add_argument("--heads", default=DEMO["num_attention_heads"], type=int)
     parser.add_argument("--vocab", default=DEMO["vocab"], type=int)
     parser.add_argument("--seq-length", default=DEMO["seq_length"], type=int)
     parser.add_argument("--lr", default=2e-3, type=float)
@@ -100,7 +102,7 @@ def main() -> None:
     train_ids, valid_ids = ids[:split], ids[split:]
 
     arch = GPTArchitecture(
-        num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=max(1, a.hidden // 64),
+        num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
         ffn_hidden_size=4 * a.hidden, padded_vocab_size=tok.vocab_size,
         max_position_embeddings=a.seq_length, seq_length=a.seq_length,
     )

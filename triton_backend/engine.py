@@ -66,10 +66,20 @@ class EngineStats:
 
 
 class Engine:
-    """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads."""
+    """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads.
 
-    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096):
+    ``gpt`` is a ``CachedGPT`` or, with tensor parallelism, a ``protocol.Leader`` over one: only the engine
+    thread runs it, so every collective is issued from one thread in one order. With ``failures_fatal`` a
+    failed step stops the engine (``fatal`` is set): ranks may disagree after it, so the job must end.
+    """
+
+    HEARTBEAT_S = 5.0
+
+    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096,
+                 failures_fatal: bool = False):
         self.gpt = gpt
+        self.failures_fatal = failures_fatal
+        self.fatal: BaseException | None = None
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.context = gpt.max_len
@@ -121,27 +131,49 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve_steps()
+        finally:
+            self._drain("the server is shutting down" if self.fatal is None else f"the engine failed: {self.fatal}")
+            if hasattr(self.gpt, "shutdown"):
+                self.gpt.shutdown()
+
+    def _serve_steps(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._running):
-                    self._wake.wait()
+                if not (self._stopping or self._waiting or self._running):
+                    self._wake.wait(self.HEARTBEAT_S)
                 if self._stopping:
-                    break
-                admitted = self._admit()
+                    return
+                if not (self._waiting or self._running):
+                    idle = True
+                else:
+                    idle, admitted = False, self._admit()
+            if idle:
+                if hasattr(self.gpt, "heartbeat"):
+                    self.gpt.heartbeat()
+                continue
             try:
                 if admitted:
                     self._prefill(admitted)
                 if self._running:
                     self._decode()
-            except Exception as err:  # a failed step fails its rows, not the server
+            except Exception as err:  # a failed step fails its rows, and the server only when it must
                 LOG.exception("engine step failed")
                 for row in {id(r): r for r in admitted + self._running}.values():
                     self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
-        for row in self._running:
-            self._retire(row, error="the server is shutting down")
-        while self._waiting:
-            generation = self._waiting.popleft()
-            generation.error = "the server is shutting down"
+                if self.failures_fatal:
+                    self.fatal = err
+                    return
+
+    def _drain(self, message: str) -> None:
+        for row in list(self._running):
+            self._retire(row, error=message)
+        with self._wake:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for generation in waiting:
+            generation.error = message
             generation._done.set()
 
     def _admit(self) -> list[_Running]:

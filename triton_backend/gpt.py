@@ -7,14 +7,17 @@ import os
 import torch
 
 from .architecture import GPTArchitecture
-from .attention import KVCache, SlotCacheAttention, StepContext
+from .attention import KVCache, Rotary, SlotCacheAttention, StepContext
 
 
-def init_parallel(tensor_parallel: int = 1, device: str = "cpu") -> None:
+def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:
     """Initialise torch.distributed (NCCL on CUDA, gloo on CPU) and Megatron's ``parallel_state``.
 
     Works both under torchrun and in a plain process (a single-rank group on a free local port).
+    ``timeout_s`` bounds every collective: a stalled or vanished rank raises instead of hanging.
     """
+    import datetime
+
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -25,7 +28,7 @@ def init_parallel(tensor_parallel: int = 1, device: str = "cpu") -> None:
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
 
@@ -47,25 +50,40 @@ def layer_spec(arch: GPTArchitecture):
     return spec
 
 
-def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parallel: int = 1):
-    """A ``GPTModel`` on CPU (move it with ``.to(device)``); requires ``init_parallel`` first."""
+def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parallel: int = 1, **config):
+    """A ``GPTModel`` on CPU (move it with ``.to(device)``); requires ``init_parallel`` first.
+
+    ``config`` overrides TransformerConfig fields (e.g. ``init_method_std`` for random-init models).
+    """
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
-        config=arch.transformer_config(params_dtype, tensor_parallel),
+    config = arch.transformer_config(params_dtype, tensor_parallel, **config)
+    rope = arch.position_embedding_type == "rope"
+    model = GPTModel(
+        config=config,
         transformer_layer_spec=layer_spec(arch),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
-        position_embedding_type=arch.position_embedding_type,
-        rotary_base=arch.rotary_base,
-        rotary_percent=arch.rotary_percent,
-        parallel_output=False,
+        # Rotary embeddings hold no weights; SlotCacheAttention applies them at each row's own positions.
+        position_embedding_type="none" if rope else arch.position_embedding_type,
+        parallel_output=True,  # logits stay vocab-parallel; CachedGPT gathers only the rows it needs
     )
+    if rope:
+        head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+        rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base)
+        for module in model.modules():
+            if isinstance(module, SlotCacheAttention):
+                module.rotary = rotary
+    return model
 
 
 class CachedGPT:
-    """A GPTModel plus its KV cache: ``forward`` runs tokens of some slots and returns last-token logits."""
+    """A GPTModel plus its KV cache: ``forward`` runs tokens of some slots and returns last-token logits.
+
+    Every tensor-parallel rank runs ``forward`` with the same inputs (see ``protocol``); each returns the full
+    logits.
+    """
 
     def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None):
         self.model = model.eval()
@@ -79,6 +97,7 @@ class CachedGPT:
         self.cache = KVCache(arch.num_layers, max_slots, self.max_len, groups, head_dim, param.dtype, param.device)
         self.attention = [m for m in model.modules() if isinstance(m, SlotCacheAttention)]
         self.device = param.device
+        self.tp = tp
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor):
@@ -87,8 +106,23 @@ class CachedGPT:
         for module in self.attention:
             module.step = step
         try:
-            logits = self.model(tokens, positions, None)  # [b, s, vocab]
+            logits = self.model(tokens, positions, None)  # [b, s, vocab / tp]
         finally:
             for module in self.attention:
                 module.step = None
-        return logits[torch.arange(len(last), device=logits.device), last].float()
+        logits = logits[torch.arange(len(last), device=logits.device), last].float().contiguous()
+        return gather_vocab(logits, self.tp)
+
+
+def gather_vocab(logits: torch.Tensor, tp: int) -> torch.Tensor:
+    """Concatenate the vocabulary shards of ``logits`` [b, vocab / tp] from every tensor-parallel rank.
+
+    Megatron's own gather allocates on CUDA; a plain all_gather works with gloo and NCCL alike.
+    """
+    if tp == 1:
+        return logits
+    from megatron.core import parallel_state
+
+    shards = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(shards, logits, group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)

@@ -12,8 +12,10 @@ import pathlib
 import signal
 import sys
 import sysconfig
+import tempfile
 import time
 
+import psutil
 import torch
 
 from . import checkpoint
@@ -21,27 +23,34 @@ from .binding import MODEL_NAME, make_infer, tensors
 from .config import ROOT, ServerConfig
 from .engine import Engine
 from .gpt import CachedGPT, build_model, init_parallel
+from .protocol import Leader, follow
 
 LOG = logging.getLogger("megatron_triton")
 START_ATTEMPTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_gpt(cfg: ServerConfig) -> CachedGPT:
+    """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready."""
+    arch = checkpoint.read_architecture(cfg.checkpoint, cfg.tensor_parallel)
+    model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
+    checkpoint.load_weights(model, cfg.checkpoint, arch)
+    return CachedGPT(model.to(cfg.device), arch, max_slots=cfg.max_slots)
+
+
 def load_engine(cfg: ServerConfig) -> Engine:
-    """Build the model from the checkpoint's own args, load its weights and wrap it in an engine."""
+    """Rank 0: the model (leading the followers when TP > 1) and the tokenizer's ids, in an engine."""
     from preprocessing.tokenizer import Tokenizer
 
-    arch = checkpoint.read_architecture(cfg.checkpoint)
     tokenizer = Tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > arch.padded_vocab_size:
+    gpt = load_gpt(cfg)
+    if tokenizer.vocab_size > gpt.arch.padded_vocab_size:
         raise checkpoint.CheckpointError(
             f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but the model only "
-            f"{arch.padded_vocab_size} embeddings")
-    model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
-    checkpoint.load_weights(model, cfg.checkpoint)
-    model = model.to(cfg.device)
-    gpt = CachedGPT(model, arch, max_slots=cfg.max_slots)
-    return Engine(gpt, tokenizer.vocab_size, tokenizer.eos_id, max_queue=cfg.max_queue)
+            f"{gpt.arch.padded_vocab_size} embeddings")
+    tp = cfg.tensor_parallel
+    return Engine(Leader(gpt) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id, max_queue=cfg.max_queue,
+                  failures_fatal=tp > 1)
 
 
 def pipeline_env(cfg: ServerConfig, context: int) -> None:
@@ -80,25 +89,52 @@ def serve(cfg: ServerConfig, engine: Engine) -> None:
         batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us),
     )
     for attempt in range(1, START_ATTEMPTS + 1):
-        workspace = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_triton_{os.getpid()}_{attempt}"
-        with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
-            triton.bind(
-                model_name=MODEL_NAME, infer_func=[make_infer(engine)] * cfg.instances,
-                inputs=inputs, outputs=outputs, config=model_config, strict=False,
-            )
-            try:
-                triton.run()  # starts tritonserver and loads every model
-            except Exception as err:  # PyTriton surfaces load failures as several exception types
-                # PyTriton 0.7's instance handshake races (the first instance's socket file appears before it
-                # listens); the other instances then fail with ConnectionRefusedError. A fresh start fixes it.
-                if attempt == START_ATTEMPTS:
-                    raise
-                LOG.warning("start attempt %d failed (%s); restarting Triton", attempt, str(err).splitlines()[0])
-                continue
-            LOG.info("serving on http :%d, grpc :%d, metrics :%d", cfg.http_port, cfg.grpc_port, cfg.metrics_port)
-            while triton.is_alive():
-                time.sleep(1.0)
-            return
+        # Short: PyTriton puts Unix sockets in it (108-byte path limit).
+        workspace = pathlib.Path(tempfile.gettempdir()) / f"megatron_triton_{os.getpid()}_{attempt}"
+        children: list[psutil.Process] = []
+        try:
+            with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
+                try:
+                    # Triton is already running here (PyTriton's default lifecycle): bind loads megatron_gpt.
+                    triton.bind(
+                        model_name=MODEL_NAME, infer_func=[make_infer(engine)] * cfg.instances,
+                        inputs=inputs, outputs=outputs, config=model_config, strict=False,
+                    )
+                    triton.run()
+                except Exception as err:  # PyTriton surfaces load failures as several exception types
+                    # PyTriton 0.7's instance handshake races (the first instance's socket file appears before
+                    # it listens); the other instances then fail with ConnectionRefusedError. A fresh start
+                    # fixes it.
+                    if attempt == START_ATTEMPTS:
+                        raise
+                    LOG.warning("start attempt %d failed (%s); restarting Triton", attempt, str(err).splitlines()[0])
+                    continue
+                LOG.info("serving on http :%d, grpc :%d, metrics :%d", cfg.http_port, cfg.grpc_port,
+                         cfg.metrics_port)
+                try:
+                    while triton.is_alive() and engine.fatal is None:
+                        time.sleep(0.5)
+                finally:
+                    children = psutil.Process().children(recursive=True)
+                return
+        finally:
+            reap(children)
+
+
+def reap(processes: list[psutil.Process]) -> None:
+    """Kill what Triton's shutdown left behind and remove this process's PyTriton shared memory.
+
+    When shutdown is abrupt (a rank died, SIGTERM mid-request) a backend stub can outlive tritonserver's
+    exit timeout; PyTriton's tensor-store segments are named after the process that created them.
+    """
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+    for segment in pathlib.Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+        segment.unlink(missing_ok=True)
 
 
 def _raise_interrupt(signum, _frame):
@@ -113,20 +149,28 @@ def main() -> int:
     except ValueError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
-    init_parallel(cfg.tensor_parallel, cfg.device)
-    world = torch.distributed.get_world_size()
+    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.collective_timeout_s)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world != cfg.tensor_parallel:
         print(f"configuration error: TP={cfg.tensor_parallel} but torchrun started {world} ranks", file=sys.stderr)
         return 2
-    if world > 1:
-        print("configuration error: tensor parallelism (TP > 1) is not available yet", file=sys.stderr)
-        return 2
     try:
-        engine = load_engine(cfg)
+        if rank == 0:
+            return lead(cfg, started)
+        follow(load_gpt(cfg))
+        return 0
     except (checkpoint.CheckpointError, FileNotFoundError) as err:
-        print(f"cannot load the model: {err}", file=sys.stderr)
+        print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
         return 1
-    LOG.info("model loaded in %.1f s on %s (%s)", time.monotonic() - started, cfg.device, cfg.dtype)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def lead(cfg: ServerConfig, started: float) -> int:
+    """Rank 0: load, start the engine (which leads the followers), serve until stopped or failed."""
+    engine = load_engine(cfg)
+    LOG.info("model loaded in %.1f s on %s (%s, TP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
+             cfg.tensor_parallel)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     engine.start()
     try:
@@ -135,7 +179,9 @@ def main() -> int:
         LOG.info("interrupted, shutting down")
     finally:
         engine.stop()
-        torch.distributed.destroy_process_group()
+    if engine.fatal is not None:
+        LOG.error("engine failed, exiting: %s", engine.fatal)
+        return 1
     return 0
 
 

@@ -46,9 +46,10 @@ class Server:
 
 def start_server(tmp: pathlib.Path, **env) -> Server:
     http, grpc, metrics = free_ports(3)
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "server.log"
     environ = {**os.environ, "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
-               "DEVICE": "cpu", "HOST": "127.0.0.1", "TMPDIR": str(tmp), **env}
+               "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     process = subprocess.Popen(
         [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", "triton_backend.server"],

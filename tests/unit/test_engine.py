@@ -5,6 +5,7 @@ import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
 from triton_backend.architecture import GPTArchitecture
+from triton_backend.attention import SlotCacheAttention
 from triton_backend.engine import Engine
 from triton_backend.gpt import CachedGPT, build_model, init_parallel
 
@@ -47,6 +48,26 @@ def run(engine, prompt, **kw):
 def test_cached_greedy_equals_uncached(engine, model):
     prompt = [5, 17, 33, 4, 90]
     assert run(engine, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
+
+
+def test_rotary_family_cached_equals_uncached():
+    """Rotary positions are applied per row inside the cache-aware attention; the cache must not shift them."""
+    arch = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                           ffn_hidden_size=96, padded_vocab_size=128, max_position_embeddings=64, seq_length=64,
+                           position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                           add_bias_linear=False, untie_embeddings_and_output_weights=True)
+    init_parallel(1, "cpu")
+    torch.manual_seed(1)
+    model = build_model(arch, init_method_std=0.2).eval()
+    assert all(m.rotary is not None for m in model.modules() if isinstance(m, SlotCacheAttention))
+    eng = Engine(CachedGPT(model, arch, max_slots=4), VOCAB, EOS).start()
+    try:
+        prompt = [7, 8, 9, 10, 11, 12]
+        other = eng.submit([3] * 11, SamplingParams(max_tokens=10, end_id=-1, temperature=0.0))  # a longer row beside
+        assert run(eng, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
+        assert other.wait(60)
+    finally:
+        eng.stop()
 
 
 def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engine):

@@ -1,0 +1,130 @@
+"""Tensor parallelism over torch.distributed (gloo ranks stand in for GPUs), checkpoints, faults and shutdown."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from client import GenerationClient
+
+from .conftest import ROOT, start_server, stop_server
+
+DEMO = ROOT / "demo_model"
+REQUESTS = [
+    ("The for statement", dict(max_tokens=24, temperature=0.0, return_log_probs=True)),
+    ("Exceptions are raised", dict(max_tokens=24, temperature=1.0, seed=11, end_id=-1, return_log_probs=True)),
+    ("A class definition", dict(max_tokens=16, temperature=0.8, top_k=50, seed=5, return_log_probs=True)),
+]
+
+
+def outputs(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        return [c.generate(prompt, **params) for prompt, params in REQUESTS]
+
+
+def assert_same(results, reference, label):
+    for got, want in zip(results, reference):
+        assert got.text == want.text, f"{label}: {got.text!r} != {want.text!r}"
+        assert got.output_log_probs == pytest.approx(want.output_log_probs, abs=2e-3), label
+
+
+def serve_and_collect(tmp_path, name, **env):
+    server = start_server(tmp_path / name, **env)
+    try:
+        return outputs(server)
+    finally:
+        assert stop_server(server) is not None
+
+
+def make_checkpoint(out: pathlib.Path, ranks: int, *args: str) -> pathlib.Path:
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", str(ranks), "-m",
+               "triton_backend.make_checkpoint", "--out", str(out), *args]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    return outputs(server)
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_ensemble_text_is_identical_at_every_tp(tmp_path, reference, tp):
+    assert_same(serve_and_collect(tmp_path, f"tp{tp}", TP=str(tp)), reference, f"TP={tp}")
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "legacy"])
+def test_a_tp2_checkpoint_serves_at_tp1_and_tp4(tmp_path, reference, fmt):
+    ckpt = make_checkpoint(tmp_path / f"demo_tp2_{fmt}", 2, "--from", str(DEMO / "checkpoint"), "--format", fmt)
+    for tp in (1, 4):
+        assert_same(serve_and_collect(tmp_path, f"{fmt}_tp{tp}", TP=str(tp), CHECKPOINT=str(ckpt)), reference,
+                    f"{fmt} TP=2 checkpoint served at TP={tp}")
+
+
+def test_rotary_rmsnorm_swiglu_gqa_untied_model_matches_across_tp(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "llama", 1, "--random", "llama", "--vocab", "4096", "--init-std", "0.2",
+                           "--format", "legacy")
+    one = serve_and_collect(tmp_path, "llama_tp1", CHECKPOINT=str(ckpt))
+    two = serve_and_collect(tmp_path, "llama_tp2", TP="2", CHECKPOINT=str(ckpt))
+    assert_same(two, one, "llama family TP=2 vs TP=1")
+    assert len({r.text for r in one}) == len(one)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_at_start(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "llama", 1, "--random", "llama", "--vocab", "4096")
+    with pytest.raises(RuntimeError, match="server exited with 1"):
+        start_server(tmp_path / "tp8", TP="8", CHECKPOINT=str(ckpt))
+    log = (tmp_path / "tp8" / "server.log").read_text()
+    assert "cannot be served at TP=8: num_query_groups=4 is not divisible by 8" in log
+
+
+def job_processes(server) -> list[psutil.Process]:
+    return [server_proc := psutil.Process(server.process.pid)] + server_proc.children(recursive=True)
+
+
+def shm_segments(pids) -> list[str]:
+    return [p.name for p in pathlib.Path("/dev/shm").iterdir() if any(p.name.startswith(f"pytrtion{i}-") for i in pids)]
+
+
+def test_killing_a_follower_ends_the_job_within_60_s(tmp_path):
+    server = start_server(tmp_path / "kill", TP="2")
+    processes = job_processes(server)
+    ranks = psutil.Process(server.process.pid).children()
+    follower = max(ranks, key=lambda p: p.pid)
+    started = time.monotonic()
+    follower.send_signal(signal.SIGKILL)
+    try:
+        code = server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert code != 0
+    assert time.monotonic() - started < 60
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
+    assert not shm_segments(p.pid for p in processes)
+
+
+def test_sigterm_stops_every_rank_within_30_s_and_leaves_nothing(tmp_path):
+    server = start_server(tmp_path / "term", TP="2")
+    processes = job_processes(server)
+    with GenerationClient(server.grpc, "grpc") as c:
+        assert c.generate("The", max_tokens=2).num_output_tokens > 0
+    started = time.monotonic()
+    os.kill(server.process.pid, signal.SIGTERM)  # torchrun alone, as a container runtime would
+    try:
+        server.process.wait(30)
+    finally:
+        stop_server(server)
+    assert time.monotonic() - started < 30
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
+    assert not shm_segments(p.pid for p in processes)

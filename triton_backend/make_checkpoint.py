@@ -1,0 +1,86 @@
+"""Write a Megatron checkpoint in either format at a chosen tensor-parallel size, for tests and for users.
+
+    torchrun --standalone --nproc-per-node 2 -m triton_backend.make_checkpoint \\
+        --from demo_model/checkpoint --format legacy --out /tmp/demo_tp2_legacy
+    torchrun --standalone --nproc-per-node 2 -m triton_backend.make_checkpoint \\
+        --random llama --vocab 4096 --format torch_dist --out /tmp/llama_tp2
+
+``--from`` re-saves an existing checkpoint (any format, any TP); ``--random`` writes a seeded random-init
+model of a preset architecture (the same weights at every TP, so outputs can be compared across TP sizes).
+The TP size is the number of ranks torchrun starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+
+import torch
+
+from . import checkpoint, legacy_checkpoint
+from .architecture import GPTArchitecture
+from .gpt import build_model, init_parallel
+
+PRESETS = {
+    # GPT-2 style, like the demo model.
+    "gpt": dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
+                max_position_embeddings=256, seq_length=256),
+    # The other family: rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output, no biases.
+    "llama": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
+                  ffn_hidden_size=384, max_position_embeddings=256, seq_length=256, position_embedding_type="rope",
+                  normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                  untie_embeddings_and_output_weights=True),
+    # About 350M parameters (GPT-2 medium shape) for GPU throughput figures.
+    "gpt-350m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
+                     max_position_embeddings=2048, seq_length=2048),
+}
+
+
+def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return math.ceil(vocab / multiple) * multiple
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", type=pathlib.Path, help="checkpoint to re-save")
+    source.add_argument("--random", choices=sorted(PRESETS), help="random-init preset architecture")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--format", choices=["torch_dist", "legacy"], default="torch_dist")
+    parser.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary size (--random)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--init-std", type=float, default=0.02, help="weight init std (--random)")
+    parser.add_argument("--iteration", type=int, default=1)
+    a = parser.parse_args()
+
+    init_parallel(int(os.environ.get("WORLD_SIZE", "1")), "cpu")
+    tp = torch.distributed.get_world_size()
+    torch.manual_seed(a.seed)
+    if a.source:
+        args = checkpoint.read_args(a.source)
+        arch = checkpoint.read_architecture(a.source, tp)
+        model = build_model(arch, tensor_parallel=tp)
+        checkpoint.load_weights(model, a.source, arch)
+        extra = {k: v for k, v in vars(args).items() if k not in arch.to_megatron_args().__dict__}
+    else:
+        arch = GPTArchitecture(padded_vocab_size=padded_vocab(a.vocab, tp), **PRESETS[a.random])
+        model = build_model(arch, tensor_parallel=tp, init_method_std=a.init_std)
+        extra = {"seed": a.seed, "init_method_std": a.init_std}
+    extra.update(tensor_model_parallel_size=tp, ckpt_format=a.format)
+    megatron_args = arch.to_megatron_args(**extra)
+    if a.format == "legacy":
+        legacy_checkpoint.save(model, megatron_args, a.out, a.iteration)
+    else:
+        checkpoint.save(model, megatron_args, a.out, a.iteration)
+    if torch.distributed.get_rank() == 0:
+        params = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())
+        print(f"wrote a {a.format} checkpoint at TP={tp} to {a.out}: {params / 1e6:.1f} M parameters")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
