@@ -15,6 +15,7 @@ serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
 
 test: setup demo-model
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 unit: setup

@@ -25,7 +25,7 @@ def test_base_image_is_pinned_and_pins_agree_with_requirements():
     assert ":" in base and not base.endswith(":latest"), base
     required = pins((ROOT / "requirements.txt").read_text())
     for name, version in pins(dockerfile).items():
-        assert required.get(name) == version, f"Dockerfile pins {name}=={version}, requirements.txt {required.get(name)}"
+        assert required.get(name) == version, f"Dockerfile: {name}=={version}; requirements: {required.get(name)}"
     # The image installs requirements.txt itself, dropping only torch (the base image's CUDA build stays).
     assert "COPY requirements.txt" in dockerfile
     dropped = re.findall(r"grep -v '\^([a-z0-9\-]+)=='", dockerfile)
