@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from preprocessing.params import SCALARS
+from preprocessing.params import SCALARS, WORD_LISTS
 
 OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
            "output_log_probs"]
@@ -60,7 +60,7 @@ class GenerationClient:
 
     def inputs(self, prompt: str, **params) -> list:
         """The ensemble's input tensors for one request; ``None`` values are left out (server default)."""
-        unknown = set(params) - set(SCALARS)
+        unknown = set(params) - set(SCALARS) - set(WORD_LISTS) - {"stream"}
         if unknown:
             raise ValueError(f"unknown parameters: {', '.join(sorted(unknown))}")
         text = self._tc.InferInput("text_input", [1, 1], "BYTES")
@@ -69,11 +69,41 @@ class GenerationClient:
         for name, value in params.items():
             if value is None:
                 continue
-            spec = SCALARS[name]
-            tensor = self._tc.InferInput(name, [1, 1], _WIRE[spec.triton_type])
-            tensor.set_data_from_numpy(np.array([[value]], dtype=spec.dtype))
+            if name in WORD_LISTS:
+                tensor = self._tc.InferInput(name, [1, len(value)], "BYTES")
+                tensor.set_data_from_numpy(np.array([[w.encode("utf-8") for w in value]], dtype=object))
+                tensors.append(tensor)
+                continue
+            wire, dtype = ("BOOL", np.bool_) if name == "stream" else (_WIRE[SCALARS[name].triton_type],
+                                                                         SCALARS[name].dtype)
+            tensor = self._tc.InferInput(name, [1, 1], wire)
+            tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
             tensors.append(tensor)
         return tensors
+
+    def stream(self, prompt: str, **params):
+        """Yield one ``Result`` per streamed response from ``ensemble_stream`` (gRPC only); ``text`` is the delta."""
+        import queue
+
+        if self.protocol != "grpc":
+            raise ValueError("streaming uses gRPC; create the client with protocol='grpc'")
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        try:
+            outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]
+            self._client.async_stream_infer("ensemble_stream", self.inputs(prompt, **params), outputs=outputs,
+                                            enable_empty_final_response=True)
+            while True:
+                result, error = responses.get(timeout=self.timeout_s)
+                if error is not None:
+                    raise GenerationError(error.message(), error.status())
+                final = result.get_response().parameters["triton_final_response"].bool_param
+                if result.as_numpy("text_output") is not None:
+                    yield _result(result.as_numpy)
+                if final:
+                    return
+        finally:
+            self._client.stop_stream()
 
     def generate(self, prompt: str, **params) -> Result:
         outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]
@@ -87,12 +117,15 @@ class GenerationClient:
             status = err.status() if hasattr(err, "status") else None
             message = err.message() if hasattr(err, "message") else str(err)
             raise GenerationError(message, status) from None
-        value = response.as_numpy
-        return Result(
-            text=value("text_output")[0][0].decode("utf-8"),
-            finish_reason=value("finish_reason")[0][0].decode("utf-8"),
-            num_input_tokens=int(value("num_input_tokens")[0][0]),
-            num_output_tokens=int(value("num_output_tokens")[0][0]),
-            cum_log_probs=float(value("cum_log_probs")[0][0]),
-            output_log_probs=[float(x) for x in value("output_log_probs")[0]],
-        )
+        return _result(response.as_numpy)
+
+
+def _result(value) -> Result:
+    return Result(
+        text=value("text_output")[0][0].decode("utf-8"),
+        finish_reason=value("finish_reason")[0][0].decode("utf-8"),
+        num_input_tokens=int(value("num_input_tokens")[0][0]),
+        num_output_tokens=int(value("num_output_tokens")[0][0]),
+        cum_log_probs=float(value("cum_log_probs")[0][0]),
+        output_log_probs=[float(x) for x in value("output_log_probs")[0]],
+    )

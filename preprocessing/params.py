@@ -50,6 +50,9 @@ SCALARS: dict[str, Scalar] = {
 
 MAX_SEED = 2**64 - 1
 
+# String-list inputs ([-1] per request): ensemble name -> (most words, longest word in characters).
+WORD_LISTS: dict[str, tuple[int, int]] = {"stop_words": (64, 256), "bad_words": (256, 256)}
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -67,6 +70,8 @@ class SamplingParams:
     seed: int | None = None
     return_log_probs: bool = False
     exclude_input_in_output: bool = True
+    stop_words: tuple[str, ...] = ()
+    bad_words: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -104,14 +109,39 @@ class SamplingParams:
             raise InvalidRequest("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequest("seed", self.seed, "must be an unsigned 64-bit integer")
+        for name, (most, longest) in WORD_LISTS.items():
+            words = getattr(self, name)
+            if len(words) > most:
+                raise InvalidRequest(name, f"<{len(words)} words>", f"at most {most} words")
+            for word in words:
+                if not 0 < len(word) <= longest:
+                    raise InvalidRequest(name, word[:32], f"each word must have 1 to {longest} characters")
+
+
+def words(values, field: str) -> tuple[str, ...]:
+    """One row's string-list tensor as text; every entry must be UTF-8."""
+    out = []
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(field, value[:32], "must be valid UTF-8") from None
+        out.append(str(value))
+    return tuple(out)
 
 
 def from_tensors(values: dict, upper: bool = False) -> SamplingParams:
-    """Build ``SamplingParams`` from one row's scalars (``None`` or absent means: use the default).
+    """Build ``SamplingParams`` from one row's values (``None`` or absent means: use the default).
 
-    ``upper`` reads megatron_gpt's internal names (MAX_TOKENS ...) instead of the ensemble's.
+    Scalars are numpy scalars, word lists 1-D arrays of bytes. ``upper`` reads megatron_gpt's internal
+    names (MAX_TOKENS ...) instead of the ensemble's.
     """
     kwargs = {}
+    for name in WORD_LISTS:
+        key = name.upper() if upper else name
+        if values.get(key) is not None:
+            kwargs[name] = words(values[key], key)
     for name, spec in SCALARS.items():
         value = values.get(name.upper() if upper else name)
         if value is None:

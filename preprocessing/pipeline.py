@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .params import SCALARS, InvalidRequest, from_tensors
+from .params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
 from .tokenizer import Tokenizer
 
 
@@ -61,8 +61,9 @@ class Preprocessor:
         lengths = np.zeros((rows, 1), np.int32)
         for row in range(rows):
             prompt = self.tokenizer.encode(_text(texts[row][0], "text_input"))
-            scalars = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
-            from_tensors(scalars).check(self.tokenizer.vocab_size, len(prompt), self.context)
+            row_values = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
+            row_values |= {name: values[name][row] for name in WORD_LISTS if values.get(name) is not None}
+            from_tensors(row_values).check(self.tokenizer.vocab_size, len(prompt), self.context)
             ids[row, : len(prompt)] = prompt
             lengths[row, 0] = len(prompt)
         return {"INPUT_IDS": ids, "INPUT_LENGTH": lengths}
@@ -85,18 +86,28 @@ class Postprocessor:
             message = next((e[0] for e in errors if e[0]), b"")
             if message:
                 raise GenerationFailed(_text(message, "ERROR"))
-        out_ids, out_len = values["OUTPUT_IDS"], values["OUTPUT_LENGTH"]
-        in_ids, in_len = values["INPUT_IDS"], values["INPUT_LENGTH"]
+        out_ids, out_len, limit = values["OUTPUT_IDS"], values["OUTPUT_LENGTH"], values.get("TEXT_LIMIT")
+        # Streaming responses carry their new text (rank 0 detokenizes incrementally, holding back partial
+        # characters and possible stop words) and how many log-probs are valid.
+        deltas, counts = values.get("TEXT_DELTA"), values.get("LOG_PROBS_LENGTH")
+        if counts is None:  # unary: as many as generated tokens, when asked for
+            asked = [_flag(values, "RETURN_LOG_PROBS", row, False) for row in range(len(out_ids))]
+            counts = out_len * np.array(asked, dtype=np.int32)[:, None]
         texts = np.empty((len(out_ids), 1), dtype=object)
         # Log-probs not asked for come back empty (DESIGN.md); asked-for ones trimmed to the longest row.
-        asked = any(_flag(values, "RETURN_LOG_PROBS", row, False) for row in range(len(out_ids)))
-        width = int(out_len.max()) if asked and len(out_len) else 0
+        width = int(counts.max()) if len(counts) else 0
         logprobs = np.zeros((len(out_ids), width), np.float32)
         if width:
             logprobs[:] = values["OUTPUT_LOG_PROBS"][:, :width]
+        logprobs[np.arange(width)[None, :] >= counts] = 0.0  # rows shorter than the widest
         for row in range(len(out_ids)):
-            prompt = in_ids[row][: int(in_len[row][0])]
-            text = self.tokenizer.decode_continuation(prompt, out_ids[row][: int(out_len[row][0])])
+            if deltas is not None:
+                text = _text(deltas[row][0], "TEXT_DELTA")
+            else:
+                prompt = values["INPUT_IDS"][row][: int(values["INPUT_LENGTH"][row][0])]
+                text = self.tokenizer.decode_continuation(prompt, out_ids[row][: int(out_len[row][0])])
+                if limit is not None and limit[row][0] >= 0:  # a stop word ended generation inside this text
+                    text = text[: int(limit[row][0])]
             if not _flag(values, "EXCLUDE_INPUT_IN_OUTPUT", row, True):
                 text = _text(values["TEXT_INPUT"][row][0], "text_input") + text
             texts[row, 0] = text.encode("utf-8")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from preprocessing.params import SCALARS, InvalidRequest, from_tensors
+from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
 
 from .engine import Engine, EngineBusy
 
@@ -28,6 +28,8 @@ def tensors():
         Tensor(name=name.upper(), dtype=spec.dtype, shape=(1,), optional=not spec.required)
         for name, spec in SCALARS.items()
     ]
+    inputs += [Tensor(name=name.upper(), dtype=bytes, shape=(-1,), optional=True) for name in WORD_LISTS]
+    inputs.append(Tensor(name="STREAM", dtype=np.bool_, shape=(1,), optional=True))
     outputs = [
         Tensor(name="OUTPUT_IDS", dtype=np.int32, shape=(-1,)),
         Tensor(name="OUTPUT_LENGTH", dtype=np.int32, shape=(1,)),
@@ -35,19 +37,29 @@ def tensors():
         Tensor(name="CUM_LOG_PROB", dtype=np.float32, shape=(1,)),
         Tensor(name="OUTPUT_LOG_PROBS", dtype=np.float32, shape=(-1,)),
         Tensor(name="ERROR", dtype=bytes, shape=(1,)),
+        Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
     ]
     return inputs, outputs
+
+
+def parse_row(request, row: int):
+    """Prompt ids and ``SamplingParams`` of one row (raises ``InvalidRequest``)."""
+    length = int(request["INPUT_LENGTH"][row][0])
+    ids = request["INPUT_IDS"][row]
+    if not 0 < length <= len(ids):
+        raise InvalidRequest("INPUT_LENGTH", length, f"must be between 1 and the length of INPUT_IDS ({len(ids)})")
+    values = {name.upper(): request[name.upper()][row][0] for name in SCALARS if name.upper() in request}
+    values |= {name.upper(): request[name.upper()][row] for name in WORD_LISTS if name.upper() in request}
+    return ids[:length].tolist(), from_tensors(values, upper=True)
 
 
 def _submit_row(engine: Engine, request, row: int):
     """Submit one row, or return the message of the rule it breaks."""
     try:
-        length = int(request["INPUT_LENGTH"][row][0])
-        ids = request["INPUT_IDS"][row]
-        if not 0 < length <= len(ids):
-            raise InvalidRequest("INPUT_LENGTH", length, f"must be between 1 and the length of INPUT_IDS ({len(ids)})")
-        values = {name: request[name][row][0] for name in request if name not in ("INPUT_IDS", "INPUT_LENGTH")}
-        return engine.submit(ids[:length].tolist(), from_tensors(values, upper=True))
+        if "STREAM" in request and bool(request["STREAM"][row][0]):
+            raise InvalidRequest("stream", True, "the unary 'ensemble' does not stream; send streaming requests "
+                                                 "to 'ensemble_stream'")
+        return engine.submit(*parse_row(request, row))
     except (InvalidRequest, EngineBusy) as err:
         return str(err)
 
@@ -65,18 +77,21 @@ def _outputs(rows) -> dict:
     cum = np.zeros((len(rows), 1), np.float32)
     reason = np.full((len(rows), 1), b"", dtype=object)
     error = np.full((len(rows), 1), b"", dtype=object)
+    limit = np.full((len(rows), 1), -1, np.int32)
     for i, g in enumerate(rows):
         if isinstance(g, str) or g.error:
             error[i, 0] = (g if isinstance(g, str) else g.error).encode()
             continue
         n = len(g.tokens)
         ids[i, :n], length[i, 0], reason[i, 0] = g.tokens, n, g.finish_reason.encode()
+        if g.tracker is not None and g.tracker.stop_at is not None:
+            limit[i, 0] = g.tracker.stop_at
         if g.params.return_log_probs:
             logprobs[i, :n] = g.logprobs
             cum[i, 0] = float(np.sum(g.logprobs, dtype=np.float64))
     return {
         "OUTPUT_IDS": ids, "OUTPUT_LENGTH": length, "FINISH_REASON": reason,
-        "CUM_LOG_PROB": cum, "OUTPUT_LOG_PROBS": logprobs, "ERROR": error,
+        "CUM_LOG_PROB": cum, "OUTPUT_LOG_PROBS": logprobs, "ERROR": error, "TEXT_LIMIT": limit,
     }
 
 
@@ -90,5 +105,115 @@ def make_infer(engine: Engine, timeout_s: float = 600.0):
                 if not isinstance(g, str) and not g.wait(timeout_s):
                     g.error = f"no result within {timeout_s:.0f} s"
         return [_outputs(rows) for rows in pending]
+
+    return infer
+
+
+# -- streaming: megatron_gpt_stream (decoupled) ------------------------------------------------------------
+STREAM_MODEL_NAME = "megatron_gpt_stream"
+
+
+def stream_tensors():
+    """megatron_gpt_stream: the same inputs; each response carries what is new since the last one."""
+    from pytriton.model_config import Tensor
+
+    inputs, _ = tensors()
+    inputs.append(Tensor(name="TEXT_INPUT", dtype=bytes, shape=(1,), optional=True))  # prepended when asked
+    outputs = [
+        Tensor(name="OUTPUT_IDS", dtype=np.int32, shape=(-1,)),  # the new ids (at least one wide)
+        Tensor(name="NUM_INPUT_TOKENS", dtype=np.int32, shape=(1,)),
+        Tensor(name="LOG_PROBS_LENGTH", dtype=np.int32, shape=(1,)),  # valid entries of OUTPUT_LOG_PROBS
+        Tensor(name="OUTPUT_LENGTH", dtype=np.int32, shape=(1,)),  # running total
+        Tensor(name="FINISH_REASON", dtype=bytes, shape=(1,)),  # empty until the final response
+        Tensor(name="CUM_LOG_PROB", dtype=np.float32, shape=(1,)),  # running total
+        Tensor(name="OUTPUT_LOG_PROBS", dtype=np.float32, shape=(-1,)),  # the new tokens' values
+        Tensor(name="TEXT_DELTA", dtype=bytes, shape=(1,)),  # the prompt first when exclude_input_in_output=false
+        Tensor(name="ERROR", dtype=bytes, shape=(1,)),
+        Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
+    ]
+    return inputs, outputs
+
+
+class _StreamState:
+    """What one stream has sent; ``delta`` runs on the engine thread, where the generation is consistent."""
+
+    def __init__(self, params, prompt_tokens: int, prefix: str):
+        self.params, self.prompt_tokens = params, prompt_tokens
+        self.tokens = self.chars = 0
+        self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
+
+    def delta(self, g) -> dict | None:
+        done = g.done
+        end = g.tracker.stable_length(done)
+        text = (g.tracker.final_text if done else g.tracker.text)[self.chars : end]
+        new, logprobs = g.tokens[self.tokens :], g.logprobs[self.tokens :]
+        if not (done or text or new):
+            return None
+        self.tokens, self.chars = len(g.tokens), max(self.chars, end)
+        return {"text": text, "ids": list(new), "logprobs": list(logprobs), "total": len(g.tokens),
+                "cum": float(np.sum(g.logprobs, dtype=np.float64)), "done": done,
+                "reason": g.finish_reason or "", "error": g.error}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Coalesce two deltas of one stream (the client fell behind): one response instead of two."""
+    return {**b, "text": a["text"] + b["text"], "ids": a["ids"] + b["ids"], "logprobs": a["logprobs"] + b["logprobs"]}
+
+
+def _stream_outputs(d: dict, state: _StreamState) -> dict:
+    asked = state.params.return_log_probs
+    text, state.prefix = state.prefix + d["text"], ""
+    out = {
+        "OUTPUT_IDS": np.array([d["ids"] or [0]], np.int32),
+        "NUM_INPUT_TOKENS": np.array([[state.prompt_tokens]], np.int32),
+        "LOG_PROBS_LENGTH": np.array([[len(d["ids"]) if asked else 0]], np.int32),
+        "OUTPUT_LENGTH": np.array([[d["total"]]], np.int32),
+        "FINISH_REASON": np.array([[d["reason"].encode() if d["done"] else b""]], dtype=object),
+        "CUM_LOG_PROB": np.array([[d["cum"] if asked else 0.0]], np.float32),
+        "OUTPUT_LOG_PROBS": np.array([(d["logprobs"] if asked else []) or [0.0]], np.float32),
+        "TEXT_DELTA": np.array([[text.encode("utf-8")]], dtype=object),
+        "ERROR": np.array([[b""]], dtype=object),
+        "TEXT_LIMIT": np.array([[-1]], np.int32),
+    }
+    return out
+
+
+def make_stream_infer(engine: Engine):
+    """A decoupled ``async def`` generator: many streams in flight on one instance (see FACTS.md)."""
+    import asyncio
+
+    from pytriton.exceptions import PyTritonValidationError
+
+    async def infer(requests):
+        request = requests[0]  # max_batch_size 1: one request of one row per call
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        try:
+            if "STREAM" in request and not bool(request["STREAM"][0][0]):
+                raise InvalidRequest("stream", False, "ensemble_stream always streams; send unary requests to "
+                                                      "'ensemble'")
+            ids, params = parse_row(request, 0)
+            prefix = b""
+            if not params.exclude_input_in_output and "TEXT_INPUT" in request:
+                prefix = request["TEXT_INPUT"][0][0]
+            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"))
+
+            def listener(g):
+                d = state.delta(g)
+                if d is not None:
+                    loop.call_soon_threadsafe(queue.put_nowait, d)
+
+            engine.submit(ids, params, listener=listener, track_text=True)
+        except (InvalidRequest, EngineBusy) as err:
+            raise PyTritonValidationError(str(err)) from None
+        while True:
+            d = await queue.get()
+            while not queue.empty():
+                d = _merge(d, queue.get_nowait())
+            if d["error"]:
+                raise RuntimeError(d["error"])
+            yield [_stream_outputs(d, state)]
+            if d["done"]:
+                return
 
     return infer

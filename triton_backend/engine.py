@@ -13,9 +13,11 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
+from preprocessing.detokenize import TextTracker
 from preprocessing.params import InvalidRequest, SamplingParams
 
 from .sampling import RowSampler, sample
@@ -38,7 +40,13 @@ class Generation:
     finish_reason: str | None = None  # "stop" or "length"
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
+    tracker: TextTracker | None = None  # text so far, when stop words or streaming need it
+    listener: Callable[[Generation], None] | None = None  # called from the engine thread on every change
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    def _notify(self) -> None:
+        if self.listener is not None:
+            self.listener(self)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -76,8 +84,9 @@ class Engine:
     HEARTBEAT_S = 5.0
 
     def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096,
-                 failures_fatal: bool = False):
+                 failures_fatal: bool = False, tokenizer=None):
         self.gpt = gpt
+        self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
         self.failures_fatal = failures_fatal
         self.fatal: BaseException | None = None
         self.vocab_size = vocab_size
@@ -107,13 +116,19 @@ class Engine:
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Every rule a request must meet before it may reach the model (raises ``InvalidRequest``)."""
         params.check(self.vocab_size, len(prompt), self.context)
+        if (params.stop_words or params.bad_words) and self.tokenizer is None:
+            raise InvalidRequest("stop_words" if params.stop_words else "bad_words", "...",
+                                 "needs the tokenizer, which this engine was not given")
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest("INPUT_IDS", bad, f"token ids must be in [0, {self.vocab_size})")
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt: list[int], params: SamplingParams, listener=None, track_text: bool = False) -> Generation:
+        """Queue a request; ``listener(generation)`` runs on the engine thread after every new token."""
         self.validate(prompt, params)
-        generation = Generation(prompt=list(prompt), params=params)
+        generation = Generation(prompt=list(prompt), params=params, listener=listener)
+        if params.stop_words or track_text:
+            generation.tracker = TextTracker(self.tokenizer, generation.prompt, params.stop_words)
         with self._wake:
             if self._stopping:
                 raise EngineBusy("the engine is shutting down")
@@ -175,6 +190,7 @@ class Engine:
         for generation in waiting:
             generation.error = message
             generation._done.set()
+            generation._notify()
 
     def _admit(self) -> list[_Running]:
         """Move waiting requests into free slots, within the prefill token budget (called under the lock)."""
@@ -187,9 +203,14 @@ class Engine:
             p = generation.params
             end_id = self.eos_id if p.end_id is None else p.end_id
             seed = p.seed if p.seed is not None else secrets.randbits(63)
-            sampler = RowSampler(p, generation.prompt, end_id, seed)
+            sampler = RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words))
             admitted.append(_Running(generation, self._free_slots.pop(), sampler))
         return admitted
+
+    def _bad_sequences(self, bad_words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Token sequences of each bad word, as written and after a space (how it appears mid-text)."""
+        sequences = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w)}
+        return tuple(s for s in sequences if s)
 
     def _prefill(self, rows: list[_Running]) -> None:
         """Run the prompts (right-padded into one batch) and sample each row's first token."""
@@ -230,8 +251,12 @@ class Engine:
             g.tokens.append(token)
             g.logprobs.append(logprob)
             self.stats.tokens_generated += 1
-            if len(g.tokens) >= g.params.max_tokens:
+            if g.tracker is not None and g.tracker.add(token):
+                self._retire(row, reason="stop")
+            elif len(g.tokens) >= g.params.max_tokens:
                 self._retire(row, reason="length")
+            else:
+                g._notify()
 
     def _retire(self, row: _Running, reason: str | None = None, error: str | None = None) -> None:
         with self._wake:
@@ -246,3 +271,4 @@ class Engine:
         else:
             self.stats.requests_finished += 1
         g._done.set()
+        g._notify()

@@ -16,9 +16,11 @@ NEG_INF = float("-inf")
 class RowSampler:
     """Random stream and token history of one sequence."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], end_id: int, seed: int):
+    def __init__(self, params: SamplingParams, prompt: list[int], end_id: int, seed: int,
+                 bad: tuple[tuple[int, ...], ...] = ()):
         self.params = params
         self.end_id = end_id
+        self.bad = bad  # token sequences never to complete
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt = prompt
         self.generated: list[int] = []
@@ -53,6 +55,10 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     for i, row in enumerate(rows):
         if row.end_id >= 0 and len(row.generated) < row.params.min_length:
             logits[i, row.end_id] = NEG_INF
+        for sequence in row.bad:  # ban the token that would complete a bad word
+            *head, last = sequence
+            if not head or tuple(row.generated[-len(head):]) == tuple(head):
+                logits[i, last] = NEG_INF
 
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]

@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from . import checkpoint
-from .binding import MODEL_NAME, make_infer, tensors
+from .binding import MODEL_NAME, STREAM_MODEL_NAME, make_infer, make_stream_infer, stream_tensors, tensors
 from .config import ROOT, ServerConfig
 from .engine import Engine
 from .gpt import CachedGPT, build_model, init_parallel
@@ -50,7 +50,7 @@ def load_engine(cfg: ServerConfig) -> Engine:
             f"{gpt.arch.padded_vocab_size} embeddings")
     tp = cfg.tensor_parallel
     return Engine(Leader(gpt) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id, max_queue=cfg.max_queue,
-                  failures_fatal=tp > 1)
+                  failures_fatal=tp > 1, tokenizer=tokenizer)
 
 
 def pipeline_env(cfg: ServerConfig, context: int) -> None:
@@ -96,6 +96,14 @@ def serve(cfg: ServerConfig, engine: Engine) -> None:
             with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
                 try:
                     # Triton is already running here (PyTriton's default lifecycle): bind loads megatron_gpt.
+                    # One decoupled instance: its async generator keeps every stream in flight at once.
+                    stream_inputs, stream_outputs = stream_tensors()
+                    triton.bind(
+                        model_name=STREAM_MODEL_NAME, infer_func=make_stream_infer(engine),
+                        inputs=stream_inputs, outputs=stream_outputs, strict=False,
+                        config=ModelConfig(max_batch_size=1, decoupled=True),
+                    )
+                    # Bound last, so that /v2/models/ensemble/ready implies ensemble_stream is ready too.
                     triton.bind(
                         model_name=MODEL_NAME, infer_func=[make_infer(engine)] * cfg.instances,
                         inputs=inputs, outputs=outputs, config=model_config, strict=False,

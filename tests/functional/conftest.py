@@ -61,7 +61,7 @@ def start_server(tmp: pathlib.Path, **env) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
         try:
-            if server.get("/v2/models/ensemble/ready", timeout=2)[0] == 200:
+            if all(server.get(f"/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("ensemble", "ensemble_stream")):
                 return server
         except OSError:
             pass

@@ -80,3 +80,12 @@ def test_logprobs_are_the_model_distribution():
     expected = torch.log_softmax(x[:, :VOCAB], -1)
     for i, (t, lp) in enumerate(zip(tokens, logprobs)):
         assert abs(expected[i, t].item() - lp) < 1e-5
+
+
+def test_bad_word_sequences_are_never_completed():
+    x = torch.zeros(1, VOCAB)
+    x[0, 5], x[0, 8], x[0, 9] = 3.0, 2.0, 1.0
+    r = RowSampler(SamplingParams(max_tokens=5, temperature=0.0), [1], 2, 0, bad=((5,), (7, 8)))
+    assert sample(x, [r], VOCAB)[0][0] == 8  # single-token bad word banned everywhere
+    r.generated = [7]
+    assert sample(x, [r], VOCAB)[0][0] == 9  # 8 would complete the bad sequence 7, 8

@@ -7,7 +7,7 @@ from preprocessing.pipeline import GenerationFailed, Postprocessor
 
 INPUTS = [
     "OUTPUT_IDS", "OUTPUT_LENGTH", "OUTPUT_LOG_PROBS", "INPUT_IDS", "INPUT_LENGTH", "ERROR", "TEXT_INPUT",
-    "EXCLUDE_INPUT_IN_OUTPUT", "RETURN_LOG_PROBS",
+    "EXCLUDE_INPUT_IN_OUTPUT", "RETURN_LOG_PROBS", "TEXT_LIMIT", "TEXT_DELTA", "LOG_PROBS_LENGTH",
 ]
 
 

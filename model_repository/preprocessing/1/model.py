@@ -2,10 +2,10 @@
 
 import triton_python_backend_utils as pb_utils
 
-from preprocessing.params import SCALARS, InvalidRequest
+from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest
 from preprocessing.pipeline import Preprocessor
 
-INPUTS = ["text_input", *SCALARS]
+INPUTS = ["text_input", *SCALARS, *WORD_LISTS]
 
 
 class TritonPythonModel:

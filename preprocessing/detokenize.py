@@ -1,0 +1,50 @@
+"""Incremental detokenization on rank 0: stop words matched on text, and the text that is safe to stream.
+
+Stop words are matched on the *generated* text, so a stop word that ends inside a token (or spans several)
+still stops generation. While streaming, text is held back while it could still turn out to be the start
+of a stop word, or ends in an incomplete UTF-8 sequence (byte-fallback pieces), so that the deltas sent
+concatenate to exactly the unary text.
+"""
+
+from __future__ import annotations
+
+from .tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
+
+
+class TextTracker:
+    """Follows one sequence's generated text token by token."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], stop_words: tuple[str, ...] = ()):
+        self.tokenizer, self.prompt, self.stop_words = tokenizer, prompt, stop_words
+        self.ids: list[int] = []
+        self.text = ""
+        self.stop_at: int | None = None  # character offset of the stop word, once one appeared
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when the generated text now contains a stop word."""
+        self.ids.append(token)
+        # Decoding the whole continuation is simple and exact; sequences are at most the model context.
+        self.text = self.tokenizer.decode_continuation(self.prompt, self.ids)
+        hits = [i for i in (self.text.find(w) for w in self.stop_words) if i >= 0]
+        if hits:
+            self.stop_at = min(hits)
+        return self.stop_at is not None
+
+    @property
+    def final_text(self) -> str:
+        return self.text if self.stop_at is None else self.text[: self.stop_at]
+
+    def stable_length(self, finished: bool) -> int:
+        """Characters of the text that can no longer change or turn into a stop word."""
+        if finished or self.stop_at is not None:
+            return len(self.final_text)
+        end = len(self.text.rstrip(REPLACEMENT))
+        held = 0
+        for word in self.stop_words:  # hold back the longest suffix that is a proper prefix of a stop word
+            for size in range(min(len(word) - 1, end), held, -1):
+                if self.text[end - size : end] == word[:size]:
+                    held = size
+                    break
+        return end - held

@@ -1,0 +1,99 @@
+"""ensemble_stream over gRPC and HTTP SSE: deltas that add up to the unary text, stop words, contract."""
+
+import json
+
+import pytest
+import requests
+
+from client import GenerationClient, GenerationError
+
+PROMPT = "The for statement"
+SAMPLED = dict(max_tokens=40, temperature=0.9, top_p=0.95, seed=21, end_id=-1)
+
+
+def test_streamed_deltas_concatenate_to_the_unary_text(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        unary = c.generate(PROMPT, **SAMPLED, return_log_probs=True)
+        parts = list(c.stream(PROMPT, **SAMPLED, return_log_probs=True))
+    assert len(parts) > 5  # it streamed
+    assert "".join(p.text for p in parts) == unary.text
+    assert [p.finish_reason for p in parts[:-1]] == [""] * (len(parts) - 1)
+    assert parts[-1].finish_reason == unary.finish_reason == "length"
+    assert parts[-1].num_output_tokens == unary.num_output_tokens == 40
+    assert [x for p in parts for x in p.output_log_probs] == pytest.approx(unary.output_log_probs, abs=1e-5)
+    assert parts[-1].cum_log_probs == pytest.approx(unary.cum_log_probs, abs=1e-3)
+    totals = [p.num_output_tokens for p in parts]
+    assert totals == sorted(totals)  # running totals
+
+
+def test_prompt_comes_first_when_not_excluded(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        parts = list(c.stream(PROMPT, **SAMPLED, exclude_input_in_output=False))
+        unary = c.generate(PROMPT, **SAMPLED, exclude_input_in_output=False)
+    assert parts[0].text.startswith(PROMPT)
+    assert "".join(p.text for p in parts) == unary.text
+    assert parts[0].output_log_probs == [] and parts[0].cum_log_probs == 0.0
+
+
+def test_http_generate_stream_sends_server_sent_events(server):
+    body = {"text_input": PROMPT, **SAMPLED}
+    with requests.post(f"http://{server.http}/v2/models/ensemble_stream/generate_stream", json=body,
+                       stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        events = [json.loads(line[len(b"data: "):]) for line in reply.iter_lines() if line.startswith(b"data: ")]
+    unary = requests.post(f"http://{server.http}/v2/models/ensemble/generate", json=body, timeout=120).json()
+    assert len(events) > 5
+    assert "".join(e["text_output"] for e in events) == unary["text_output"]
+    assert events[-1]["finish_reason"] == "length"
+
+
+def test_stop_word_across_token_boundaries_stops_early_in_both_modes(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        full = c.generate(PROMPT, **SAMPLED)
+        # A stop word that starts inside one token and ends inside another (if the text allows it).
+        start = len(full.text) // 3
+        stop = full.text[start : start + 5]
+        assert stop.strip(), full.text
+        unary = c.generate(PROMPT, **SAMPLED, stop_words=[stop, "never appears 42"])
+        parts = list(c.stream(PROMPT, **SAMPLED, stop_words=[stop]))
+    expected = full.text[: full.text.index(stop)]
+    assert unary.text == expected and unary.finish_reason == "stop"
+    assert unary.num_output_tokens < full.num_output_tokens
+    assert "".join(p.text for p in parts) == expected and parts[-1].finish_reason == "stop"
+
+
+def test_bad_words_are_not_generated(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        greedy = c.generate(PROMPT, max_tokens=24, temperature=0.0, end_id=-1, repetition_penalty=1.3)
+        word = max(greedy.text.split(), key=len)
+        banned = c.generate(PROMPT, max_tokens=24, temperature=0.0, end_id=-1, repetition_penalty=1.3,
+                            bad_words=[word])
+    assert word in greedy.text
+    assert banned.text != greedy.text
+
+
+def test_stream_flag_goes_to_the_right_ensemble(server):
+    with GenerationClient(server.http) as c:
+        with pytest.raises(GenerationError, match="'stream'.*ensemble_stream") as err:
+            c.generate(PROMPT, max_tokens=4, stream=True)
+        assert str(err.value.status) == "400"
+    with GenerationClient(server.grpc, "grpc") as c:
+        with pytest.raises(GenerationError, match="'stream'.*always streams"):
+            list(c.stream(PROMPT, max_tokens=4, stream=False))
+        with pytest.raises(GenerationError, match="'top_p'"):
+            list(c.stream(PROMPT, max_tokens=4, top_p=3.0))
+        assert "".join(p.text for p in c.stream(PROMPT, max_tokens=3)) != ""  # still serving
+
+
+def test_many_concurrent_streams_share_the_engine(server):
+    import concurrent.futures
+
+    def one(i):
+        with GenerationClient(server.grpc, "grpc") as c:
+            parts = list(c.stream(PROMPT, max_tokens=16, temperature=0.8, seed=i, end_id=-1))
+            unary = c.generate(PROMPT, max_tokens=16, temperature=0.8, seed=i, end_id=-1)
+        return "".join(p.text for p in parts), unary.text
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        pairs = list(pool.map(one, range(12)))
+    assert all(streamed == unary for streamed, unary in pairs)
