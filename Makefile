@@ -9,7 +9,7 @@ TP ?= 1
 export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
        MAX_BATCH_SIZE MAX_QUEUE ADMIN_TOKEN LOG_VERBOSE
 
-.PHONY: serve test unit functional lint demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -23,6 +23,9 @@ unit: setup
 
 functional: setup demo-model
 	$(PY) -m pytest tests/functional
+
+bench: setup demo-model
+	$(PY) tools/bench.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,210 @@
+"""Benchmark the served ensemble against the same engine in-process (``make bench``).
+
+    .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 4] [--max-tokens 64]
+
+1. Starts the server (TP=1, demo model unless CHECKPOINT/TOKENIZER are set) on free loopback ports and, at
+   each concurrency, streams requests through ``ensemble_stream`` over gRPC from that many clients: output
+   tokens/s, requests/s, time to first token p50/p99, inter-token latency p50.
+2. Runs the same workload in-process on the engine (no Triton), and prints served/in-process ratios.
+3. Mixed output lengths (8..256 tokens), in-process: in-flight batching (a freed slot is refilled at once)
+   against batch-at-a-time serving of the same requests at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition", "The import statement",
+           "Assignment statements are used to", "The with statement"]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+
+def summarize(records, wall):
+    tokens = sum(r["tokens"] for r in records)
+    itl = [r["itl"] for r in records if r["itl"] is not None]
+    return {"output_tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(records) / wall, 2),
+            "ttft_p50_ms": round(1000 * percentile([r["ttft"] for r in records], 50), 1),
+            "ttft_p99_ms": round(1000 * percentile([r["ttft"] for r in records], 99), 1),
+            "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None}
+
+
+def workload(concurrency, per_client, max_tokens):
+    """(client, prompt, params) for every request: the same list served and in-process."""
+    return [[(PROMPTS[(c + i) % len(PROMPTS)], dict(max_tokens=max_tokens, temperature=0.8, seed=c * 1000 + i,
+                                                     end_id=-1)) for i in range(per_client)]
+            for c in range(concurrency)]
+
+
+def run_clients(jobs, one):
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        records = [r for rs in pool.map(lambda js: [one(p, kw) for p, kw in js], jobs) for r in rs]
+    return records, time.perf_counter() - started
+
+
+def served_one(url):
+    from client import GenerationClient
+
+    local = threading.local()
+
+    def one(prompt, params):
+        if not hasattr(local, "client"):
+            local.client = GenerationClient(url, "grpc")
+        start = time.perf_counter()
+        first = last = None
+        tokens = 0
+        for part in local.client.stream(prompt, **params):
+            now = time.perf_counter()
+            if part.num_output_tokens > tokens:
+                first = first or now
+                last = now
+                tokens = part.num_output_tokens
+        itl = (last - first) / (tokens - 1) if tokens > 1 else None
+        return {"tokens": tokens, "ttft": first - start, "itl": itl}
+
+    return one
+
+
+def engine_one(engine, tokenizer):
+    from preprocessing.params import SamplingParams
+
+    def one(prompt, params):
+        stamps = []
+        start = time.perf_counter()
+        g = engine.submit(tokenizer.encode(prompt), SamplingParams(**params),
+                          listener=lambda g: stamps.append(time.perf_counter()))
+        g.wait()
+        first, last = stamps[0], stamps[-1]
+        tokens = len(g.tokens)
+        return {"tokens": tokens, "ttft": first - start, "itl": (last - first) / (tokens - 1) if tokens > 1 else None}
+
+    return one
+
+
+def start_server(env):
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    env = {**os.environ, **env, "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1]),
+           "METRICS_PORT": str(ports[2]), "HOST": "127.0.0.1"}
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    log = open("/tmp/megatron_triton_bench_server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "1", "-m", "triton_backend.server"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/ensemble/ready", timeout=2):
+                return proc, f"127.0.0.1:{ports[1]}"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(1)
+    raise RuntimeError("server did not become ready; see /tmp/megatron_triton_bench_server.log")
+
+
+def mixed_lengths(engine, tokenizer, requests, batch):
+    """Output tokens/s for in-flight batching vs batch-at-a-time on the same mixed-length requests."""
+    from preprocessing.params import SamplingParams
+
+    rng = random.Random(0)
+    items = [(tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+              SamplingParams(max_tokens=rng.choice([8, 16, 32, 64, 128, 256 - 16]), temperature=0.8, seed=i,
+                             end_id=-1)) for i in range(requests)]
+    total = sum(p.max_tokens for _, p in items)
+    start = time.perf_counter()
+    for i in range(0, len(items), batch):  # a batch must finish before the next starts
+        for g in [engine.submit(ids, p) for ids, p in items[i : i + batch]]:
+            g.wait()
+    static = total / (time.perf_counter() - start)
+    start = time.perf_counter()
+    pending = list(items)
+    running = []
+    while pending or running:  # keep `batch` requests in flight: a finished one is replaced at once
+        while pending and len(running) < batch:
+            running.append(engine.submit(*pending.pop(0)))
+        running[0].wait(0.001) if running else None
+        running = [g for g in running if not g.done]
+    inflight = total / (time.perf_counter() - start)
+    return {"requests": requests, "batch": batch, "output_tokens": total, "batch_at_a_time_tokens_per_s":
+            round(static, 1), "in_flight_tokens_per_s": round(inflight, 1), "ratio": round(inflight / static, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mixed-requests", type=int, default=48)
+    a = parser.parse_args()
+
+    results = {}
+    proc, grpc_url = start_server({"DEVICE": "cpu"})
+    try:
+        served_one(grpc_url)(PROMPTS[0], dict(max_tokens=4))  # warm-up
+        for c in a.concurrency:
+            records, wall = run_clients(workload(c, a.requests_per_client, a.max_tokens), served_one(grpc_url))
+            results[c] = {"served": summarize(records, wall)}
+            print(json.dumps({"concurrency": c, "served": results[c]["served"]}), flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+    from preprocessing.tokenizer import Tokenizer
+    from triton_backend.config import ServerConfig
+    from triton_backend.gpt import init_parallel
+    from triton_backend.server import load_engine
+
+    cfg = ServerConfig.from_env()
+    cfg.device = "cpu"
+    init_parallel(1, "cpu")
+    engine = load_engine(cfg).start()
+    tokenizer = Tokenizer(cfg.tokenizer)
+    try:
+        for c in a.concurrency:
+            records, wall = run_clients(workload(c, a.requests_per_client, a.max_tokens), engine_one(engine, tokenizer))
+            results[c]["in_process"] = summarize(records, wall)
+            served, local = results[c]["served"], results[c]["in_process"]
+            ratio = round(served["output_tokens_per_s"] / local["output_tokens_per_s"], 2)
+            print(json.dumps({"concurrency": c, "in_process": local, "served_over_in_process": ratio}), flush=True)
+        mixed = mixed_lengths(engine, tokenizer, a.mixed_requests, 16)
+        print(json.dumps({"mixed_lengths": mixed}), flush=True)
+    finally:
+        engine.stop()
+    cs = a.concurrency
+    if 1 in results and 16 in results:
+        scale = results[16]["served"]["output_tokens_per_s"] / results[1]["served"]["output_tokens_per_s"]
+        print(json.dumps({"served_c16_over_c1": round(scale, 2)}))
+    print("\nconcurrency | served tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50 ms")
+    for c in cs:
+        s, i = results[c]["served"], results[c]["in_process"]
+        print(f"{c:>11} | {s['output_tokens_per_s']:>12} | {i['output_tokens_per_s']:>16} | "
+              f"{s['output_tokens_per_s'] / i['output_tokens_per_s']:>5.2f} | "
+              f"{s['ttft_p50_ms']}/{s['ttft_p99_ms']} | {s['itl_p50_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
