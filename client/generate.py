@@ -60,26 +60,7 @@ class GenerationClient:
 
     def inputs(self, prompt: str, **params) -> list:
         """The ensemble's input tensors for one request; ``None`` values are left out (server default)."""
-        unknown = set(params) - set(SCALARS) - set(WORD_LISTS) - {"stream"}
-        if unknown:
-            raise ValueError(f"unknown parameters: {', '.join(sorted(unknown))}")
-        text = self._tc.InferInput("text_input", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
-        tensors = [text]
-        for name, value in params.items():
-            if value is None:
-                continue
-            if name in WORD_LISTS:
-                tensor = self._tc.InferInput(name, [1, len(value)], "BYTES")
-                tensor.set_data_from_numpy(np.array([[w.encode("utf-8") for w in value]], dtype=object))
-                tensors.append(tensor)
-                continue
-            wire, dtype = ("BOOL", np.bool_) if name == "stream" else (_WIRE[SCALARS[name].triton_type],
-                                                                         SCALARS[name].dtype)
-            tensor = self._tc.InferInput(name, [1, 1], wire)
-            tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
-            tensors.append(tensor)
-        return tensors
+        return request_inputs(self._tc, prompt, **params)
 
     def stream(self, prompt: str, **params):
         """Yield one ``Result`` per streamed response from ``ensemble_stream`` (gRPC only); ``text`` is the delta."""
@@ -118,6 +99,30 @@ class GenerationClient:
             message = err.message() if hasattr(err, "message") else str(err)
             raise GenerationError(message, status) from None
         return _result(response.as_numpy)
+
+
+def request_inputs(tc, prompt: str, **params) -> list:
+    """The ensemble's input tensors for one request (``tc``: tritonclient.http or .grpc); ``None``: default."""
+    unknown = set(params) - set(SCALARS) - set(WORD_LISTS) - {"stream"}
+    if unknown:
+        raise ValueError(f"unknown parameters: {', '.join(sorted(unknown))}")
+    text = tc.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
+    tensors = [text]
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name in WORD_LISTS:
+            tensor = tc.InferInput(name, [1, len(value)], "BYTES")
+            tensor.set_data_from_numpy(np.array([[w.encode("utf-8") for w in value]], dtype=object))
+            tensors.append(tensor)
+            continue
+        wire, dtype = ("BOOL", np.bool_) if name == "stream" else (_WIRE[SCALARS[name].triton_type],
+                                                                     SCALARS[name].dtype)
+        tensor = tc.InferInput(name, [1, 1], wire)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
+        tensors.append(tensor)
+    return tensors
 
 
 def _result(value) -> Result:

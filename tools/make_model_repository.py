@@ -16,6 +16,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from preprocessing.metrics import STATS  # noqa: E402
 from preprocessing.params import SCALARS, WORD_LISTS  # noqa: E402
 
 REPO = ROOT / "model_repository"
@@ -66,11 +67,13 @@ def ensemble(name: str, generator: str, streaming: bool) -> str:
     pre = step("preprocessing", [("TEXT_INPUT", "text_input"), *request], pre_out)
     gen_out = [("OUTPUT_IDS", "_OUTPUT_IDS"), ("OUTPUT_LENGTH", "num_output_tokens"),
                ("FINISH_REASON", "finish_reason"), ("CUM_LOG_PROB", "cum_log_probs"),
-               ("OUTPUT_LOG_PROBS", "_OUTPUT_LOG_PROBS"), ("ERROR", "_ERROR"), ("TEXT_LIMIT", "_TEXT_LIMIT")]
+               ("OUTPUT_LOG_PROBS", "_OUTPUT_LOG_PROBS"), ("ERROR", "_ERROR"), ("TEXT_LIMIT", "_TEXT_LIMIT"),
+               ("ENGINE_STATS", "_ENGINE_STATS")]
     post_in = [("OUTPUT_IDS", "_OUTPUT_IDS"), ("OUTPUT_LENGTH", "num_output_tokens"),
                ("OUTPUT_LOG_PROBS", "_OUTPUT_LOG_PROBS"), ("INPUT_IDS", "_INPUT_IDS"),
                ("INPUT_LENGTH", length), ("ERROR", "_ERROR"), ("TEXT_INPUT", "text_input"),
-               ("RETURN_LOG_PROBS", "return_log_probs"), ("TEXT_LIMIT", "_TEXT_LIMIT")]
+               ("RETURN_LOG_PROBS", "return_log_probs"), ("TEXT_LIMIT", "_TEXT_LIMIT"),
+               ("ENGINE_STATS", "_ENGINE_STATS")]
     gen_in = [("INPUT_IDS", "_INPUT_IDS"), ("INPUT_LENGTH", length), *request, ("STREAM", "stream")]
     if streaming:
         # Triton requires every input of a step after a decoupled model to come from that model, so the stream
@@ -80,7 +83,8 @@ def ensemble(name: str, generator: str, streaming: bool) -> str:
                     ("TEXT_DELTA", "_TEXT_DELTA")]
         post_in = [("OUTPUT_IDS", "_OUTPUT_IDS"), ("OUTPUT_LENGTH", "num_output_tokens"),
                    ("OUTPUT_LOG_PROBS", "_OUTPUT_LOG_PROBS"), ("ERROR", "_ERROR"), ("TEXT_LIMIT", "_TEXT_LIMIT"),
-                   ("LOG_PROBS_LENGTH", "_LOG_PROBS_LENGTH"), ("TEXT_DELTA", "_TEXT_DELTA")]
+                   ("LOG_PROBS_LENGTH", "_LOG_PROBS_LENGTH"), ("TEXT_DELTA", "_TEXT_DELTA"),
+                   ("ENGINE_STATS", "_ENGINE_STATS")]
     else:
         post_in += [("EXCLUDE_INPUT_IN_OUTPUT", "exclude_input_in_output")]
     gen = step(generator, gen_in, gen_out)
@@ -102,6 +106,7 @@ def configs() -> dict[str, str]:
         tensor("TEXT_INPUT", "TYPE_STRING", 1, True), tensor("EXCLUDE_INPUT_IN_OUTPUT", "TYPE_BOOL", 1, True),
         tensor("RETURN_LOG_PROBS", "TYPE_BOOL", 1, True), tensor("TEXT_LIMIT", "TYPE_INT32", 1, True),
         tensor("TEXT_DELTA", "TYPE_STRING", 1, True), tensor("LOG_PROBS_LENGTH", "TYPE_INT32", 1, True),
+        tensor("ENGINE_STATS", "TYPE_FP32", len(STATS), True),
     ]
     return {
         "preprocessing": python_model("preprocessing", request_inputs(upper=True),

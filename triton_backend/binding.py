@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from preprocessing.metrics import STATS, request_timing, stats_row
 from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
 
 from .engine import Engine, EngineBusy
@@ -38,6 +39,7 @@ def tensors():
         Tensor(name="OUTPUT_LOG_PROBS", dtype=np.float32, shape=(-1,)),
         Tensor(name="ERROR", dtype=bytes, shape=(1,)),
         Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
+        Tensor(name="ENGINE_STATS", dtype=np.float32, shape=(len(STATS),)),
     ]
     return inputs, outputs
 
@@ -64,7 +66,7 @@ def _submit_row(engine: Engine, request, row: int):
         return str(err)
 
 
-def _outputs(rows) -> dict:
+def _outputs(rows, load: dict) -> dict:
     """Stack the rows of one request into its output tensors (ids and log-probs right-padded).
 
     PyTriton cannot send zero-size tensors, so ids and log-probs are at least one wide; OUTPUT_LENGTH says
@@ -78,6 +80,7 @@ def _outputs(rows) -> dict:
     reason = np.full((len(rows), 1), b"", dtype=object)
     error = np.full((len(rows), 1), b"", dtype=object)
     limit = np.full((len(rows), 1), -1, np.int32)
+    stats = np.array([stats_row(load=load)] * len(rows), np.float32)
     for i, g in enumerate(rows):
         if isinstance(g, str) or g.error:
             error[i, 0] = (g if isinstance(g, str) else g.error).encode()
@@ -86,12 +89,14 @@ def _outputs(rows) -> dict:
         ids[i, :n], length[i, 0], reason[i, 0] = g.tokens, n, g.finish_reason.encode()
         if g.tracker is not None and g.tracker.stop_at is not None:
             limit[i, 0] = g.tracker.stop_at
+        stats[i] = stats_row(*request_timing(g), len(g.prompt), n, load)
         if g.params.return_log_probs:
             logprobs[i, :n] = g.logprobs
             cum[i, 0] = float(np.sum(g.logprobs, dtype=np.float64))
     return {
         "OUTPUT_IDS": ids, "OUTPUT_LENGTH": length, "FINISH_REASON": reason,
         "CUM_LOG_PROB": cum, "OUTPUT_LOG_PROBS": logprobs, "ERROR": error, "TEXT_LIMIT": limit,
+        "ENGINE_STATS": stats,
     }
 
 
@@ -104,7 +109,8 @@ def make_infer(engine: Engine, timeout_s: float = 600.0):
             for g in rows:
                 if not isinstance(g, str) and not g.wait(timeout_s):
                     g.error = f"no result within {timeout_s:.0f} s"
-        return [_outputs(rows) for rows in pending]
+        load = engine.load()
+        return [_outputs(rows, load) for rows in pending]
 
     return infer
 
@@ -130,6 +136,7 @@ def stream_tensors():
         Tensor(name="TEXT_DELTA", dtype=bytes, shape=(1,)),  # the prompt first when exclude_input_in_output=false
         Tensor(name="ERROR", dtype=bytes, shape=(1,)),
         Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
+        Tensor(name="ENGINE_STATS", dtype=np.float32, shape=(len(STATS),)),
     ]
     return inputs, outputs
 
@@ -149,18 +156,23 @@ class _StreamState:
         new, logprobs = g.tokens[self.tokens :], g.logprobs[self.tokens :]
         if not (done or text or new):
             return None
+        first = self.tokens == 0 and bool(new)
         self.tokens, self.chars = len(g.tokens), max(self.chars, end)
+        ttft, itl = request_timing(g)
         return {"text": text, "ids": list(new), "logprobs": list(logprobs), "total": len(g.tokens),
                 "cum": float(np.sum(g.logprobs, dtype=np.float64)), "done": done,
-                "reason": g.finish_reason or "", "error": g.error}
+                "reason": g.finish_reason or "", "error": g.error,
+                "ttft": ttft if first else -1.0, "itl": itl if done else -1.0,
+                "input_tokens": self.prompt_tokens if first else 0}
 
 
 def _merge(a: dict, b: dict) -> dict:
     """Coalesce two deltas of one stream (the client fell behind): one response instead of two."""
-    return {**b, "text": a["text"] + b["text"], "ids": a["ids"] + b["ids"], "logprobs": a["logprobs"] + b["logprobs"]}
+    return {**b, "text": a["text"] + b["text"], "ids": a["ids"] + b["ids"], "logprobs": a["logprobs"] + b["logprobs"],
+            "ttft": max(a["ttft"], b["ttft"]), "input_tokens": a["input_tokens"] + b["input_tokens"]}
 
 
-def _stream_outputs(d: dict, state: _StreamState) -> dict:
+def _stream_outputs(d: dict, state: _StreamState, load: dict) -> dict:
     asked = state.params.return_log_probs
     text, state.prefix = state.prefix + d["text"], ""
     out = {
@@ -174,8 +186,17 @@ def _stream_outputs(d: dict, state: _StreamState) -> dict:
         "TEXT_DELTA": np.array([[text.encode("utf-8")]], dtype=object),
         "ERROR": np.array([[b""]], dtype=object),
         "TEXT_LIMIT": np.array([[-1]], np.int32),
+        "ENGINE_STATS": np.array([stats_row(d["ttft"], d["itl"], d["input_tokens"], len(d["ids"]), load)],
+                                 np.float32),
     }
     return out
+
+
+# Each streamed response costs about a millisecond of server CPU across PyTriton, Triton and postprocessing.
+# With many streams, responses are batched in time: a stream waits this long per other live stream (capped)
+# before sending, and everything generated meanwhile goes out in one response.
+COALESCE_PER_STREAM_S = 0.004
+COALESCE_MAX_S = 0.1
 
 
 def make_stream_infer(engine: Engine):
@@ -184,7 +205,17 @@ def make_stream_infer(engine: Engine):
 
     from pytriton.exceptions import PyTritonValidationError
 
+    live = [0]  # streams in flight on this event loop
+
     async def infer(requests):
+        live[0] += 1
+        try:
+            async for response in _stream(requests):
+                yield response
+        finally:
+            live[0] -= 1
+
+    async def _stream(requests):
         request = requests[0]  # max_batch_size 1: one request of one row per call
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -208,11 +239,13 @@ def make_stream_infer(engine: Engine):
             raise PyTritonValidationError(str(err)) from None
         while True:
             d = await queue.get()
+            if not d["done"] and live[0] > 2:
+                await asyncio.sleep(min(COALESCE_MAX_S, COALESCE_PER_STREAM_S * (live[0] - 2)))
             while not queue.empty():
                 d = _merge(d, queue.get_nowait())
             if d["error"]:
                 raise RuntimeError(d["error"])
-            yield [_stream_outputs(d, state)]
+            yield [_stream_outputs(d, state, engine.load())]
             if d["done"]:
                 return
 

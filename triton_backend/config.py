@@ -35,7 +35,8 @@ class ServerConfig:
     max_slots: int = 64  # sequences running in the engine at once (KV-cache rows)
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
-    collective_timeout_s: int = 45  # a collective stalled this long fails the job (TP > 1) instead of hanging
+    collective_timeout_s: int = 30  # a step or heartbeat stalled this long ends the job (TP > 1), no hang
+    load_timeout_s: int = 1800  # collectives while ranks load the checkpoint (slow disks, big models)
     admin_token: str = ""  # token for model-control endpoints; random when empty
     log_verbose: int = 0
 

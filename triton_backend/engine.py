@@ -40,6 +40,8 @@ class Generation:
     finish_reason: str | None = None  # "stop" or "length"
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
     tracker: TextTracker | None = None  # text so far, when stop words or streaming need it
     listener: Callable[[Generation], None] | None = None  # called from the engine thread on every change
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
@@ -89,6 +91,7 @@ class Engine:
         self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
         self.failures_fatal = failures_fatal
         self.fatal: BaseException | None = None
+        self.step_started: float | None = None  # monotonic time the running step began (for watchdogs)
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.context = gpt.max_len
@@ -166,8 +169,14 @@ class Engine:
                     idle, admitted = False, self._admit()
             if idle:
                 if hasattr(self.gpt, "heartbeat"):
-                    self.gpt.heartbeat()
+                    try:
+                        self.gpt.heartbeat()
+                    except Exception as err:  # a follower is gone or stuck: the job cannot go on
+                        LOG.error("heartbeat failed: %s", err)
+                        self.fatal = err
+                        return
                 continue
+            self.step_started = time.monotonic()
             try:
                 if admitted:
                     self._prefill(admitted)
@@ -180,6 +189,13 @@ class Engine:
                 if self.failures_fatal:
                     self.fatal = err
                     return
+            finally:
+                self.step_started = None
+
+    def stalled(self, limit_s: float) -> bool:
+        """True when the step in progress has run longer than ``limit_s`` (a collective that hangs)."""
+        started = self.step_started
+        return started is not None and time.monotonic() - started > limit_s
 
     def _drain(self, message: str) -> None:
         for row in list(self._running):
@@ -249,6 +265,8 @@ class Engine:
                 continue
             s.generated.append(token)
             g.tokens.append(token)
+            if g.first_token_at is None:
+                g.first_token_at = time.monotonic()
             g.logprobs.append(logprob)
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
@@ -265,7 +283,7 @@ class Engine:
             if row.slot not in self._free_slots:
                 self._free_slots.append(row.slot)
         g = row.generation
-        g.finish_reason, g.error = reason, error
+        g.finish_reason, g.error, g.finished_at = reason, error, time.monotonic()
         if error:
             self.stats.requests_failed += 1
         else:

@@ -21,7 +21,7 @@ from preprocessing.tokenizer import Tokenizer
 
 from .config import ServerConfig
 from .gpt import init_parallel
-from .protocol import follow
+from .protocol import follow, make_group
 from .server import load_engine, load_gpt
 
 BENCH_PROMPT = "The for statement is used to iterate over the elements of a sequence"
@@ -62,13 +62,14 @@ def main() -> None:
     cfg = ServerConfig(**{**env_cfg.__dict__, **overrides,
                           "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")),
                           "max_slots": max(env_cfg.max_slots, *a.batch)})
-    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.collective_timeout_s)
+    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
+    group = make_group(cfg.collective_timeout_s) if cfg.tensor_parallel > 1 else None
     if torch.distributed.get_rank() != 0:
-        follow(load_gpt(cfg))
+        follow(load_gpt(cfg), group)
         torch.distributed.destroy_process_group()
         return
     started = time.perf_counter()
-    engine = load_engine(cfg).start()
+    engine = load_engine(cfg, group).start()
     load_s = time.perf_counter() - started
     tokenizer = Tokenizer(cfg.tokenizer)
     try:

@@ -23,7 +23,7 @@ from .binding import MODEL_NAME, STREAM_MODEL_NAME, make_infer, make_stream_infe
 from .config import ROOT, ServerConfig
 from .engine import Engine
 from .gpt import CachedGPT, build_model, init_parallel
-from .protocol import Leader, follow
+from .protocol import Leader, follow, make_group
 
 LOG = logging.getLogger("megatron_triton")
 START_ATTEMPTS = 3
@@ -38,8 +38,8 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
     return CachedGPT(model.to(cfg.device), arch, max_slots=cfg.max_slots)
 
 
-def load_engine(cfg: ServerConfig) -> Engine:
-    """Rank 0: the model (leading the followers when TP > 1) and the tokenizer's ids, in an engine."""
+def load_engine(cfg: ServerConfig, group=None) -> Engine:
+    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer, in an engine."""
     from preprocessing.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(cfg.tokenizer)
@@ -49,8 +49,8 @@ def load_engine(cfg: ServerConfig) -> Engine:
             f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but the model only "
             f"{gpt.arch.padded_vocab_size} embeddings")
     tp = cfg.tensor_parallel
-    return Engine(Leader(gpt) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id, max_queue=cfg.max_queue,
-                  failures_fatal=tp > 1, tokenizer=tokenizer)
+    return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
+                  max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer)
 
 
 def pipeline_env(cfg: ServerConfig, context: int) -> None:
@@ -121,6 +121,9 @@ def serve(cfg: ServerConfig, engine: Engine) -> None:
                          cfg.metrics_port)
                 try:
                     while triton.is_alive() and engine.fatal is None:
+                        if engine.stalled(cfg.collective_timeout_s):
+                            engine.fatal = TimeoutError(
+                                f"a step has not finished in {cfg.collective_timeout_s} s (a rank is stuck)")
                         time.sleep(0.5)
                 finally:
                     children = psutil.Process().children(recursive=True)
@@ -157,15 +160,18 @@ def main() -> int:
     except ValueError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
-    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.collective_timeout_s)
+    # The world group waits as long as checkpoint loading may take; steps are bounded by the protocol group's
+    # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
+    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world != cfg.tensor_parallel:
         print(f"configuration error: TP={cfg.tensor_parallel} but torchrun started {world} ranks", file=sys.stderr)
         return 2
+    group = make_group(cfg.collective_timeout_s) if world > 1 else None
     try:
         if rank == 0:
-            return lead(cfg, started)
-        follow(load_gpt(cfg))
+            return lead(cfg, started, group)
+        follow(load_gpt(cfg), group)
         return 0
     except (checkpoint.CheckpointError, FileNotFoundError) as err:
         print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
@@ -174,9 +180,9 @@ def main() -> int:
         torch.distributed.destroy_process_group()
 
 
-def lead(cfg: ServerConfig, started: float) -> int:
+def lead(cfg: ServerConfig, started: float, group=None) -> int:
     """Rank 0: load, start the engine (which leads the followers), serve until stopped or failed."""
-    engine = load_engine(cfg)
+    engine = load_engine(cfg, group)
     LOG.info("model loaded in %.1f s on %s (%s, TP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
              cfg.tensor_parallel)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -186,11 +192,26 @@ def lead(cfg: ServerConfig, started: float) -> int:
     except KeyboardInterrupt:
         LOG.info("interrupted, shutting down")
     finally:
-        engine.stop()
+        if engine.fatal is None:
+            engine.stop()
     if engine.fatal is not None:
-        LOG.error("engine failed, exiting: %s", engine.fatal)
-        return 1
+        # Triton is already stopped. Ranks may be stuck inside a collective that will never finish: take
+        # the job down now rather than wait for timeouts (torchrun then exits non-zero).
+        LOG.error("engine failed, ending the job: %s", engine.fatal)
+        end_other_ranks()
+        os._exit(1)
     return 0
+
+
+def end_other_ranks() -> None:
+    """SIGKILL the sibling ranks that torchrun started (same parent, same module)."""
+    me = psutil.Process()
+    for sibling in me.parent().children():
+        try:
+            if sibling.pid != me.pid and "triton_backend.server" in " ".join(sibling.cmdline()):
+                sibling.kill()
+        except psutil.Error:
+            pass
 
 
 if __name__ == "__main__":

@@ -97,3 +97,36 @@ def test_many_concurrent_streams_share_the_engine(server):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         pairs = list(pool.map(one, range(12)))
     assert all(streamed == unary for streamed, unary in pairs)
+
+
+def llm_metrics(server) -> dict:
+    status, body = server.get("/metrics", port_url=server.metrics)
+    values = {}
+    for line in body.decode().splitlines():
+        if line.startswith("llm_") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_llm_metrics_on_the_metrics_port(server):
+    import concurrent.futures
+
+    before = llm_metrics(server)
+
+    def one(i):
+        with GenerationClient(server.grpc, "grpc") as c:
+            if i % 2:
+                parts = list(c.stream(PROMPT, max_tokens=6 + i, end_id=-1))
+                return parts[-1].num_input_tokens, parts[-1].num_output_tokens
+            r = c.generate(PROMPT, max_tokens=6 + i, end_id=-1)
+            return r.num_input_tokens, r.num_output_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(one, range(8)))
+    after = llm_metrics(server)
+    assert after["llm_output_tokens_total"] - before["llm_output_tokens_total"] == sum(n for _, n in counts)
+    assert after["llm_input_tokens_total"] - before["llm_input_tokens_total"] == sum(n for n, _ in counts)
+    assert after["llm_time_to_first_token_seconds_count"] - before["llm_time_to_first_token_seconds_count"] == 8
+    assert after["llm_inter_token_latency_seconds_count"] - before["llm_inter_token_latency_seconds_count"] == 8
+    assert after["llm_running_sequences"] == after["llm_waiting_sequences"] == after["llm_kv_cache_usage_ratio"] == 0

@@ -128,3 +128,36 @@ def test_sigterm_stops_every_rank_within_30_s_and_leaves_nothing(tmp_path):
     gone, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
     assert not shm_segments(p.pid for p in processes)
+
+
+def test_a_stuck_follower_ends_the_job_within_60_s(tmp_path):
+    """A rank that is alive but stuck (SIGSTOP): the next step cannot finish, so rank 0 ends the whole job."""
+    import threading
+
+    server = start_server(tmp_path / "stuck", TP="2", COLLECTIVE_TIMEOUT_S="15")
+    processes = job_processes(server)
+    follower = max(psutil.Process(server.process.pid).children(), key=lambda p: p.pid)
+    follower.suspend()
+    started = time.monotonic()
+
+    def request():
+        try:
+            with GenerationClient(server.grpc, "grpc", timeout_s=90) as c:
+                c.generate("The", max_tokens=4)
+        except Exception:  # the request is expected to fail: the job is going down
+            pass
+
+    threading.Thread(target=request, daemon=True).start()
+    try:
+        code = server.process.wait(60)
+    finally:
+        for p in processes:
+            try:
+                p.resume()
+            except psutil.Error:
+                pass
+        stop_server(server)
+    assert code != 0
+    assert time.monotonic() - started < 60
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"

@@ -1,0 +1,68 @@
+"""LLM metrics: what rank 0 reports with each response (ENGINE_STATS) and how postprocessing publishes it.
+
+The generation model runs in PyTriton's process, which has no access to Triton's metrics API, so it sends
+a few numbers along with every response and the postprocessing model (a real Python backend) turns them
+into Prometheus metrics on Triton's metrics port.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ENGINE_STATS columns (float32, one row per request row); -1 means "nothing to record in this response".
+STATS = ["ttft_s", "itl_s", "input_tokens", "output_tokens", "running", "waiting", "kv_cache_used"]
+
+
+def stats_row(ttft_s=-1.0, itl_s=-1.0, input_tokens=0, output_tokens=0, load=None) -> list[float]:
+    load = load or {"running": 0, "waiting": 0, "kv_slots_used": 0.0}
+    return [ttft_s, itl_s, input_tokens, output_tokens, load["running"], load["waiting"], load["kv_slots_used"]]
+
+
+def request_timing(generation) -> tuple[float, float]:
+    """Time to first token and mean inter-token latency of a finished generation (-1 when undefined)."""
+    g = generation
+    ttft = g.first_token_at - g.submitted if g.first_token_at is not None else -1.0
+    n = len(g.tokens)
+    itl = (g.finished_at - g.first_token_at) / (n - 1) if n > 1 and g.finished_at and g.first_token_at else -1.0
+    return ttft, itl
+
+
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+class Publisher:
+    """Prometheus metrics through ``pb_utils`` (passed in, so this module imports without Triton)."""
+
+    def __init__(self, pb_utils):
+        family = pb_utils.MetricFamily
+        hist = family.HISTOGRAM
+        self._families = [  # keep the families alive: their metrics die with them
+            family("llm_time_to_first_token_seconds", "Time from a request reaching the engine to its first token",
+                   hist),
+            family("llm_inter_token_latency_seconds", "Mean time between a request's generated tokens", hist),
+            family("llm_input_tokens_total", "Prompt tokens of finished or streaming requests", family.COUNTER),
+            family("llm_output_tokens_total", "Generated tokens", family.COUNTER),
+            family("llm_running_sequences", "Sequences in the engine's running batch", family.GAUGE),
+            family("llm_waiting_sequences", "Sequences waiting for a KV-cache slot", family.GAUGE),
+            family("llm_kv_cache_usage_ratio", "Share of KV-cache slots in use", family.GAUGE),
+        ]
+        ttft, itl, tin, tout, running, waiting, kv = self._families
+        self.ttft = ttft.Metric(labels={}, buckets=TTFT_BUCKETS)
+        self.itl = itl.Metric(labels={}, buckets=ITL_BUCKETS)
+        self.input_tokens, self.output_tokens = tin.Metric(labels={}), tout.Metric(labels={})
+        self.running, self.waiting, self.kv = running.Metric(labels={}), waiting.Metric(labels={}), kv.Metric(labels={})
+
+    def publish(self, stats: np.ndarray) -> None:
+        for ttft, itl, tin, tout, running, waiting, kv in np.asarray(stats, dtype=np.float64).reshape(-1, 7):
+            if ttft >= 0:
+                self.ttft.observe(ttft)
+            if itl >= 0:
+                self.itl.observe(itl)
+            if tin:
+                self.input_tokens.increment(tin)
+            if tout:
+                self.output_tokens.increment(tout)
+            self.running.set(running)
+            self.waiting.set(waiting)
+            self.kv.set(kv)
