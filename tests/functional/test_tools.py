@@ -8,16 +8,22 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_perf_analyzer_reports_a_throughput(server, tmp_path):
+@pytest.mark.parametrize("model", ["ensemble", "ensemble_stream"])
+def test_perf_analyzer_reports_a_throughput(server, tmp_path, model):
     data = tmp_path / "input.json"
     data.write_text(json.dumps({"data": [{"text_input": ["The for statement"], "max_tokens": [8]}]}))
     site = pathlib.Path(sysconfig.get_paths()["purelib"])
     env = {**os.environ, "LD_LIBRARY_PATH": str(site / "nvidia" / "cuda_runtime" / "lib")}
+    # Decoupled models are measured over gRPC streaming only.
+    protocol = ["-u", server.http] if model == "ensemble" else ["-u", server.grpc, "-i", "grpc", "--streaming",
+                                                                  "--async"]
     command = [
-        str(pathlib.Path(sys.executable).parent / "perf_analyzer"), "-m", "ensemble", "-u", server.http,
+        str(pathlib.Path(sys.executable).parent / "perf_analyzer"), "-m", model, *protocol,
         "--input-data", str(data), "--concurrency-range", "2:2", "--measurement-interval", "2000",
         "--max-trials", "3", "--stability-percentage", "100",
     ]
