@@ -7,7 +7,8 @@ DEMO := demo_model
 # Serving configuration, read by triton_backend/config.py (see README "Configuration").
 TP ?= 1
 export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
-       MAX_BATCH_SIZE MAX_QUEUE ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S
+       MAX_BATCH_SIZE MAX_QUEUE ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
+       KV_CACHE_MB
 
 .PHONY: serve test unit functional lint bench demo-model setup system-deps clean
 

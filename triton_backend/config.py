@@ -32,7 +32,8 @@ class ServerConfig:
     model_repository: pathlib.Path = ROOT / "model_repository"
     max_batch_size: int = 64  # Triton's dynamic batcher, per execution of megatron_gpt
     instances: int = 4  # megatron_gpt instances: batches that can be in flight in the engine at once
-    max_slots: int = 64  # sequences running in the engine at once (KV-cache rows)
+    max_slots: int = 64  # sequences running in the engine at once (KV-cache rows), fewer if memory is short
+    kv_cache_mb: int = 0  # KV-cache budget per rank; 0: 80 % of the GPU memory free after the weights
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
     collective_timeout_s: int = 30  # a step or heartbeat stalled this long ends the job (TP > 1), no hang

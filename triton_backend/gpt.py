@@ -78,6 +78,24 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
     return model
 
 
+def kv_bytes_per_slot(arch: GPTArchitecture, tensor_parallel: int, max_len: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes one sequence of ``max_len`` tokens needs on one tensor-parallel rank."""
+    groups = (arch.num_query_groups or arch.num_attention_heads) // tensor_parallel
+    head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+    return 2 * arch.num_layers * groups * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def fit_slots(requested: int, per_slot: int, budget_bytes: int | None) -> int:
+    """Sequences the KV cache can hold: ``requested``, fewer if the budget is smaller (never zero)."""
+    if budget_bytes is None:
+        return requested
+    fit = budget_bytes // per_slot
+    if fit < 1:
+        raise ValueError(f"the KV cache needs {per_slot / 2**20:.0f} MiB per sequence but only "
+                         f"{budget_bytes / 2**20:.0f} MiB are available: lower the context or raise KV_CACHE_MB")
+    return min(requested, fit)
+
+
 class CachedGPT:
     """A GPTModel plus its KV cache: ``forward`` runs tokens of some slots and returns last-token logits.
 

@@ -22,11 +22,12 @@ from . import checkpoint
 from .binding import MODEL_NAME, STREAM_MODEL_NAME, make_infer, make_stream_infer, stream_tensors, tensors
 from .config import ROOT, ServerConfig
 from .engine import Engine
-from .gpt import CachedGPT, build_model, init_parallel
+from .gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
 from .protocol import Leader, follow, make_group
 
 LOG = logging.getLogger("megatron_triton")
 START_ATTEMPTS = 3
+KV_SHARE_OF_FREE_MEMORY = 0.8  # the rest is left for activations and logits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,7 +36,28 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
     arch = checkpoint.read_architecture(cfg.checkpoint, cfg.tensor_parallel)
     model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
     checkpoint.load_weights(model, cfg.checkpoint, arch)
-    return CachedGPT(model.to(cfg.device), arch, max_slots=cfg.max_slots)
+    model = model.to(cfg.device)
+    max_len = min(arch.seq_length, arch.max_position_embeddings)
+    per_slot = kv_bytes_per_slot(arch, cfg.tensor_parallel, max_len, DTYPES[cfg.dtype])
+    slots = fit_slots(cfg.max_slots, per_slot, kv_budget(cfg))
+    if torch.distributed.get_world_size() > 1:  # every rank must hold the same slots
+        agreed = torch.tensor([slots], device=cfg.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        slots = int(agreed)
+    if slots < cfg.max_slots:
+        LOG.warning("KV cache holds %d sequences (MAX_SLOTS=%d does not fit)", slots, cfg.max_slots)
+    LOG.info("KV cache: %d sequences x %d tokens, %.1f MiB per rank", slots, max_len, slots * per_slot / 2**20)
+    return CachedGPT(model, arch, max_slots=slots)
+
+
+def kv_budget(cfg: ServerConfig) -> int | None:
+    """Bytes the KV cache may take: KV_CACHE_MB, else on CUDA a share of the memory free after the weights."""
+    if cfg.kv_cache_mb:
+        return cfg.kv_cache_mb * 2**20
+    if cfg.device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * KV_SHARE_OF_FREE_MEMORY)
+    return None
 
 
 def load_engine(cfg: ServerConfig, group=None) -> Engine:

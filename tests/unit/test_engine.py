@@ -105,3 +105,18 @@ def test_slots_are_reused_beyond_the_cache_size(engine):
     assert all(g.wait(60) for g in gens)
     assert all(g.error is None for g in gens)
     assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0}
+
+
+def test_kv_cache_sizing():
+    from triton_backend.gpt import fit_slots, kv_bytes_per_slot
+
+    init_parallel(1, "cpu")
+    per_slot = kv_bytes_per_slot(ARCH, 1, 64, torch.float32)
+    assert per_slot == 2 * 2 * 4 * 64 * 16 * 4  # K and V, layers, heads, tokens, head dim, float32
+    assert kv_bytes_per_slot(ARCH, 2, 64, torch.bfloat16) == per_slot // 4  # half the heads, half the bytes
+    assert fit_slots(64, per_slot, None) == 64
+    assert fit_slots(64, per_slot, 10 * per_slot + 1) == 10
+    with pytest.raises(ValueError, match="KV_CACHE_MB"):
+        fit_slots(64, per_slot, per_slot - 1)
+    cache = CachedGPT(build_model(ARCH), ARCH, max_slots=3).cache
+    assert cache.nbytes() == 3 * per_slot
