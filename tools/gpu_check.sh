@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 3): TP=1 on CUDA with NCCL, the demo model and a ~350M random-init GPT in
+# bfloat16, tokens/s at batch 1 and 32 through the in-process engine (PyTriton does not install there).
+#
+# Here, before the device call (see the device tool's README for the pip download flags):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl megatron-core==0.16.1 psutil
+#   make demo-model
+# Device call: carry [".whl", "demo_model"], command: bash tools/gpu_check.sh
+# Figures land in $OUT/gpu_check.jsonl.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD DEVICE=cuda DTYPE=bfloat16
+out=${OUT:-/tmp}/gpu_check.jsonl
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out.gpu"
+bench() {  # checkpoint, label
+  torchrun --standalone --nproc-per-node 1 -m triton_backend.offline --checkpoint "$1" \
+    --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 \
+    --prompt "The for statement" 2>"$out.$2.log" | sed "s/^{/{\"model\": \"$2\", /" | tee -a "$out"
+}
+bench demo_model/checkpoint demo
+torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt-350m --vocab 4096 \
+  --format torch_dist --out /tmp/gpt350m 2>"$out.make.log" | tee -a "$out.make.log"
+bench /tmp/gpt350m gpt-350m
