@@ -1,5 +1,7 @@
 """Incremental text: stop words across token boundaries, and what is safe to stream."""
 
+import pytest
+
 from preprocessing.detokenize import TextTracker
 
 
@@ -36,3 +38,20 @@ def test_streamed_text_never_shows_a_partial_character_or_a_possible_stop_word(t
         assert not stable.endswith(("E", "EN"))
         assert tracker.final_text.startswith(stable)  # streamed text is never taken back
     assert len({s for s in stables if s is not None}) > 3  # it did stream along the way
+
+
+@pytest.mark.parametrize("fixture", ["tiny_tokenizer", "dummy_prefix_tokenizer"])
+def test_incremental_text_equals_decoding_everything(request, fixture):
+    tok = request.getfixturevalue(fixture)
+    text = "Long text 🙂🙂 with 漢字, newlines\n\n  and spaces; " * 6
+    prompt = tok.encode("A prompt:")
+    tracker = TextTracker(tok, prompt, ("never there",))
+    for i, token in enumerate(tok.encode(text)):
+        assert not tracker.add(token)
+        assert tracker.text == tok.decode_continuation(prompt, tracker.ids), f"after token {i}"
+    assert tracker.stop_at is None
+
+
+def test_a_stop_word_completed_late_is_found(tiny_tokenizer):
+    tracker, _ = feed(tiny_tokenizer, "x" * 40 + " STOPWORD tail", ["STOPWORD"])
+    assert tracker.final_text == "x" * 40 + " "
