@@ -145,7 +145,8 @@ def mixed_lengths(engine, tokenizer, requests, batch):
     while pending or running:  # keep `batch` requests in flight: a finished one is replaced at once
         while pending and len(running) < batch:
             running.append(engine.submit(*pending.pop(0)))
-        running[0].wait(0.001) if running else None
+        if running:
+            running[0].wait(0.001)
         running = [g for g in running if not g.done]
     inflight = total / (time.perf_counter() - start)
     return {"requests": requests, "batch": batch, "output_tokens": total, "batch_at_a_time_tokens_per_s":

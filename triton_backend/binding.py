@@ -147,6 +147,7 @@ class _StreamState:
     def __init__(self, params, prompt_tokens: int, prefix: str):
         self.params, self.prompt_tokens = params, prompt_tokens
         self.tokens = self.chars = 0
+        self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
 
     def delta(self, g) -> dict | None:
@@ -158,9 +159,10 @@ class _StreamState:
             return None
         first = self.tokens == 0 and bool(new)
         self.tokens, self.chars = len(g.tokens), max(self.chars, end)
+        self.cum += sum(logprobs)
         ttft, itl = request_timing(g)
         return {"text": text, "ids": list(new), "logprobs": list(logprobs), "total": len(g.tokens),
-                "cum": float(np.sum(g.logprobs, dtype=np.float64)), "done": done,
+                "cum": self.cum, "done": done,
                 "reason": g.finish_reason or "", "error": g.error,
                 "ttft": ttft if first else -1.0, "itl": itl if done else -1.0,
                 "input_tokens": self.prompt_tokens if first else 0}
