@@ -7,10 +7,10 @@ DEMO := demo_model
 # Serving configuration, read by triton_backend/config.py (see README "Configuration").
 TP ?= 1
 export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
-       MAX_BATCH_SIZE MAX_QUEUE ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
-       KV_CACHE_MB
+       MAX_BATCH_SIZE MAX_QUEUE MAX_REQUEST_S DRAIN_TIMEOUT_S ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
+       KV_CACHE_MB TORCH_THREADS STREAM_RESPONSES_PER_S
 
-.PHONY: serve test unit functional lint bench demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench soak fuzz demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -27,6 +27,15 @@ functional: setup demo-model
 
 bench: setup demo-model
 	$(PY) tools/bench.py
+
+# Long runs, kept out of `make test` (which runs short versions of both).
+SOAK_REQUESTS ?= 5000
+soak: setup demo-model
+	$(PY) tools/soak.py --requests $(SOAK_REQUESTS) --concurrency 64 --cancel-share 0.1 --tp $(TP)
+
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup demo-model
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/functional/test_fuzz.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

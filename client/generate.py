@@ -63,12 +63,17 @@ class GenerationClient:
         return request_inputs(self._tc, prompt, **params)
 
     def stream(self, prompt: str, **params):
-        """Yield one ``Result`` per streamed response from ``ensemble_stream`` (gRPC only); ``text`` is the delta."""
+        """Yield one ``Result`` per streamed response from ``ensemble_stream`` (gRPC only); ``text`` is the delta.
+
+        Leaving the loop early (``break``, an exception, closing the generator) cancels the request on the
+        server, which frees its slot in the engine.
+        """
         import queue
 
         if self.protocol != "grpc":
             raise ValueError("streaming uses gRPC; create the client with protocol='grpc'")
         responses: queue.Queue = queue.Queue()
+        final = False
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
             outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]
@@ -84,7 +89,7 @@ class GenerationClient:
                 if final:
                     return
         finally:
-            self._client.stop_stream()
+            self._client.stop_stream(cancel_requests=not final)
 
     def generate(self, prompt: str, **params) -> Result:
         outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]

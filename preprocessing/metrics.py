@@ -1,8 +1,9 @@
-"""LLM metrics: what rank 0 reports with each response (ENGINE_STATS) and how postprocessing publishes it.
+"""LLM metrics on Triton's metrics port, published through Python-backend models.
 
-The generation model runs in PyTriton's process, which has no access to Triton's metrics API, so it sends
-a few numbers along with every response and the postprocessing model (a real Python backend) turns them
-into Prometheus metrics on Triton's metrics port.
+The generation model runs in PyTriton's process, which has no access to Triton's metrics API. So it sends
+a few numbers along with every response (ENGINE_STATS), which postprocessing turns into latency histograms
+and token counters; and the stub fronting ``megatron_gpt_stream`` polls the engine's load for the gauges
+(``triton_backend/stream_proxy.py``), so that they are current even when no response flows.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 # ENGINE_STATS columns (float32, one row per request row); -1 means "nothing to record in this response".
-STATS = ["ttft_s", "itl_s", "input_tokens", "output_tokens", "running", "waiting", "kv_cache_used"]
+STATS = ["ttft_s", "itl_s", "input_tokens", "output_tokens"]
 
 
-def stats_row(ttft_s=-1.0, itl_s=-1.0, input_tokens=0, output_tokens=0, load=None) -> list[float]:
-    load = load or {"running": 0, "waiting": 0, "kv_slots_used": 0.0}
-    return [ttft_s, itl_s, input_tokens, output_tokens, load["running"], load["waiting"], load["kv_slots_used"]]
+def stats_row(ttft_s=-1.0, itl_s=-1.0, input_tokens=0, output_tokens=0) -> list[float]:
+    return [ttft_s, itl_s, input_tokens, output_tokens]
 
 
 def request_timing(generation) -> tuple[float, float]:
@@ -32,7 +32,7 @@ ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
 class Publisher:
-    """Prometheus metrics through ``pb_utils`` (passed in, so this module imports without Triton)."""
+    """Latency histograms and token counters through ``pb_utils`` (passed in: this imports without Triton)."""
 
     def __init__(self, pb_utils):
         family = pb_utils.MetricFamily
@@ -43,18 +43,14 @@ class Publisher:
             family("llm_inter_token_latency_seconds", "Mean time between a request's generated tokens", hist),
             family("llm_input_tokens_total", "Prompt tokens of finished or streaming requests", family.COUNTER),
             family("llm_output_tokens_total", "Generated tokens", family.COUNTER),
-            family("llm_running_sequences", "Sequences in the engine's running batch", family.GAUGE),
-            family("llm_waiting_sequences", "Sequences waiting for a KV-cache slot", family.GAUGE),
-            family("llm_kv_cache_usage_ratio", "Share of KV-cache slots in use", family.GAUGE),
         ]
-        ttft, itl, tin, tout, running, waiting, kv = self._families
+        ttft, itl, tin, tout = self._families
         self.ttft = ttft.Metric(labels={}, buckets=TTFT_BUCKETS)
         self.itl = itl.Metric(labels={}, buckets=ITL_BUCKETS)
         self.input_tokens, self.output_tokens = tin.Metric(labels={}), tout.Metric(labels={})
-        self.running, self.waiting, self.kv = running.Metric(labels={}), waiting.Metric(labels={}), kv.Metric(labels={})
 
     def publish(self, stats: np.ndarray) -> None:
-        for ttft, itl, tin, tout, running, waiting, kv in np.asarray(stats, dtype=np.float64).reshape(-1, 7):
+        for ttft, itl, tin, tout in np.asarray(stats, dtype=np.float64).reshape(-1, len(STATS)):
             if ttft >= 0:
                 self.ttft.observe(ttft)
             if itl >= 0:
@@ -63,6 +59,27 @@ class Publisher:
                 self.input_tokens.increment(tin)
             if tout:
                 self.output_tokens.increment(tout)
-            self.running.set(running)
-            self.waiting.set(waiting)
-            self.kv.set(kv)
+
+
+class LoadGauges:
+    """The engine's running and waiting sequences, KV-cache use and cancellations, from ``Engine.load()``."""
+
+    def __init__(self, pb_utils):
+        family = pb_utils.MetricFamily
+        self._families = [
+            family("llm_running_sequences", "Sequences in the engine's running batch", family.GAUGE),
+            family("llm_waiting_sequences", "Sequences waiting for a KV-cache slot", family.GAUGE),
+            family("llm_kv_cache_usage_ratio", "Share of KV-cache slots in use", family.GAUGE),
+            family("llm_requests_cancelled_total", "Requests the engine stopped because the client cancelled",
+                   family.COUNTER),
+        ]
+        self.running, self.waiting, self.kv, self.cancelled = (f.Metric(labels={}) for f in self._families)
+        self._cancelled_seen = 0
+
+    def set(self, load: dict) -> None:
+        self.running.set(float(load["running"]))
+        self.waiting.set(float(load["waiting"]))
+        self.kv.set(float(load["kv_slots_used"]))
+        if load["cancelled"] > self._cancelled_seen:  # the engine counts; the counter follows
+            self.cancelled.increment(float(load["cancelled"] - self._cancelled_seen))
+            self._cancelled_seen = load["cancelled"]

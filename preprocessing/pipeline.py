@@ -28,6 +28,15 @@ def _flag(values: dict, name: str, row: int, default: bool) -> bool:
     return default if value is None else bool(value[row][0])
 
 
+# The request size limit on prompts: no tokenizer turns more than this many bytes into one token in practice, so
+# a longer prompt cannot fit the context anyway.
+PROMPT_BYTES_PER_TOKEN = 64
+
+
+def max_prompt_bytes(context: int) -> int:
+    return PROMPT_BYTES_PER_TOKEN * context
+
+
 class GenerationFailed(RuntimeError):
     """megatron_gpt reported a row error; ``invalid`` tells a broken rule (the client's) from a server fault."""
 
@@ -57,10 +66,19 @@ class Preprocessor:
         if texts is None:
             raise InvalidRequest("text_input", None, "is required")
         rows = len(texts)
+        for name in WORD_LISTS:  # the ensemble passes word lists to megatron_gpt, where PyTriton cannot take
+            value = values.get(name)  # a zero-size tensor
+            if value is not None and value.size == 0 and rows:
+                raise InvalidRequest(name, [], "must hold at least one word; leave the input out for none")
         ids = np.zeros((rows, self.context), np.int32)
         lengths = np.zeros((rows, 1), np.int32)
+        limit = max_prompt_bytes(self.context)
         for row in range(rows):
-            prompt = self.tokenizer.encode(_text(texts[row][0], "text_input"))
+            raw = texts[row][0]
+            if len(raw) > limit:  # refused before tokenizing: a huge prompt must not cost the server much
+                raise InvalidRequest("text_input", f"<{len(raw)} bytes>", f"must be at most {limit} bytes "
+                                     f"({PROMPT_BYTES_PER_TOKEN} per token of the {self.context}-token context)")
+            prompt = self.tokenizer.encode(_text(raw, "text_input"))
             row_values = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
             row_values |= {name: values[name][row] for name in WORD_LISTS if values.get(name) is not None}
             from_tensors(row_values).check(self.tokenizer.vocab_size, len(prompt), self.context)

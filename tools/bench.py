@@ -17,6 +17,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import queue
 import random
 import signal
 import socket
@@ -91,8 +92,9 @@ def engine_one(engine, tokenizer):
     def one(prompt, params):
         stamps = []
         start = time.perf_counter()
+        # track_text: the engine detokenizes as it goes, as it does for a served stream (same work, same text)
         g = engine.submit(tokenizer.encode(prompt), SamplingParams(**params),
-                          listener=lambda g: stamps.append(time.perf_counter()))
+                          listener=lambda g: stamps.append(time.perf_counter()), track_text=True)
         g.wait()
         first, last = stamps[0], stamps[-1]
         tokens = len(g.tokens)
@@ -101,7 +103,8 @@ def engine_one(engine, tokenizer):
     return one
 
 
-def start_server(env):
+def start_server(env, all_urls: bool = False):
+    """A server on free loopback ports; returns the process and the gRPC url (or gRPC, HTTP, metrics urls)."""
     ports = []
     for _ in range(3):
         with socket.socket() as s:
@@ -111,13 +114,15 @@ def start_server(env):
            "METRICS_PORT": str(ports[2]), "HOST": "127.0.0.1"}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     log = open("/tmp/megatron_triton_bench_server.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "1", "-m", "triton_backend.server"],
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", env.get("TP", "1"), "-m",
+                             "triton_backend.server"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/ensemble/ready", timeout=2):
-                return proc, f"127.0.0.1:{ports[1]}"
+                urls = [f"127.0.0.1:{port}" for port in (ports[1], ports[0], ports[2])]
+                return (proc, *urls) if all_urls else (proc, urls[0])
         except OSError:
             if proc.poll() is not None:
                 break
@@ -140,14 +145,18 @@ def mixed_lengths(engine, tokenizer, requests, batch):
             g.wait()
     static = total / (time.perf_counter() - start)
     start = time.perf_counter()
+    finished: queue.Queue = queue.Queue()
+
+    def submit(ids, p):
+        engine.submit(ids, p, listener=lambda g: g.done and finished.put(g))
+
     pending = list(items)
-    running = []
-    while pending or running:  # keep `batch` requests in flight: a finished one is replaced at once
-        while pending and len(running) < batch:
-            running.append(engine.submit(*pending.pop(0)))
-        if running:
-            running[0].wait(0.001)
-        running = [g for g in running if not g.done]
+    for _ in range(min(batch, len(pending))):
+        submit(*pending.pop(0))
+    for _ in range(len(items)):  # keep `batch` requests in flight: a finished one is replaced at once
+        finished.get()
+        if pending:
+            submit(*pending.pop(0))
     inflight = total / (time.perf_counter() - start)
     return {"requests": requests, "batch": batch, "output_tokens": total, "batch_at_a_time_tokens_per_s":
             round(static, 1), "in_flight_tokens_per_s": round(inflight, 1), "ratio": round(inflight / static, 2)}
@@ -176,10 +185,11 @@ def main() -> int:
     from preprocessing.tokenizer import Tokenizer
     from triton_backend.config import ServerConfig
     from triton_backend.gpt import init_parallel
-    from triton_backend.server import load_engine
+    from triton_backend.server import load_engine, set_threads
 
     cfg = ServerConfig.from_env()
     cfg.device = "cpu"
+    set_threads(cfg)  # the same torch threads as the server's engine
     init_parallel(1, "cpu")
     engine = load_engine(cfg).start()
     tokenizer = Tokenizer(cfg.tokenizer)

@@ -38,18 +38,23 @@ def block(kind: str, items: list[str]) -> str:
 
 
 def request_inputs(upper: bool) -> list[str]:
-    """text_input, the scalars and the word lists, as the ensemble (lower) or preprocessing (upper) names them."""
+    """text_input, the scalars and the word lists, as the ensemble (lower) or preprocessing (upper) names them.
+
+    All are optional to Triton: an ensemble does not refuse a request that lacks a required input, it
+    deadlocks on it ("unexpected deadlock, at least one output is not set"). So preprocessing always runs and
+    refuses a missing text_input or max_tokens itself, naming it.
+    """
     name = str.upper if upper else str
-    items = [tensor(name("text_input"), "TYPE_STRING", 1)]
-    items += [tensor(name(n), s.triton_type, 1, not s.required) for n, s in SCALARS.items()]
+    items = [tensor(name("text_input"), "TYPE_STRING", 1, True)]
+    items += [tensor(name(n), s.triton_type, 1, True) for n, s in SCALARS.items()]
     items += [tensor(name(n), "TYPE_STRING", -1, True) for n in WORD_LISTS]
     return items
 
 
-def python_model(name: str, inputs: list[str], outputs: list[str], instances: int) -> str:
+def python_model(name: str, inputs: list[str], outputs: list[str], instances: int, batcher: bool = True) -> str:
     return (HEADER + f'name: "{name}"\nbackend: "python"\nmax_batch_size: 64\n' + block("input", inputs)
             + block("output", outputs)
-            + "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n"
+            + ("dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n" if batcher else "")
             + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n")
 
 
@@ -80,11 +85,11 @@ def ensemble(name: str, generator: str, streaming: bool) -> str:
         # model passes through what postprocessing and the ensemble outputs need.
         gen_in.append(("TEXT_INPUT", "text_input"))
         gen_out += [("NUM_INPUT_TOKENS", "num_input_tokens"), ("LOG_PROBS_LENGTH", "_LOG_PROBS_LENGTH"),
-                    ("TEXT_DELTA", "_TEXT_DELTA")]
+                    ("TEXT_DELTA", "_TEXT_DELTA"), ("CANCEL_KEY", "_CANCEL_KEY")]
         post_in = [("OUTPUT_IDS", "_OUTPUT_IDS"), ("OUTPUT_LENGTH", "num_output_tokens"),
                    ("OUTPUT_LOG_PROBS", "_OUTPUT_LOG_PROBS"), ("ERROR", "_ERROR"), ("TEXT_LIMIT", "_TEXT_LIMIT"),
                    ("LOG_PROBS_LENGTH", "_LOG_PROBS_LENGTH"), ("TEXT_DELTA", "_TEXT_DELTA"),
-                   ("ENGINE_STATS", "_ENGINE_STATS")]
+                   ("ENGINE_STATS", "_ENGINE_STATS"), ("CANCEL_KEY", "_CANCEL_KEY")]
     else:
         post_in += [("EXCLUDE_INPUT_IN_OUTPUT", "exclude_input_in_output")]
     gen = step(generator, gen_in, gen_out)
@@ -106,7 +111,7 @@ def configs() -> dict[str, str]:
         tensor("TEXT_INPUT", "TYPE_STRING", 1, True), tensor("EXCLUDE_INPUT_IN_OUTPUT", "TYPE_BOOL", 1, True),
         tensor("RETURN_LOG_PROBS", "TYPE_BOOL", 1, True), tensor("TEXT_LIMIT", "TYPE_INT32", 1, True),
         tensor("TEXT_DELTA", "TYPE_STRING", 1, True), tensor("LOG_PROBS_LENGTH", "TYPE_INT32", 1, True),
-        tensor("ENGINE_STATS", "TYPE_FP32", len(STATS), True),
+        tensor("ENGINE_STATS", "TYPE_FP32", len(STATS), True), tensor("CANCEL_KEY", "TYPE_STRING", 1, True),
     ]
     return {
         "preprocessing": python_model("preprocessing", request_inputs(upper=True),
@@ -114,8 +119,10 @@ def configs() -> dict[str, str]:
                                       instances=2),
         "postprocessing": python_model("postprocessing", post_inputs, [
             tensor("TEXT_OUTPUT", "TYPE_STRING", 1), tensor("OUT_OUTPUT_LOG_PROBS", "TYPE_FP32", -1)],
-            # One instance: a stream's responses must leave in the order they arrive (two would race).
-            instances=1),
+            # One instance: a stream's responses must leave in the order they arrive (two would race). No dynamic
+            # batcher: it would drop the requests of a cancelled stream unseen, and postprocessing is where a
+            # cancellation is noticed (preprocessing/control.py).
+            instances=1, batcher=False),
         "ensemble": ensemble("ensemble", "megatron_gpt", streaming=False),
         "ensemble_stream": ensemble("ensemble_stream", "megatron_gpt_stream", streaming=True),
     }

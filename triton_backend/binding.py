@@ -66,7 +66,7 @@ def _submit_row(engine: Engine, request, row: int):
         return str(err)
 
 
-def _outputs(rows, load: dict) -> dict:
+def _outputs(rows) -> dict:
     """Stack the rows of one request into its output tensors (ids and log-probs right-padded).
 
     PyTriton cannot send zero-size tensors, so ids and log-probs are at least one wide; OUTPUT_LENGTH says
@@ -80,7 +80,7 @@ def _outputs(rows, load: dict) -> dict:
     reason = np.full((len(rows), 1), b"", dtype=object)
     error = np.full((len(rows), 1), b"", dtype=object)
     limit = np.full((len(rows), 1), -1, np.int32)
-    stats = np.array([stats_row(load=load)] * len(rows), np.float32)
+    stats = np.array([stats_row()] * len(rows), np.float32)
     for i, g in enumerate(rows):
         if isinstance(g, str) or g.error:
             error[i, 0] = (g if isinstance(g, str) else g.error).encode()
@@ -89,7 +89,7 @@ def _outputs(rows, load: dict) -> dict:
         ids[i, :n], length[i, 0], reason[i, 0] = g.tokens, n, g.finish_reason.encode()
         if g.tracker is not None and g.tracker.stop_at is not None:
             limit[i, 0] = g.tracker.stop_at
-        stats[i] = stats_row(*request_timing(g), len(g.prompt), n, load)
+        stats[i] = stats_row(*request_timing(g), len(g.prompt), n)
         if g.params.return_log_probs:
             logprobs[i, :n] = g.logprobs
             cum[i, 0] = float(np.sum(g.logprobs, dtype=np.float64))
@@ -109,8 +109,7 @@ def make_infer(engine: Engine, timeout_s: float = 600.0):
             for g in rows:
                 if not isinstance(g, str) and not g.wait(timeout_s):
                     g.error = f"no result within {timeout_s:.0f} s"
-        load = engine.load()
-        return [_outputs(rows, load) for rows in pending]
+        return [_outputs(rows) for rows in pending]
 
     return infer
 
@@ -137,6 +136,7 @@ def stream_tensors():
         Tensor(name="ERROR", dtype=bytes, shape=(1,)),
         Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
         Tensor(name="ENGINE_STATS", dtype=np.float32, shape=(len(STATS),)),
+        Tensor(name="CANCEL_KEY", dtype=bytes, shape=(1,)),  # how postprocessing names it to cancel it
     ]
     return inputs, outputs
 
@@ -144,8 +144,8 @@ def stream_tensors():
 class _StreamState:
     """What one stream has sent; ``delta`` runs on the engine thread, where the generation is consistent."""
 
-    def __init__(self, params, prompt_tokens: int, prefix: str):
-        self.params, self.prompt_tokens = params, prompt_tokens
+    def __init__(self, params, prompt_tokens: int, prefix: str, key: str):
+        self.params, self.prompt_tokens, self.key = params, prompt_tokens, key
         self.tokens = self.chars = 0
         self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
@@ -174,7 +174,7 @@ def _merge(a: dict, b: dict) -> dict:
             "ttft": max(a["ttft"], b["ttft"]), "input_tokens": a["input_tokens"] + b["input_tokens"]}
 
 
-def _stream_outputs(d: dict, state: _StreamState, load: dict) -> dict:
+def _stream_outputs(d: dict, state: _StreamState) -> dict:
     asked = state.params.return_log_probs
     text, state.prefix = state.prefix + d["text"], ""
     out = {
@@ -188,26 +188,39 @@ def _stream_outputs(d: dict, state: _StreamState, load: dict) -> dict:
         "TEXT_DELTA": np.array([[text.encode("utf-8")]], dtype=object),
         "ERROR": np.array([[b""]], dtype=object),
         "TEXT_LIMIT": np.array([[-1]], np.int32),
-        "ENGINE_STATS": np.array([stats_row(d["ttft"], d["itl"], d["input_tokens"], len(d["ids"]), load)],
-                                 np.float32),
+        "ENGINE_STATS": np.array([stats_row(d["ttft"], d["itl"], d["input_tokens"], len(d["ids"]))], np.float32),
+        "CANCEL_KEY": np.array([[state.key.encode()]], dtype=object),
     }
     return out
 
 
-# Each streamed response costs about a millisecond of server CPU across PyTriton, Triton and postprocessing.
-# With many streams, responses are batched in time: a stream waits this long per other live stream (capped)
-# before sending, and everything generated meanwhile goes out in one response.
-COALESCE_PER_STREAM_S = 0.004
-COALESCE_MAX_S = 0.1
+# Each streamed response costs about a millisecond of server CPU across PyTriton, Triton and postprocessing,
+# and on a small box that CPU is taken from the engine. So the streams share a budget of responses per second:
+# with n streams live, each waits about n / budget seconds (at most COALESCE_MAX_S) after sending, and
+# everything generated meanwhile goes out in one response. The first token is never held back.
+COALESCE_MAX_S = 0.5
 
 
-def make_stream_infer(engine: Engine):
-    """A decoupled ``async def`` generator: many streams in flight on one instance (see FACTS.md)."""
+def coalesce_wait_s(live: int, responses_per_s: float) -> float:
+    """How long a stream holds its next response when ``live`` streams are in flight (0: send at once)."""
+    if responses_per_s <= 0 or live <= 2:
+        return 0.0
+    return min(COALESCE_MAX_S, live / responses_per_s)
+
+
+def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0):
+    """A decoupled ``async def`` generator: many streams in flight on one instance (see FACTS.md).
+
+    ``control`` (a ``preprocessing.control.ControlChannel``) maps each stream's CANCEL_KEY to its generation, so
+    that a client's cancellation reaches the engine. ``responses_per_s`` is the coalescing budget (0: off).
+    """
     import asyncio
+    import itertools
 
     from pytriton.exceptions import PyTritonValidationError
 
     live = [0]  # streams in flight on this event loop
+    keys = itertools.count()
 
     async def infer(requests):
         live[0] += 1
@@ -219,6 +232,7 @@ def make_stream_infer(engine: Engine):
 
     async def _stream(requests):
         request = requests[0]  # max_batch_size 1: one request of one row per call
+        key = f"stream-{next(keys)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         try:
@@ -229,26 +243,36 @@ def make_stream_infer(engine: Engine):
             prefix = b""
             if not params.exclude_input_in_output and "TEXT_INPUT" in request:
                 prefix = request["TEXT_INPUT"][0][0]
-            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"))
+            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key)
 
             def listener(g):
                 d = state.delta(g)
                 if d is not None:
                     loop.call_soon_threadsafe(queue.put_nowait, d)
 
-            engine.submit(ids, params, listener=listener, track_text=True)
+            generation = engine.submit(ids, params, listener=listener, track_text=True)
         except (InvalidRequest, EngineBusy) as err:
             raise PyTritonValidationError(str(err)) from None
-        while True:
-            d = await queue.get()
-            if not d["done"] and live[0] > 2:
-                await asyncio.sleep(min(COALESCE_MAX_S, COALESCE_PER_STREAM_S * (live[0] - 2)))
-            while not queue.empty():
-                d = _merge(d, queue.get_nowait())
-            if d["error"]:
-                raise RuntimeError(d["error"])
-            yield [_stream_outputs(d, state, engine.load())]
-            if d["done"]:
-                return
+        if control is not None:
+            control.register(key, generation)
+        sent = False
+        try:
+            while True:
+                d = await queue.get()
+                wait_s = coalesce_wait_s(live[0], responses_per_s)
+                if wait_s and sent and not d["done"]:  # the first token goes out at once (TTFT)
+                    await asyncio.sleep(wait_s)
+                while not queue.empty():
+                    d = _merge(d, queue.get_nowait())
+                if d["error"]:
+                    raise RuntimeError(d["error"])
+                yield [_stream_outputs(d, state)]
+                sent = True
+                if d["done"]:
+                    return
+        finally:  # also when PyTriton closes the generator early: the slot must not stay taken
+            if control is not None:
+                control.unregister(key)
+            engine.cancel(generation)
 
     return infer

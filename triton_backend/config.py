@@ -36,8 +36,12 @@ class ServerConfig:
     kv_cache_mb: int = 0  # KV-cache budget per rank; 0: 80 % of the GPU memory free after the weights
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
+    max_request_s: int = 600  # a request still running after this is ended with an error (abandoned streams)
+    drain_timeout_s: int = 20  # on SIGTERM, how long requests in flight may take (torchrun kills at 30 s)
     collective_timeout_s: int = 30  # a step or heartbeat stalled this long ends the job (TP > 1), no hang
     load_timeout_s: int = 1800  # collectives while ranks load the checkpoint (slow disks, big models)
+    stream_responses_per_s: int = 200  # streamed responses per second shared by all streams (0: no coalescing)
+    torch_threads: int = 0  # CPU threads per rank for torch; 0: half the cores on CPU (Triton needs the rest)
     admin_token: str = ""  # token for model-control endpoints; random when empty
     log_verbose: int = 0
 

@@ -37,13 +37,14 @@ class Generation:
     params: SamplingParams
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
     tracker: TextTracker | None = None  # text so far, when stop words or streaming need it
     listener: Callable[[Generation], None] | None = None  # called from the engine thread on every change
+    cancelled: bool = False  # set by ``Engine.cancel``; the engine retires it before its next step
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     def _notify(self) -> None:
@@ -72,6 +73,7 @@ class EngineStats:
     max_rows_in_step: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
+    requests_cancelled: int = 0
     tokens_generated: int = 0
 
 
@@ -86,7 +88,7 @@ class Engine:
     HEARTBEAT_S = 5.0
 
     def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096,
-                 failures_fatal: bool = False, tokenizer=None):
+                 failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0):
         self.gpt = gpt
         self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
         self.failures_fatal = failures_fatal
@@ -96,6 +98,9 @@ class Engine:
         self.eos_id = eos_id
         self.context = gpt.max_len
         self.max_queue = max_queue
+        # A request older than this is ended with an error (0: no limit): the backstop for clients that went
+        # away without a cancellation reaching the engine (an HTTP stream whose connection dropped).
+        self.max_request_s = max_request_s
         self.prefill_tokens = prefill_tokens
         self.stats = EngineStats()
         self._waiting: collections.deque[Generation] = collections.deque()
@@ -103,6 +108,7 @@ class Engine:
         self._free_slots = list(range(gpt.cache.max_slots))
         self._wake = threading.Condition()
         self._stopping = False
+        self._closing = False  # draining: no new requests, those in flight go on
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # -- serving side -------------------------------------------------------------------------------------
@@ -115,6 +121,13 @@ class Engine:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout)
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new requests and wait up to ``grace_s`` for those in flight; True when none is left."""
+        with self._wake:
+            self._closing = True
+            return self._wake.wait_for(lambda: self.fatal is not None or not (self._waiting or self._running),
+                                       grace_s)
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Every rule a request must meet before it may reach the model (raises ``InvalidRequest``)."""
@@ -133,19 +146,27 @@ class Engine:
         if params.stop_words or track_text:
             generation.tracker = TextTracker(self.tokenizer, generation.prompt, params.stop_words)
         with self._wake:
-            if self._stopping:
-                raise EngineBusy("the engine is shutting down")
+            if self._stopping or self._closing:
+                raise EngineBusy("the server is shutting down and takes no new requests")
             if len(self._waiting) >= self.max_queue:
                 raise EngineBusy(f"{len(self._waiting)} requests are already waiting; retry later")
             self._waiting.append(generation)
             self._wake.notify()
         return generation
 
+    def cancel(self, generation: Generation) -> None:
+        """Stop ``generation`` (its client went away): it leaves the queue or its slot before the next step."""
+        with self._wake:
+            if not generation.done:
+                generation.cancelled = True
+                self._wake.notify()
+
     def load(self) -> dict:
-        """Running and waiting sequences and the share of KV-cache slots in use."""
+        """Running and waiting sequences, the share of KV-cache slots in use, requests cancelled so far."""
         with self._wake:
             running, waiting = len(self._running), len(self._waiting)
-        return {"running": running, "waiting": waiting, "kv_slots_used": running / self.gpt.cache.max_slots}
+        return {"running": running, "waiting": waiting, "kv_slots_used": running / self.gpt.cache.max_slots,
+                "cancelled": self.stats.requests_cancelled}
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -163,6 +184,7 @@ class Engine:
                     self._wake.wait(self.HEARTBEAT_S)
                 if self._stopping:
                     return
+                self._end_abandoned()
                 if not (self._waiting or self._running):
                     idle = True
                 else:
@@ -184,6 +206,8 @@ class Engine:
                     self._decode()
             except Exception as err:  # a failed step fails its rows, and the server only when it must
                 LOG.exception("engine step failed")
+                if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
                 for row in {id(r): r for r in admitted + self._running}.values():
                     self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
                 if self.failures_fatal:
@@ -191,6 +215,31 @@ class Engine:
                     return
             finally:
                 self.step_started = None
+
+    def _end_abandoned(self) -> None:
+        """Retire cancelled and over-age requests, waiting or running (called under the lock, between steps)."""
+        limit = time.monotonic() - self.max_request_s if self.max_request_s else None
+        over_age = f"the request ran longer than the server's limit of {self.max_request_s:g} s"
+
+        def abandoned(g: Generation) -> bool:
+            return g.cancelled or (limit is not None and g.submitted < limit)
+
+        if any(abandoned(g) for g in self._waiting):
+            kept = collections.deque()
+            for g in self._waiting:
+                if not abandoned(g):
+                    kept.append(g)
+                    continue
+                g.finished_at = time.monotonic()
+                g.finish_reason, g.error = ("cancelled", None) if g.cancelled else (None, over_age)
+                self._finish(g)
+            self._waiting = kept
+            if not (self._running or self._waiting):
+                self._wake.notify_all()  # for ``drain``
+        for row in [r for r in self._running if abandoned(r.generation)]:
+            cancelled = row.generation.cancelled
+            self._retire(row, reason="cancelled" if cancelled else None, error=None if cancelled else over_age,
+                         locked=True)
 
     def stalled(self, limit_s: float) -> bool:
         """True when the step in progress has run longer than ``limit_s`` (a collective that hangs)."""
@@ -221,6 +270,7 @@ class Engine:
             seed = p.seed if p.seed is not None else secrets.randbits(63)
             sampler = RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words))
             admitted.append(_Running(generation, self._free_slots.pop(), sampler))
+        self._running.extend(admitted)  # counted as running from here on (load, drain), prefilled next
         return admitted
 
     def _bad_sequences(self, bad_words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -240,8 +290,6 @@ class Engine:
         slots = torch.tensor([r.slot for r in rows])
         logits = self.gpt.forward(tokens.to(device), positions.to(device), slots.to(device), last.to(device))
         self.stats.prefills += 1
-        with self._wake:
-            self._running.extend(rows)
         self._advance(rows, logits)
 
     def _decode(self) -> None:
@@ -276,16 +324,30 @@ class Engine:
             else:
                 g._notify()
 
-    def _retire(self, row: _Running, reason: str | None = None, error: str | None = None) -> None:
-        with self._wake:
-            if row in self._running:
-                self._running.remove(row)
-            if row.slot not in self._free_slots:
-                self._free_slots.append(row.slot)
+    def _retire(self, row: _Running, reason: str | None = None, error: str | None = None,
+                locked: bool = False) -> None:
+        if locked:
+            self._free(row)
+        else:
+            with self._wake:
+                self._free(row)
         g = row.generation
         g.finish_reason, g.error, g.finished_at = reason, error, time.monotonic()
-        if error:
+        self._finish(g)
+
+    def _free(self, row: _Running) -> None:
+        if row in self._running:
+            self._running.remove(row)
+        if row.slot not in self._free_slots:
+            self._free_slots.append(row.slot)
+        if not (self._running or self._waiting):
+            self._wake.notify_all()  # for ``drain``
+
+    def _finish(self, g: Generation) -> None:
+        if g.error:
             self.stats.requests_failed += 1
+        elif g.cancelled:
+            self.stats.requests_cancelled += 1
         else:
             self.stats.requests_finished += 1
         g._done.set()

@@ -61,12 +61,33 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
                 logits[i, last] = NEG_INF
 
     chosen = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if sampled:
-        chosen[sampled] = _draw(logits[sampled], [rows[i] for i in sampled])
+    # Rows without top-k/top-p skip the vocabulary sort; the choice depends on the row's own parameters only,
+    # so a seeded request draws the same tokens whatever else is in the batch.
+    plain = [i for i, row in enumerate(rows) if not row.params.greedy and not _truncates(row.params)]
+    truncated = [i for i, row in enumerate(rows) if not row.params.greedy and _truncates(row.params)]
+    if plain:
+        chosen[plain] = _draw_plain(logits[plain], [rows[i] for i in plain])
+    if truncated:
+        chosen[truncated] = _draw(logits[truncated], [rows[i] for i in truncated])
     tokens = chosen.tolist()
     logprobs = model_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
     return tokens, logprobs
+
+
+def _truncates(params) -> bool:
+    return params.top_k > 0 or params.top_p < 1
+
+
+def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    """Temperature only: inverse-CDF sampling in vocabulary order, each row with its own uniform draw."""
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
+    uniform = torch.tensor([r.uniform() for r in rows], device=device, dtype=logits.dtype)[:, None]
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+    # right=True: the first token whose cumulative mass exceeds the draw, so never a zero-probability one.
+    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    last_kept = (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)  # where the mass is complete (rounding guard)
+    return torch.minimum(pick, last_kept)[:, 0]
 
 
 def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """ensemble_stream over gRPC and HTTP SSE: deltas that add up to the unary text, stop words, contract."""
 
 import json
+import time
 
 import pytest
 import requests
@@ -129,4 +130,46 @@ def test_llm_metrics_on_the_metrics_port(server):
     assert after["llm_input_tokens_total"] - before["llm_input_tokens_total"] == sum(n for n, _ in counts)
     assert after["llm_time_to_first_token_seconds_count"] - before["llm_time_to_first_token_seconds_count"] == 8
     assert after["llm_inter_token_latency_seconds_count"] - before["llm_inter_token_latency_seconds_count"] == 8
-    assert after["llm_running_sequences"] == after["llm_waiting_sequences"] == after["llm_kv_cache_usage_ratio"] == 0
+    assert wait_for(lambda: idle(llm_metrics(server))), llm_metrics(server)  # the gauges return to zero
+
+
+def idle(metrics: dict) -> bool:
+    return metrics["llm_running_sequences"] == metrics["llm_waiting_sequences"] == 0 == \
+        metrics["llm_kv_cache_usage_ratio"]
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    """The load gauges are refreshed twice a second: poll instead of reading once."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cancelled_streams_free_their_slots(server):
+    """gRPC cancellation and HTTP disconnects reach the engine, which retires the generation early."""
+    import concurrent.futures
+
+    before = llm_metrics(server)["llm_requests_cancelled_total"]
+
+    def cancel_grpc(_):
+        with GenerationClient(server.grpc, "grpc") as c:
+            for i, _part in enumerate(c.stream(PROMPT, max_tokens=200, end_id=-1)):
+                if i == 2:
+                    break  # leaving the loop cancels the request
+
+    def drop_http(_):
+        url = f"http://{server.http}/v2/models/ensemble_stream/generate_stream"
+        with requests.post(url, json={"text_input": PROMPT, "max_tokens": 200, "end_id": -1}, stream=True) as r:
+            events = (line for line in r.iter_lines() if line.startswith(b"data:"))
+            next(events), next(events)  # then the connection closes
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: (cancel_grpc if i % 2 else drop_http)(i), range(4)))
+    # Only the engine retiring a generation as cancelled moves this counter (200 tokens would end by length).
+    assert wait_for(lambda: llm_metrics(server)["llm_requests_cancelled_total"] - before == 4), llm_metrics(server)
+    assert wait_for(lambda: idle(llm_metrics(server)))
+    with GenerationClient(server.grpc, "grpc") as c:  # and the server goes on serving
+        assert c.generate(PROMPT, max_tokens=4, end_id=-1).num_output_tokens == 4

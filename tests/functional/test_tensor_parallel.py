@@ -7,12 +7,13 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
-from client import GenerationClient
+from client import GenerationClient, GenerationError
 
 from .conftest import ROOT, start_server, stop_server
 
@@ -113,18 +114,39 @@ def test_killing_a_follower_ends_the_job_within_60_s(tmp_path):
     assert not shm_segments(p.pid for p in processes)
 
 
-def test_sigterm_stops_every_rank_within_30_s_and_leaves_nothing(tmp_path):
+def test_sigterm_drains_in_flight_requests_then_stops_every_rank(tmp_path):
+    """SIGTERM (to torchrun alone, as a container runtime sends it): requests in flight finish, new ones are
+    refused, then every rank, tritonserver and the stubs exit within torchrun's 30 s, leaving no shared memory."""
+    import concurrent.futures
+
     server = start_server(tmp_path / "term", TP="2")
     processes = job_processes(server)
-    with GenerationClient(server.grpc, "grpc") as c:
-        assert c.generate("The", max_tokens=2).num_output_tokens > 0
-    started = time.monotonic()
-    os.kill(server.process.pid, signal.SIGTERM)  # torchrun alone, as a container runtime would
+    first_tokens = threading.Barrier(4)
+
+    def stream(i):
+        with GenerationClient(server.grpc, "grpc", timeout_s=60) as c:
+            parts = []
+            for part in c.stream("The for statement", max_tokens=160, end_id=-1, seed=i):
+                parts.append(part)
+                if len(parts) == 1:
+                    first_tokens.wait(30)
+            return parts[-1].num_output_tokens, parts[-1].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream, i) for i in range(3)]
+        first_tokens.wait(60)
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        time.sleep(1.0)
+        with GenerationClient(server.grpc, "grpc") as c, pytest.raises(GenerationError, match="shutting down|stopping"):
+            c.generate("The", max_tokens=2)  # refused: the server is draining
+        assert [s.result(60) for s in streams] == [(160, "length")] * 3  # in flight: finished in full
     try:
         server.process.wait(30)
     finally:
         stop_server(server)
     assert time.monotonic() - started < 30
+    assert "drained in" in server.log.read_text(errors="replace")
     gone, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
     assert not shm_segments(p.pid for p in processes)

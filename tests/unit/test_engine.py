@@ -104,7 +104,7 @@ def test_slots_are_reused_beyond_the_cache_size(engine):
     gens = [engine.submit([i + 1, i + 2], SamplingParams(max_tokens=3, seed=i)) for i in range(20)]
     assert all(g.wait(60) for g in gens)
     assert all(g.error is None for g in gens)
-    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0}
+    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 0}
 
 
 def test_kv_cache_sizing():

@@ -33,9 +33,11 @@ def test_configs_are_generated_from_the_request_surface():
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_inputs_are_the_request_surface(name):
     inputs = {t.name: spec(t) for t in config(name).input}
-    assert inputs.pop("text_input") == ("TYPE_STRING", [1], False)
+    # All optional to Triton: an ensemble deadlocks on a missing required input instead of refusing it, so
+    # preprocessing refuses a missing text_input or max_tokens itself (tests/functional/test_fuzz.py).
+    assert inputs.pop("text_input") == ("TYPE_STRING", [1], True)
     assert inputs.pop("stream") == ("TYPE_BOOL", [1], True)
-    expected = {n: (s.triton_type, [1], not s.required) for n, s in SCALARS.items()}
+    expected = {n: (s.triton_type, [1], True) for n, s in SCALARS.items()}
     expected |= {n: ("TYPE_STRING", [-1], True) for n in WORD_LISTS}
     assert inputs == expected
 

@@ -30,6 +30,9 @@ def test_preprocessing_pads_to_the_context_and_reports_lengths(tiny_tokenizer):
         ({"text_input": strings("hi"), "max_tokens": np.array([[4]], np.int32),
           "top_p": np.array([[2.0]], np.float32)}, "top_p"),
         ({"text_input": strings("word " * 80), "max_tokens": np.array([[1]], np.int32)}, "text_input"),
+        ({"text_input": strings("a" * 1_000_000), "max_tokens": np.array([[1]], np.int32)}, "text_input"),  # size
+        ({"text_input": strings("hi"), "max_tokens": np.array([[1]], np.int32),
+          "stop_words": np.zeros((1, 0), object)}, "stop_words"),
     ],
 )
 def test_preprocessing_rejects_with_the_field_named(tiny_tokenizer, values, field):

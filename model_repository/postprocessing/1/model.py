@@ -1,8 +1,11 @@
 """Triton Python backend: generated token ids -> text (see preprocessing/pipeline.py)."""
 
+import threading
+
 import triton_python_backend_utils as pb_utils
 
-from preprocessing.metrics import Publisher
+from preprocessing.control import ControlClient
+from preprocessing.metrics import LoadGauges, Publisher
 from preprocessing.params import InvalidRequest
 from preprocessing.pipeline import GenerationFailed, Postprocessor
 
@@ -10,16 +13,38 @@ INPUTS = [
     "OUTPUT_IDS", "OUTPUT_LENGTH", "OUTPUT_LOG_PROBS", "INPUT_IDS", "INPUT_LENGTH", "ERROR", "TEXT_INPUT",
     "EXCLUDE_INPUT_IN_OUTPUT", "RETURN_LOG_PROBS", "TEXT_LIMIT", "TEXT_DELTA", "LOG_PROBS_LENGTH", "ENGINE_STATS",
 ]
+LOAD_EVERY_S = 0.5  # how often the running / waiting / KV-cache gauges are refreshed from rank 0
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.post = Postprocessor.from_env()
         self.metrics = Publisher(pb_utils)
+        self.gauges = LoadGauges(pb_utils)
+        self.control = ControlClient()
+        self.stopping = threading.Event()
+        threading.Thread(target=self.refresh_gauges, name="gauges", daemon=True).start()
+
+    def refresh_gauges(self):
+        while not self.stopping.wait(LOAD_EVERY_S):
+            load = self.control.load()
+            if load is not None:
+                self.gauges.set(load)
+
+    def finalize(self):
+        self.stopping.set()
+        self.control.close()
 
     def execute(self, requests):
         responses = []
         for request in requests:
+            key = pb_utils.get_input_tensor_by_name(request, "CANCEL_KEY")  # streamed responses carry one
+            if key is not None and request.is_cancelled():
+                # The client cancelled this stream: stop its generation (see preprocessing/control.py).
+                self.control.cancel(key.as_numpy().reshape(-1)[0].decode())
+                error = pb_utils.TritonError("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
             values = {}
             for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)

@@ -1,0 +1,229 @@
+"""Fuzzed requests against the real server over HTTP, gRPC and gRPC streaming (hypothesis).
+
+Every request must get an answer: text, or an error that names a tensor (HTTP 400 / gRPC INVALID_ARGUMENT).
+None may crash a model, wedge the engine or change what a later valid request gets. ``make test`` runs a
+few hundred derandomized cases; ``make fuzz`` (FUZZ_EXAMPLES=...) runs as many as asked, freshly random.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client import GenerationClient
+from preprocessing.params import SCALARS, WORD_LISTS
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # per protocol
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
+                    suppress_health_check=list(HealthCheck), database=None)
+GREEDY = dict(max_tokens=24, temperature=0.0, end_id=-1)
+PROBE = "The for statement"
+
+WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL"}
+NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64, "UINT64": np.uint64,
+         "BOOL": np.bool_, "BYTES": object}
+NAMES = {"text_input", *SCALARS, *WORD_LISTS, "stream"}
+
+# -- values ---------------------------------------------------------------------------------------------------
+lone_surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=4).map(
+    lambda s: s.encode("utf-8", "surrogatepass"))
+plain_texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=80)
+texts = st.one_of(
+    plain_texts.map(str.encode), plain_texts.map(str.encode),  # valid text half the time
+    st.text(max_size=200).map(str.encode),  # any code point, control characters included
+    st.binary(min_size=1, max_size=300),  # mostly invalid UTF-8
+    lone_surrogates,
+    st.sampled_from([1, 1000, 70_000, 1_000_000]).map(lambda n: b"a " * (n // 2) or b"a"),  # 1 byte .. 1 MB
+    st.sampled_from(["😀🎉 emoji", "漢字とかな", "\x00\x01\x1b[31m", "\ufeff", "\n\n\t"]).map(str.encode),
+)
+ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, -1, 1, 255, 256, 4095, 4096, 2**31 - 1]))
+floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
+words = st.one_of(st.lists(texts.filter(lambda b: len(b) < 400), max_size=4),
+                  st.sampled_from([300, 3000]).map(lambda n: [b"w%d" % i for i in range(n)]))
+
+
+SENSIBLE = {"temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.integers(0, 50),
+            "repetition_penalty": st.floats(0.5, 2), "presence_penalty": st.floats(-1, 1),
+            "frequency_penalty": st.floats(-1, 1), "min_length": st.integers(0, 4), "end_id": st.just(-1)}
+
+
+def scalar_value(name: str):
+    if name in SENSIBLE:
+        return st.one_of(SENSIBLE[name], wild_scalar(name))
+    return wild_scalar(name)
+
+
+def wild_scalar(name: str):
+    kind = SCALARS[name].triton_type
+    if kind == "TYPE_FP32":
+        return floats
+    if kind == "TYPE_UINT64":
+        return st.integers(0, 2**64 - 1)
+    if kind == "TYPE_BOOL":
+        return st.booleans()
+    return ints
+
+
+@st.composite
+def fuzzed_request(draw):
+    """{name: (wire type, shape, numpy array)}: mostly valid fields, each possibly broken in one way."""
+    batch = draw(st.sampled_from([1] * 8 + [0, 2, 3]))  # empty and multi-element batches too
+    request = {"text_input": ("BYTES", [batch, 1], draw(texts))}
+    if draw(st.booleans()):
+        request["max_tokens"] = ("INT32", [batch, 1], draw(st.integers(1, 40)))
+    else:
+        request["max_tokens"] = ("INT32", [batch, 1], draw(ints))  # beyond the context, negative, zero
+    for name in draw(st.lists(st.sampled_from(sorted(SCALARS)), max_size=4, unique=True)):
+        request[name] = (WIRE[SCALARS[name].triton_type], [batch, 1], draw(scalar_value(name)))
+    for name in draw(st.lists(st.sampled_from(sorted(WORD_LISTS)), max_size=2, unique=True)):
+        values = draw(words)
+        request[name] = ("BYTES", [batch, len(values)], values)
+    mutation = draw(st.sampled_from(["none"] * 8 + ["dtype", "shape", "missing", "unknown"]))
+    if mutation == "dtype":
+        name = draw(st.sampled_from(sorted(request)))
+        _, shape, value = request[name]
+        wire = draw(st.sampled_from(sorted(NUMPY)))
+        request[name] = (wire, shape, b"1" if wire == "BYTES" else 1)
+    elif mutation == "shape":
+        name = draw(st.sampled_from(sorted(request)))
+        wire, shape, value = request[name]
+        request[name] = (wire, draw(st.sampled_from([[batch], [batch, 2], [batch, 1, 1], [batch + 1, 1]])), value)
+    elif mutation == "missing":
+        del request[draw(st.sampled_from(["text_input", "max_tokens"]))]
+    elif mutation == "unknown":
+        request[draw(st.sampled_from(["foo", "TEXT_INPUT", "INPUT_IDS", "max_token"]))] = ("INT32", [batch, 1], 1)
+    return request
+
+
+def array(wire: str, shape: list[int], value) -> np.ndarray:
+    if isinstance(value, list):  # a word list: one row per batch element (a broken shape gets filler words)
+        if shape == [shape[0], len(value)]:
+            return np.array([value] * shape[0], dtype=object).reshape(shape)
+        return np.full(shape, b"w", dtype=object)
+    dtype = NUMPY[wire]
+    if dtype is object and not isinstance(value, bytes):
+        value = str(value).encode()
+    if dtype is not object and isinstance(value, bytes):
+        value = 1
+    if dtype is np.uint64 and value < 0 or dtype is np.int32 and not -(2**31) <= int(value) < 2**31:
+        value = 0
+    with np.errstate(all="ignore"):
+        return np.full(shape, value, dtype=dtype)
+
+
+def inputs(tc, request: dict) -> list:
+    out = []
+    for name, (wire, shape, value) in request.items():
+        data = array(wire, shape, value)
+        tensor = tc.InferInput(name, list(data.shape), wire)
+        tensor.set_data_from_numpy(data)
+        out.append(tensor)
+    return out
+
+
+# -- checks ---------------------------------------------------------------------------------------------------
+OUTCOMES: dict[str, int] = {}
+
+
+def count(outcome: str) -> None:
+    OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
+
+
+def check_error(message: str, status: str, request: dict) -> None:
+    count("refused")
+    # A gRPC stream carries only an error message per response (no status code): the message must still name
+    # the tensor.
+    assert status in ("400", "StatusCode.INVALID_ARGUMENT", "None"), (status, message, summary(request))
+    named = NAMES | set(request) | {n.upper() for n in NAMES} | {"batch-size", "batch size"}
+    assert any(n in message for n in named), (message, summary(request))
+
+
+def check_result(result, request: dict, final: bool = True) -> None:
+    count("answered" if final else "streamed part")
+    text = result.as_numpy("text_output")
+    reasons = result.as_numpy("finish_reason")
+    assert text is not None and reasons is not None
+    for row in text.reshape(-1):
+        row.decode("utf-8")  # valid UTF-8
+    assert set(r.decode() for r in reasons.reshape(-1)) <= ({"stop", "length"} | (set() if final else {""}))
+
+
+def summary(request: dict) -> dict:
+    def short(value):
+        return f"<{len(value)} bytes>" if isinstance(value, bytes) and len(value) > 40 else (
+            f"<{len(value)} words>" if isinstance(value, list) and len(value) > 4 else value)
+    return {name: (wire, shape, short(value)) for name, (wire, shape, value) in request.items()}
+
+
+def send_unary(url: str, protocol: str, request: dict) -> None:
+    if protocol == "http":
+        import tritonclient.http as tc
+        client = tc.InferenceServerClient(url, network_timeout=120)
+    else:
+        import tritonclient.grpc as tc
+        client = tc.InferenceServerClient(url)
+    try:
+        result = client.infer("ensemble", inputs(tc, request))
+    except tc.InferenceServerException as err:
+        check_error(err.message(), str(err.status()), request)
+        return
+    finally:
+        client.close()
+    check_result(result, request)
+
+
+def send_stream(url: str, request: dict) -> None:
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        try:
+            client.async_stream_infer("ensemble_stream", inputs(tc, request), enable_empty_final_response=True)
+        except tc.InferenceServerException as err:  # refused by the client library itself
+            check_error(err.message(), str(err.status()), request)
+            return
+        while True:
+            result, error = answers.get(timeout=120)
+            if error is not None:
+                check_error(error.message(), str(error.status()), request)
+                return
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if result.as_numpy("text_output") is not None:
+                check_result(result, request, final)
+            if final:
+                return
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def greedy_before(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        return c.generate(PROBE, **GREEDY).text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc_stream"])
+def test_fuzzed_requests_get_an_answer(server, greedy_before, protocol):
+    @SETTINGS
+    @given(fuzzed_request())
+    def one(request):
+        if protocol == "grpc_stream":
+            send_stream(server.grpc, request)
+        else:
+            send_unary(server.http if protocol == "http" else server.grpc, protocol, request)
+
+    OUTCOMES.clear()
+    one()
+    print(f"fuzz {protocol}: {EXAMPLES} cases requested, outcomes {OUTCOMES}")
+    assert server.process.poll() is None, server.tail()
+    for url, proto in ((server.http, "http"), (server.grpc, "grpc")):  # what valid requests get is unchanged
+        with GenerationClient(url, proto) as c:
+            assert c.generate(PROBE, **GREEDY).text == greedy_before

@@ -1,0 +1,147 @@
+"""Cancellation, the age limit and draining, on the real engine over a small random Megatron GPT."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from preprocessing.control import ControlChannel, ControlClient
+from preprocessing.params import SamplingParams
+from triton_backend.engine import Engine, EngineBusy
+from triton_backend.gpt import CachedGPT, build_model, init_parallel
+
+from .test_engine import ARCH, EOS, VOCAB
+
+LONG = SamplingParams(max_tokens=60, end_id=-1)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    init_parallel(1, "cpu")
+    torch.manual_seed(0)
+    return CachedGPT(build_model(ARCH).eval(), ARCH, max_slots=2)
+
+
+def slow_listener(seconds: float):
+    """Makes every step take a while, so that a test can act while requests are in flight."""
+    return lambda g: time.sleep(seconds)
+
+
+def test_cancel_frees_running_and_waiting_requests(gpt):
+    engine = Engine(gpt, VOCAB, EOS).start()
+    try:
+        running = [engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01)) for _ in range(2)]
+        waiting = engine.submit([5, 6, 7], LONG)  # two slots: this one waits
+        while not running[0].tokens:
+            time.sleep(0.005)
+        for g in [*running, waiting]:
+            engine.cancel(g)
+        for g in [*running, waiting]:
+            assert g.wait(10)
+            assert g.finish_reason == "cancelled" and g.error is None
+            assert len(g.tokens) < LONG.max_tokens
+        assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 3}
+        after = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))  # the slots are free again
+        assert after.wait(10) and after.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_requests_over_the_age_limit_get_an_error(gpt):
+    engine = Engine(gpt, VOCAB, EOS, max_request_s=0.2).start()
+    try:
+        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
+        assert g.wait(10)
+        assert "longer than the server's limit of 0.2 s" in g.error
+        assert engine.load()["running"] == 0
+    finally:
+        engine.stop()
+
+
+def test_drain_finishes_what_is_in_flight_and_refuses_new_requests(gpt):
+    engine = Engine(gpt, VOCAB, EOS).start()
+    try:
+        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=20, end_id=-1), listener=slow_listener(0.01))
+        result = {}
+        drainer = threading.Thread(target=lambda: result.setdefault("drained", engine.drain(30)))
+        drainer.start()
+        time.sleep(0.05)
+        with pytest.raises(EngineBusy, match="shutting down"):
+            engine.submit([5], SamplingParams(max_tokens=2))
+        drainer.join(30)
+        assert result["drained"] is True
+        assert g.done and g.error is None and len(g.tokens) == 20
+    finally:
+        engine.stop()
+
+
+def test_drain_gives_up_after_the_grace_period(gpt):
+    engine = Engine(gpt, VOCAB, EOS).start()
+    try:
+        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
+        started = time.monotonic()
+        assert engine.drain(0.3) is False
+        assert time.monotonic() - started < 5
+    finally:
+        engine.stop()
+    assert g.done and g.error == "the server is shutting down"
+
+
+def test_control_channel_cancels_by_key_and_reports_load(gpt, tmp_path):
+    engine = Engine(gpt, VOCAB, EOS).start()
+    channel = ControlChannel(tmp_path / "c.sock", engine)
+    client = ControlClient(channel.path, timeout_s=2.0)
+    try:
+        g = engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01))
+        channel.register("stream-7", g)
+        while not g.tokens:
+            time.sleep(0.005)
+        assert client.load()["running"] == 1
+        client.cancel("stream-unknown")  # ignored
+        client.cancel("stream-7")
+        assert g.wait(10) and g.finish_reason == "cancelled"
+        assert client.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 1}
+    finally:
+        client.close()
+        channel.close()
+        engine.stop()
+    assert not channel.path.exists()
+
+
+def test_control_client_without_a_server_answers_none(tmp_path):
+    client = ControlClient(tmp_path / "nobody.sock", timeout_s=0.1)
+    try:
+        client.cancel("x")  # no exception: rank 0 may not listen yet
+        assert client.load() is None
+    finally:
+        client.close()
+
+
+class FailingOnce:
+    """The real model, except that one forward raises the way a CUDA out-of-memory does."""
+
+    def __init__(self, gpt, fail_on_call: int):
+        self.gpt, self.calls, self.fail_on_call = gpt, 0, fail_on_call
+
+    def __getattr__(self, name):
+        return getattr(self.gpt, name)
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.gpt.forward(*args)
+
+
+def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt):
+    engine = Engine(FailingOnce(gpt, fail_on_call=3), VOCAB, EOS).start()
+    try:
+        victim = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+        assert victim.wait(10)
+        assert victim.error.startswith("generation failed: OutOfMemoryError")
+        after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+        assert after.wait(10) and after.error is None and len(after.tokens) == 10
+        assert engine.fatal is None and engine.load()["running"] == 0
+    finally:
+        engine.stop()
