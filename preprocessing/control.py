@@ -85,10 +85,9 @@ class ControlClient:
     def __init__(self, path: str | os.PathLike | None = None, timeout_s: float = 0.2):
         self.path = str(path or os.environ.get(ENV, ""))
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        # An address of its own, so that rank 0 can answer ``load``.
-        self._reply = pathlib.Path(tempfile.gettempdir()) / f"megatron_triton_peer_{os.getpid()}_{id(self)}.sock"
-        self._reply.unlink(missing_ok=True)
-        self._sock.bind(str(self._reply))
+        # An address of its own, so that rank 0 can answer ``load``; in Linux's abstract namespace, so that a
+        # killed backend stub leaves no socket file behind.
+        self._sock.bind(f"\0megatron_triton_peer_{os.getpid()}_{id(self)}")
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
 
@@ -124,4 +123,3 @@ class ControlClient:
 
     def close(self) -> None:
         self._sock.close()
-        self._reply.unlink(missing_ok=True)
