@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import GenerationClient  # noqa: E402
+from triton_backend import session  # noqa: E402
 
 PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition", "The import statement",
            "Assignment statements are used to", "The with statement", "😀 漢字 and\nnewlines"]
@@ -54,8 +55,7 @@ def ranks(pids: list[int]) -> dict[str, psutil.Process]:
                 continue
             if "triton_backend.server" in cmd and "torchrun" not in cmd:
                 env = p.environ()
-                if env.get("RANK") == "0" and "TORCHELASTIC_RUN_ID" in env and \
-                        "MEGATRON_TRITON_RANK0_SESSION" not in env:
+                if session.should_detach(env):
                     continue  # rank 0's supervisor (triton_backend/session.py), not the rank itself
                 found[f"rank {env.get('RANK', '?')}"] = p
             elif cmd.split(" ")[0].endswith("tritonserver"):

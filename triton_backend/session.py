@@ -22,9 +22,9 @@ PR_SET_PDEATHSIG = 1
 PARENT_GONE = signal.SIGUSR1
 
 
-def should_detach() -> bool:
-    """Rank 0 started by torchrun, and not the detached process itself."""
-    return os.environ.get("RANK") == "0" and "TORCHELASTIC_RUN_ID" in os.environ and ENV not in os.environ
+def should_detach(env=os.environ) -> bool:
+    """Rank 0 started by torchrun, and not the detached process itself (so: rank 0's supervisor)."""
+    return env.get("RANK") == "0" and "TORCHELASTIC_RUN_ID" in env and ENV not in env
 
 
 def supervise(module: str) -> int:

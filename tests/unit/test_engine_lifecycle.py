@@ -23,73 +23,76 @@ def gpt():
     return CachedGPT(build_model(ARCH).eval(), ARCH, max_slots=2)
 
 
+@pytest.fixture
+def start_engine(gpt):
+    """Starts engines over the shared model (or ``model``); all are stopped after the test."""
+    engines = []
+
+    def start(model=None, **kwargs) -> Engine:
+        engines.append(Engine(model or gpt, VOCAB, EOS, **kwargs).start())
+        return engines[-1]
+
+    yield start
+    for engine in engines:
+        engine.stop()
+
+
 def slow_listener(seconds: float):
     """Makes every step take a while, so that a test can act while requests are in flight."""
     return lambda g: time.sleep(seconds)
 
 
-def test_cancel_frees_running_and_waiting_requests(gpt):
-    engine = Engine(gpt, VOCAB, EOS).start()
-    try:
-        running = [engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01)) for _ in range(2)]
-        waiting = engine.submit([5, 6, 7], LONG)  # two slots: this one waits
-        while not running[0].tokens:
-            time.sleep(0.005)
-        for g in [*running, waiting]:
-            engine.cancel(g)
-        for g in [*running, waiting]:
-            assert g.wait(10)
-            assert g.finish_reason == "cancelled" and g.error is None
-            assert len(g.tokens) < LONG.max_tokens
-        assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 3}
-        after = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))  # the slots are free again
-        assert after.wait(10) and after.finish_reason == "length"
-    finally:
-        engine.stop()
-
-
-def test_requests_over_the_age_limit_get_an_error(gpt):
-    engine = Engine(gpt, VOCAB, EOS, max_request_s=0.2).start()
-    try:
-        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
+def test_cancel_frees_running_and_waiting_requests(start_engine):
+    engine = start_engine()
+    running = [engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01)) for _ in range(2)]
+    waiting = engine.submit([5, 6, 7], LONG)  # two slots: this one waits
+    while not running[0].tokens:
+        time.sleep(0.005)
+    for g in [*running, waiting]:
+        engine.cancel(g)
+    for g in [*running, waiting]:
         assert g.wait(10)
-        assert "longer than the server's limit of 0.2 s" in g.error
-        assert engine.load()["running"] == 0
-    finally:
-        engine.stop()
+        assert g.finish_reason == "cancelled" and g.error is None
+        assert len(g.tokens) < LONG.max_tokens
+    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 3}
+    after = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))  # the slots are free again
+    assert after.wait(10) and after.finish_reason == "length"
 
 
-def test_drain_finishes_what_is_in_flight_and_refuses_new_requests(gpt):
-    engine = Engine(gpt, VOCAB, EOS).start()
-    try:
-        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=20, end_id=-1), listener=slow_listener(0.01))
-        result = {}
-        drainer = threading.Thread(target=lambda: result.setdefault("drained", engine.drain(30)))
-        drainer.start()
-        time.sleep(0.05)
-        with pytest.raises(EngineBusy, match="shutting down"):
-            engine.submit([5], SamplingParams(max_tokens=2))
-        drainer.join(30)
-        assert result["drained"] is True
-        assert g.done and g.error is None and len(g.tokens) == 20
-    finally:
-        engine.stop()
+def test_requests_over_the_age_limit_get_an_error(start_engine):
+    engine = start_engine(max_request_s=0.2)
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
+    assert g.wait(10)
+    assert "longer than the server's limit of 0.2 s" in g.error
+    assert engine.load()["running"] == 0
 
 
-def test_drain_gives_up_after_the_grace_period(gpt):
-    engine = Engine(gpt, VOCAB, EOS).start()
-    try:
-        g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
-        started = time.monotonic()
-        assert engine.drain(0.3) is False
-        assert time.monotonic() - started < 5
-    finally:
-        engine.stop()
+def test_drain_finishes_what_is_in_flight_and_refuses_new_requests(start_engine):
+    engine = start_engine()
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=20, end_id=-1), listener=slow_listener(0.01))
+    result = {}
+    drainer = threading.Thread(target=lambda: result.setdefault("drained", engine.drain(30)))
+    drainer.start()
+    time.sleep(0.05)
+    with pytest.raises(EngineBusy, match="shutting down"):
+        engine.submit([5], SamplingParams(max_tokens=2))
+    drainer.join(30)
+    assert result["drained"] is True
+    assert g.done and g.error is None and len(g.tokens) == 20
+
+
+def test_drain_gives_up_after_the_grace_period(start_engine):
+    engine = start_engine()
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1), listener=slow_listener(0.05))
+    started = time.monotonic()
+    assert engine.drain(0.3) is False
+    assert time.monotonic() - started < 5
+    engine.stop()
     assert g.done and g.error == "the server is shutting down"
 
 
-def test_control_channel_cancels_by_key_and_reports_load(gpt, tmp_path):
-    engine = Engine(gpt, VOCAB, EOS).start()
+def test_control_channel_cancels_by_key_and_reports_load(start_engine, tmp_path):
+    engine = start_engine()
     channel = ControlChannel(tmp_path / "c.sock", engine)
     client = ControlClient(channel.path, timeout_s=2.0)
     try:
@@ -105,7 +108,6 @@ def test_control_channel_cancels_by_key_and_reports_load(gpt, tmp_path):
     finally:
         client.close()
         channel.close()
-        engine.stop()
     assert not channel.path.exists()
 
 
@@ -134,14 +136,11 @@ class FailingOnce:
         return self.gpt.forward(*args)
 
 
-def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt):
-    engine = Engine(FailingOnce(gpt, fail_on_call=3), VOCAB, EOS).start()
-    try:
-        victim = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
-        assert victim.wait(10)
-        assert victim.error.startswith("generation failed: OutOfMemoryError")
-        after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
-        assert after.wait(10) and after.error is None and len(after.tokens) == 10
-        assert engine.fatal is None and engine.load()["running"] == 0
-    finally:
-        engine.stop()
+def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
+    engine = start_engine(FailingOnce(gpt, fail_on_call=3))
+    victim = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+    assert victim.wait(10)
+    assert victim.error.startswith("generation failed: OutOfMemoryError")
+    after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+    assert after.wait(10) and after.error is None and len(after.tokens) == 10
+    assert engine.fatal is None and engine.load()["running"] == 0
