@@ -20,7 +20,6 @@ import pathlib
 import queue
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tools.ports import free_ports  # noqa: E402
 
 PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition", "The import statement",
            "Assignment statements are used to", "The with statement"]
@@ -105,11 +106,7 @@ def engine_one(engine, tokenizer):
 
 def start_server(env, all_urls: bool = False):
     """A server on free loopback ports; returns the process and the gRPC url (or gRPC, HTTP, metrics urls)."""
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = free_ports(3)
     env = {**os.environ, **env, "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1]),
            "METRICS_PORT": str(ports[2]), "HOST": "127.0.0.1"}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import socket
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "demo_model"
@@ -57,9 +58,31 @@ class ServerConfig:
         for name in ("http_port", "grpc_port", "metrics_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{name.upper()} must be a TCP port, got {getattr(self, name)}")
+        ports = [self.http_port, self.grpc_port, self.metrics_port]
+        if len(set(ports)) < 3:
+            raise ValueError(f"HTTP_PORT, GRPC_PORT and METRICS_PORT must differ, got {ports}")
         for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+
+    def busy_ports(self) -> list[str]:
+        """The port variables whose port cannot be bound on HOST now (another server holds it).
+
+        Checked by rank 0 before the checkpoint loads: tritonserver would otherwise fail to start and PyTriton
+        only gives up after its two-minute start timeout, with a socket timeout that names no port.
+        """
+        busy = []
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As tritonserver binds: a port left in TIME_WAIT by a previous server counts as free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((self.host, port))
+                except OSError:
+                    busy.append(f"{name.upper()} {port}")
+        return busy
 
     @classmethod
     def from_env(cls, env=os.environ) -> ServerConfig:

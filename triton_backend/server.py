@@ -244,6 +244,10 @@ def main() -> int:
     except ValueError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") == "0" and (busy := cfg.busy_ports()):
+        print(f"configuration error: {' and '.join(busy)} already in use on {cfg.host} (another server?)",
+              file=sys.stderr)
+        return 2
     # The world group waits as long as checkpoint loading may take; steps are bounded by the protocol group's
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,10 @@ import urllib.request
 
 import pytest
 
+from tools.ports import free_ports
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @dataclasses.dataclass
@@ -41,7 +32,12 @@ class Server:
             return r.status, r.read()
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        """The log's first traceback (the cause, usually) and its last n lines."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        first = next((i for i, line in enumerate(lines) if "Traceback" in line or "configuration error" in line),
+                     len(lines))
+        head = lines[first:first + 30] if first < len(lines) - n else []
+        return "\n".join([*head, *(["[...]"] if head else []), *lines[-n:]])
 
 
 def start_server(tmp: pathlib.Path, **env) -> Server:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,19 @@ def test_a_checkpoint_that_does_not_fit_is_refused_at_start(tmp_path):
         start_server(tmp_path / "tp8", TP="8", CHECKPOINT=str(ckpt))
     log = (tmp_path / "tp8" / "server.log").read_text()
     assert "cannot be served at TP=8: num_query_groups=4 is not divisible by 8" in log
+
+
+def test_a_port_in_use_is_refused_at_once_by_name(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="server exited with 1"):  # torchrun: 1 for any failed rank
+            start_server(tmp_path / "busy", TP="2", GRPC_PORT=str(port))
+    assert time.monotonic() - started < 60  # not PyTriton's two-minute start timeout
+    log = (tmp_path / "busy" / "server.log").read_text()
+    assert f"GRPC_PORT {port} already in use on 127.0.0.1" in log
 
 
 def job_processes(server) -> list[psutil.Process]:

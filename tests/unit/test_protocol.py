@@ -1,12 +1,12 @@
 """The rank protocol over real gloo collectives: followers execute exactly rank 0's steps, then stop."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tools.ports import free_ports
 from triton_backend.protocol import Leader, follow
 
 
@@ -48,9 +48,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_followers_run_the_same_int64_steps_and_stop_on_shutdown():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, 3, port, queue)) for r in range(3)]

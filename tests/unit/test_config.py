@@ -1,0 +1,33 @@
+"""Server configuration from the environment: validation and the start-up port check."""
+
+import socket
+
+import pytest
+
+from triton_backend.config import ServerConfig
+
+
+def test_variables_are_read_and_bad_values_named():
+    cfg = ServerConfig.from_env({"TP": "2", "HTTP_PORT": "9000", "DEVICE": "cpu", "MAX_SLOTS": "8"})
+    assert (cfg.tensor_parallel, cfg.http_port, cfg.max_slots) == (2, 9000, 8)
+    with pytest.raises(ValueError, match="HTTP_PORT must be a TCP port"):
+        ServerConfig.from_env({"HTTP_PORT": "70000", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="must differ"):
+        ServerConfig.from_env({"HTTP_PORT": "9000", "GRPC_PORT": "9000", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="MAX_SLOTS must be at least 1"):
+        ServerConfig.from_env({"MAX_SLOTS": "0", "DEVICE": "cpu"})
+
+
+def test_busy_ports_names_only_the_taken_port():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        free = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                free.append(s.getsockname()[1])
+        cfg = ServerConfig(host="127.0.0.1", http_port=free[0], grpc_port=taken, metrics_port=free[1], device="cpu")
+        assert cfg.busy_ports() == [f"GRPC_PORT {taken}"]
+    assert cfg.busy_ports() == []
