@@ -4,6 +4,8 @@ Why our own module: the stock ``DotProductAttention`` calls ``torch.cuda`` (so i
 Megatron's ``StaticInferenceContext`` keeps one sequence offset for the whole batch, while continuous
 batching needs every row at its own length. Megatron's ``SelfAttention`` still computes Q, K, V and the
 output projection with its tensor-parallel layers; only the softmax(QK^T)V part and the cache live here.
+A cached step is packed (``kv_cache.StepContext``): decode tokens read their cache rows in place, whole
+prompts attend causally within themselves.
 
 Rotary position embeddings are applied here too (the model is built without its own rotary module): GPTModel
 would rotate every row by positions 0..s-1, but each cached row continues at its own position.
@@ -11,46 +13,11 @@ would rotate every row by positions 0..s-1, but each cached row continues at its
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-
-@dataclasses.dataclass
-class StepContext:
-    """Where the rows of one forward pass live in the cache.
-
-    ``slots[b]`` is the cache row of batch row ``b``; ``positions[b, s]`` the absolute position of query
-    token ``s`` of that row (right-padded rows repeat harmless positions past their end).
-    """
-
-    cache: KVCache
-    slots: torch.Tensor  # [b] int64
-    positions: torch.Tensor  # [b, s] int64
-
-
-class KVCache:
-    """Keys and values of every layer for ``max_slots`` sequences of up to ``max_len`` tokens."""
-
-    def __init__(self, num_layers: int, max_slots: int, max_len: int, groups: int, head_dim: int, dtype, device):
-        shape = (max_slots, groups, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_slots, self.max_len = max_slots, max_len
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def store_and_read(self, layer: int, step: StepContext, key: torch.Tensor, value: torch.Tensor):
-        """Write this step's ``key``/``value`` ([b, g, s, d]) and return the keys/values the queries see."""
-        rows = step.slots[:, None]
-        # Advanced indexing puts the indexed dims first: the target view is [b, s, g, d].
-        self.keys[layer][rows, :, step.positions] = key.transpose(1, 2)
-        self.values[layer][rows, :, step.positions] = value.transpose(1, 2)
-        span = int(step.positions.max()) + 1
-        return self.keys[layer][step.slots, :, :span], self.values[layer][step.slots, :, :span]
+from .kv_cache import StepContext
 
 
 class Rotary:
@@ -83,24 +50,47 @@ class SlotCacheAttention(MegatronModule):
         self.rotary: Rotary | None = None  # set by build_model for rotary-position models
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_):
+        step = self.step
         if self.rotary is not None:
-            if self.step is not None:
-                positions = self.step.positions
+            if step is not None:
+                positions = step.positions
             else:
                 positions = torch.arange(query.shape[0], device=query.device)[None].expand(query.shape[1], -1)
             query, key = self.rotary(query, positions), self.rotary(key, positions)
-        # Megatron's layout is [s, b, heads, d]; SDPA wants [b, heads, s, d].
+        if step is not None:
+            return self._cached(step, query[:, 0], key[:, 0], value[:, 0])[:, None]
+        # Training or a plain forward: causal over the given sequence. Megatron's layout is [s, b, heads, d];
+        # SDPA wants [b, heads, s, d].
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self.step is None:  # training or a plain forward: causal over the given sequence
-            mask, causal = None, True
-        else:
-            k, v = self.step.cache.store_and_read(self.layer_index, self.step, k, v)
-            key_pos = torch.arange(k.shape[2], device=k.device)
-            mask = (key_pos[None, None, :] <= self.step.positions[:, :, None])[:, None]  # [b, 1, s, span]
-            causal = False
+        out = self._sdpa(q, k, v, causal=True)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _cached(self, step: StepContext, q, k, v):
+        """Attention for the packed tokens ``q``/``k``/``v`` ([N, heads, d]) of a step; returns [N, heads * d]."""
+        cache, n, layer = step.cache, step.singles, self.layer_index
+        keys, values = cache.keys[layer], cache.values[layer]
+        positions = step.positions[0]
+        keys[step.rows, :, positions] = k  # the indexed dims come first: the target view is [N, groups, d]
+        values[step.rows, :, positions] = v
+        out = []
+        if n:  # one token per sequence, its cache rows 0..n-1 read in place up to the longest
+            key_pos = torch.arange(step.span, device=q.device)
+            mask = (key_pos[None, :] <= positions[:n, None])[:, None, None]  # [n, 1, 1, span]
+            o = self._sdpa(q[:n, :, None], keys[:n, :, : step.span], values[:n, :, : step.span], mask=mask)
+            out.append(o.flatten(1))
+        if len(q) > n:  # whole prompts: causal attention within each, nothing cached before them
+            qp, kp, vp = q[n:], k[n:], v[n:]
+            if step.prompt_index is None:
+                o = self._sdpa(*(t.transpose(0, 1)[None] for t in (qp, kp, vp)), causal=True)[0].transpose(0, 1)
+            else:  # [prompts, longest, heads, d], right-padded
+                o = self._sdpa(*(t[step.prompt_index].transpose(1, 2) for t in (qp, kp, vp)), causal=True)
+                o = o.transpose(1, 2)[step.prompt_valid]
+            out.append(o.flatten(1))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _sdpa(self, q, k, v, mask=None, causal=False):
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V group serves several query heads
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)

@@ -68,13 +68,21 @@ class _Running:
 
 @dataclasses.dataclass
 class EngineStats:
-    steps: int = 0
-    prefills: int = 0
+    steps: int = 0  # forward passes
+    prefills: int = 0  # passes that ran prompts (beside the running sequences' next tokens)
     max_rows_in_step: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
     requests_cancelled: int = 0
     tokens_generated: int = 0
+    rows_decoded: int = 0  # sequences advanced, summed over steps: / steps is the mean batch
+    step_seconds: float = 0.0  # time spent in steps (prefill and decode), the rest is idle
+
+    def summary(self) -> str:
+        steps = max(self.steps, 1)
+        return (f"{self.requests_finished} requests, {self.tokens_generated} tokens in {self.steps} steps "
+                f"({self.prefills} with prompts): {self.rows_decoded / steps:.1f} rows and "
+                f"{self.step_seconds / steps * 1e3:.1f} ms per step, {self.step_seconds:.1f} s busy")
 
 
 class Engine:
@@ -105,7 +113,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[_Running] = []
-        self._free_slots = list(range(gpt.cache.max_slots))
+        self._free_slots = list(range(gpt.cache.max_slots))[::-1]  # popped from the end: slot 0 first
         self._wake = threading.Condition()
         self._stopping = False
         self._closing = False  # draining: no new requests, those in flight go on
@@ -200,10 +208,7 @@ class Engine:
                 continue
             self.step_started = time.monotonic()
             try:
-                if admitted:
-                    self._prefill(admitted)
-                if self._running:
-                    self._decode()
+                self._step(admitted)
             except Exception as err:  # a failed step fails its rows, and the server only when it must
                 LOG.exception("engine step failed")
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -214,6 +219,7 @@ class Engine:
                     self.fatal = err
                     return
             finally:
+                self.stats.step_seconds += time.monotonic() - self.step_started
                 self.step_started = None
 
     def _end_abandoned(self) -> None:
@@ -261,8 +267,8 @@ class Engine:
         """Move waiting requests into free slots, within the prefill token budget (called under the lock)."""
         admitted, budget = [], self.prefill_tokens
         while self._waiting and self._free_slots:
-            longest = max([len(self._waiting[0].prompt)] + [len(r.generation.prompt) for r in admitted])
-            if admitted and longest * (len(admitted) + 1) > budget:
+            budget -= len(self._waiting[0].prompt)  # prompts are packed: the budget is their total length
+            if admitted and budget < 0:
                 break
             generation = self._waiting.popleft()
             p = generation.params
@@ -278,31 +284,29 @@ class Engine:
         sequences = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w)}
         return tuple(s for s in sequences if s)
 
-    def _prefill(self, rows: list[_Running]) -> None:
-        """Run the prompts (right-padded into one batch) and sample each row's first token."""
+    def _step(self, admitted: list[_Running]) -> None:
+        """One forward pass: the next token of every running sequence and the whole prompt of each admitted one,
+        packed into one row (``kv_cache.plan``), so admitting requests does not cost a pass of its own."""
+        fresh = {id(r) for r in admitted}
+        decoding = [r for r in self._running if id(r) not in fresh]
+        tokens = [r.sampler.generated[-1] for r in decoding]
+        positions = [len(r.generation.prompt) + len(r.sampler.generated) - 1 for r in decoding]
+        slots = [r.slot for r in decoding]
+        last = list(range(len(decoding)))
+        for r in admitted:
+            prompt = r.generation.prompt
+            tokens += prompt
+            positions += range(len(prompt))
+            slots += [r.slot] * len(prompt)
+            last.append(len(tokens) - 1)
         device = self.gpt.device
-        longest = max(len(r.generation.prompt) for r in rows)
-        tokens = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r.generation.prompt)] = torch.tensor(r.generation.prompt)
-        positions = torch.arange(longest)[None].expand(len(rows), -1)
-        last = torch.tensor([len(r.generation.prompt) - 1 for r in rows])
-        slots = torch.tensor([r.slot for r in rows])
-        logits = self.gpt.forward(tokens.to(device), positions.to(device), slots.to(device), last.to(device))
-        self.stats.prefills += 1
-        self._advance(rows, logits)
-
-    def _decode(self) -> None:
-        rows = list(self._running)
-        device = self.gpt.device
-        tokens = torch.tensor([[r.sampler.generated[-1]] for r in rows])
-        positions = torch.tensor([[len(r.generation.prompt) + len(r.sampler.generated) - 1] for r in rows])
-        slots = torch.tensor([r.slot for r in rows])
-        last = torch.zeros(len(rows), dtype=torch.long)
-        logits = self.gpt.forward(tokens.to(device), positions.to(device), slots.to(device), last.to(device))
+        logits = self.gpt.forward(*(torch.tensor(x, dtype=torch.long).to(device)
+                                    for x in (tokens, positions, slots, last)))
         self.stats.steps += 1
-        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(rows))
-        self._advance(rows, logits)
+        self.stats.prefills += bool(admitted)
+        self.stats.rows_decoded += len(last)
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(last))
+        self._advance(decoding + admitted, logits)
 
     def _advance(self, rows: list[_Running], logits: torch.Tensor) -> None:
         tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)

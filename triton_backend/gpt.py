@@ -7,7 +7,8 @@ import os
 import torch
 
 from .architecture import GPTArchitecture
-from .attention import KVCache, Rotary, SlotCacheAttention, StepContext
+from .attention import Rotary, SlotCacheAttention
+from .kv_cache import KVCache, plan
 
 
 def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:
@@ -119,17 +120,26 @@ class CachedGPT:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor):
-        """Logits (float32, [b, vocab]) at index ``last[b]`` of each row after running ``tokens`` [b, s]."""
-        step = StepContext(self.cache, slots, positions)
+        """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
+
+        ``tokens``, ``positions`` and ``slots`` are [N]: token i continues the sequence in slot ``slots[i]`` at
+        ``positions[i]``; a slot's tokens are consecutive, and several of them are a whole prompt (see
+        ``kv_cache.plan``).
+        """
+        step, order = plan(self.cache, slots.tolist(), positions.tolist(), tokens.device)
+        if order != list(range(len(order))):
+            run = torch.tensor(order, device=tokens.device)
+            tokens, positions = tokens[run], positions[run]
+            last = run.argsort()[last]  # where each packed index now runs
+        step.positions = positions[None]
         for module in self.attention:
             module.step = step
         try:
-            logits = self.model(tokens, positions, None)  # [b, s, vocab / tp]
+            logits = self.model(tokens[None], positions[None], None)[0]  # [N, vocab / tp]
         finally:
             for module in self.attention:
                 module.step = None
-        logits = logits[torch.arange(len(last), device=logits.device), last].float().contiguous()
-        return gather_vocab(logits, self.tp)
+        return gather_vocab(logits[last].float().contiguous(), self.tp)
 
 
 def gather_vocab(logits: torch.Tensor, tp: int) -> torch.Tensor:

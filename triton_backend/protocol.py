@@ -1,11 +1,11 @@
 """The rank protocol: rank 0 leads, ranks 1..N-1 follow, and every rank runs the same step function.
 
-Each step is two broadcasts from rank 0 over the world group: a fixed header ``[command, batch, seq]`` and,
-for STEP, one int64 payload with the token ids, positions, KV-cache slots and last-token indices (ids and
-positions never travel as floats). Followers run ``CachedGPT.forward`` on exactly those tensors, so their
-tensor-parallel collectives line up with rank 0's. Rank 0 validates a request fully before anything is
-broadcast; followers only ever see well-formed steps. HEARTBEAT keeps idle followers inside the collective
-timeout; SHUTDOWN ends them.
+Each step is two broadcasts from rank 0 over the world group: a fixed header ``[command, tokens, rows]`` and,
+for STEP, one int64 payload with the packed token ids, positions and KV-cache slots and the indices of the
+tokens whose logits are wanted (ids and positions never travel as floats). Followers run ``CachedGPT.forward``
+on exactly those tensors, so their tensor-parallel collectives line up with rank 0's. Rank 0 validates a
+request fully before anything is broadcast; followers only ever see well-formed steps. HEARTBEAT keeps idle
+followers inside the collective timeout; SHUTDOWN ends them.
 
 The broadcasts use a group of their own whose timeout is short (``COLLECTIVE_TIMEOUT_S``): a follower whose
 leader went silent fails fast, while the world group keeps a long timeout for slow checkpoint loading.
@@ -51,18 +51,17 @@ class Leader:
     def cache(self):
         return self.gpt.cache
 
-    def _send(self, command: Command, batch: int = 0, seq: int = 0, payload: torch.Tensor | None = None) -> None:
+    def _send(self, command: Command, tokens: int = 0, rows: int = 0, payload: torch.Tensor | None = None) -> None:
         if not self.followers:
             return
-        header = torch.tensor([command, batch, seq], dtype=torch.int64, device=self.device)
+        header = torch.tensor([command, tokens, rows], dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0, group=self.group)
         if payload is not None:
             dist.broadcast(payload, src=0, group=self.group)
 
     def forward(self, tokens, positions, slots, last):
-        b, s = tokens.shape
-        payload = torch.cat([tokens.reshape(-1), positions.reshape(-1), slots, last]).to(torch.int64)
-        self._send(Command.STEP, b, s, payload)
+        payload = torch.cat([tokens, positions, slots, last]).to(torch.int64)
+        self._send(Command.STEP, len(tokens), len(last), payload)
         return self.gpt.forward(tokens, positions, slots, last)
 
     def heartbeat(self) -> None:
@@ -80,14 +79,13 @@ def follow(gpt, group=None) -> None:
     header = torch.empty(3, dtype=torch.int64, device=gpt.device)
     while True:
         dist.broadcast(header, src=0, group=group)
-        command, b, s = (int(x) for x in header.tolist())
+        command, n, rows = (int(x) for x in header.tolist())
         if command == Command.SHUTDOWN:
             return
         if command == Command.HEARTBEAT:
             continue
         if command != Command.STEP:
             raise RuntimeError(f"unknown command {command} from rank 0")
-        payload = torch.empty(2 * b * s + 2 * b, dtype=torch.int64, device=gpt.device)
+        payload = torch.empty(3 * n + rows, dtype=torch.int64, device=gpt.device)
         dist.broadcast(payload, src=0, group=group)
-        tokens, positions, slots, last = payload.split([b * s, b * s, b, b])
-        gpt.forward(tokens.view(b, s), positions.view(b, s), slots, last)
+        gpt.forward(*payload.split([n, n, n, rows]))

@@ -289,6 +289,7 @@ def lead(cfg: ServerConfig, started: float, group=None) -> int:
     finally:
         if engine.fatal is None:
             engine.stop()
+        LOG.info("engine: %s", engine.stats.summary())
     if engine.fatal is not None:
         # Triton is already stopped. Ranks may be stuck inside a collective that will never finish: take
         # the job down now rather than wait for timeouts (torchrun then exits non-zero).

@@ -82,6 +82,24 @@ def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engin
     assert engine.stats.steps - steps_before < 6 * 9  # fewer steps than serving them one by one
 
 
+def test_rows_that_move_in_the_cache_keep_their_text():
+    """Rows retiring from the middle of the batch make the cache move others into their rows (``place``)."""
+    init_parallel(1, "cpu")
+    torch.manual_seed(0)
+    model = build_model(ARCH, init_method_std=0.2).eval()  # weights large enough that the context matters
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS).start()
+    try:
+        prompts = [[4 + i] * (2 + i % 5) for i in range(12)]
+        lengths = [3, 17, 6, 12, 2, 9, 15, 4, 11, 7, 16, 5]
+        gens = [engine.submit(p, SamplingParams(max_tokens=n, end_id=-1, temperature=0.0))
+                for p, n in zip(prompts, lengths)]
+        assert all(g.wait(60) for g in gens)
+        assert engine.gpt.cache.swaps > 0
+        assert [g.tokens for g in gens] == [greedy_uncached(model, p, n) for p, n in zip(prompts, lengths)]
+    finally:
+        engine.stop()
+
+
 def test_finish_reasons(engine):
     g = run(engine, [1, 2, 3], temperature=0.0, max_tokens=4)
     assert g.finish_reason == "length" and len(g.tokens) == 4

@@ -25,9 +25,9 @@ class Recorder:
         return torch.zeros(len(last), 8)
 
 
-STEPS = [
-    (torch.tensor([[5, 2**40, 7]]), torch.tensor([[0, 1, 2]]), torch.tensor([3]), torch.tensor([2])),
-    (torch.tensor([[9], [2**62]]), torch.tensor([[3], [250]]), torch.tensor([3, 0]), torch.tensor([0, 0])),
+STEPS = [  # packed: tokens, positions, slots, indices of the tokens whose logits are wanted
+    (torch.tensor([5, 2**40, 7]), torch.tensor([0, 1, 2]), torch.tensor([3, 3, 3]), torch.tensor([2])),
+    (torch.tensor([9, 2**62, 4, 4]), torch.tensor([3, 250, 0, 1]), torch.tensor([3, 0, 1, 1]), torch.tensor([0, 1, 3])),
 ]
 
 
