@@ -167,8 +167,20 @@ def main() -> int:
     parser.add_argument("--mixed-requests", type=int, default=48)
     a = parser.parse_args()
 
+    from preprocessing.tokenizer import Tokenizer
+    from triton_backend.config import ServerConfig
+    from triton_backend.gpt import init_parallel
+    from triton_backend.server import engine_cpus, load_engine, set_threads
+
+    cfg = ServerConfig.from_env()
+    cfg.device = "cpu"
+    set_threads(cfg)  # the same torch threads as the server's engine
     results = {}
     proc, grpc_url = start_server({"DEVICE": "cpu"})
+    every_core = os.sched_getaffinity(0)
+    # The client threads keep off the engine thread's core, as they do in-process (load_engine pins the same
+    # way): a remote client would not compete for it at all.
+    engine_cpus(cfg)
     try:
         served_one(grpc_url)(PROMPTS[0], dict(max_tokens=4))  # warm-up
         for c in a.concurrency:
@@ -179,14 +191,7 @@ def main() -> int:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
 
-    from preprocessing.tokenizer import Tokenizer
-    from triton_backend.config import ServerConfig
-    from triton_backend.gpt import init_parallel
-    from triton_backend.server import load_engine, set_threads
-
-    cfg = ServerConfig.from_env()
-    cfg.device = "cpu"
-    set_threads(cfg)  # the same torch threads as the server's engine
+    os.sched_setaffinity(0, every_core)
     init_parallel(1, "cpu")
     engine = load_engine(cfg).start()
     tokenizer = Tokenizer(cfg.tokenizer)

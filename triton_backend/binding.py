@@ -7,6 +7,8 @@ error response of the ensemble.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from preprocessing.metrics import STATS, request_timing, stats_row
@@ -235,6 +237,7 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
         key = f"stream-{next(keys)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        finished = asyncio.Event()  # the last delta is queued
         try:
             if "STREAM" in request and not bool(request["STREAM"][0][0]):
                 raise InvalidRequest("stream", False, "ensemble_stream always streams; send unary requests to "
@@ -249,6 +252,8 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
                 d = state.delta(g)
                 if d is not None:
                     loop.call_soon_threadsafe(queue.put_nowait, d)
+                    if d["done"]:
+                        loop.call_soon_threadsafe(finished.set)
 
             generation = engine.submit(ids, params, listener=listener, track_text=True)
         except (InvalidRequest, EngineBusy) as err:
@@ -261,7 +266,10 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
                 d = await queue.get()
                 wait_s = coalesce_wait_s(live[0], responses_per_s)
                 if wait_s and sent and not d["done"]:  # the first token goes out at once (TTFT)
-                    await asyncio.sleep(wait_s)
+                    # ... and so does the last: the client's next request may be waiting on it, and its slot
+                    # would stay empty meanwhile (measured: 14.6 rows per step at 16 streams instead of 15.9).
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(finished.wait(), wait_s)
                 while not queue.empty():
                     d = _merge(d, queue.get_nowait())
                 if d["error"]:

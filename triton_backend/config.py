@@ -42,6 +42,7 @@ class ServerConfig:
     collective_timeout_s: int = 30  # a step or heartbeat stalled this long ends the job (TP > 1), no hang
     load_timeout_s: int = 1800  # collectives while ranks load the checkpoint (slow disks, big models)
     stream_responses_per_s: int = 200  # streamed responses per second shared by all streams (0: no coalescing)
+    pin_engine: int = 1  # CPU, TP=1: the engine thread gets cores of its own, the rest of the server the others
     torch_threads: int = 0  # CPU threads per rank for torch; 0: half the cores on CPU (Triton needs the rest)
     admin_token: str = ""  # token for model-control endpoints; random when empty
     log_verbose: int = 0

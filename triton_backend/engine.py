@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import secrets
 import threading
 import time
@@ -96,7 +97,8 @@ class Engine:
     HEARTBEAT_S = 5.0
 
     def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096,
-                 failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0):
+                 failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0,
+                 cpus: set[int] | None = None):
         self.gpt = gpt
         self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
         self.failures_fatal = failures_fatal
@@ -110,6 +112,7 @@ class Engine:
         # away without a cancellation reaching the engine (an HTTP stream whose connection dropped).
         self.max_request_s = max_request_s
         self.prefill_tokens = prefill_tokens
+        self.cpus = cpus  # cores the engine thread runs on (None: wherever the OS puts it)
         self.stats = EngineStats()
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[_Running] = []
@@ -178,6 +181,8 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)  # this thread only (Linux): see server.engine_cpus
         try:
             self._serve_steps()
         finally:
