@@ -1,6 +1,7 @@
 """Benchmark the served ensemble against the same engine in-process (``make bench``).
 
-    .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 3] [--max-tokens 64] [--mixed-requests 160]
+    .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 3] [--max-tokens 64]
+                                    [--mixed-requests 160]
 
 1. Starts the server (TP=1, demo model unless CHECKPOINT/TOKENIZER are set) on free loopback ports and, at
    each concurrency, streams requests through ``ensemble_stream`` over gRPC from that many clients: output

@@ -121,6 +121,9 @@ class Engine:
         self._stopping = False
         self._closing = False  # draining: no new requests, those in flight go on
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # Called on the engine thread after every step (and pass of its loop): listeners may collect what
+        # changed and hand it on once per step rather than once per token.
+        self._step_hooks: list[Callable[[], None]] = []
 
     # -- serving side -------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -165,6 +168,10 @@ class Engine:
             self._wake.notify()
         return generation
 
+    def add_step_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` on the engine thread after every step, once listeners have seen its tokens."""
+        self._step_hooks.append(hook)
+
     def cancel(self, generation: Generation) -> None:
         """Stop ``generation`` (its client went away): it leaves the queue or its slot before the next step."""
         with self._wake:
@@ -187,45 +194,56 @@ class Engine:
             self._serve_steps()
         finally:
             self._drain("the server is shutting down" if self.fatal is None else f"the engine failed: {self.fatal}")
+            for hook in self._step_hooks:
+                hook()
             if hasattr(self.gpt, "shutdown"):
                 self.gpt.shutdown()
 
     def _serve_steps(self) -> None:
         while True:
-            with self._wake:
-                if not (self._stopping or self._waiting or self._running):
-                    self._wake.wait(self.HEARTBEAT_S)
-                if self._stopping:
-                    return
-                self._end_abandoned()
-                if not (self._waiting or self._running):
-                    idle = True
-                else:
-                    idle, admitted = False, self._admit()
-            if idle:
-                if hasattr(self.gpt, "heartbeat"):
-                    try:
-                        self.gpt.heartbeat()
-                    except Exception as err:  # a follower is gone or stuck: the job cannot go on
-                        LOG.error("heartbeat failed: %s", err)
-                        self.fatal = err
-                        return
-                continue
-            self.step_started = time.monotonic()
-            try:
-                self._step(admitted)
-            except Exception as err:  # a failed step fails its rows, and the server only when it must
-                LOG.exception("engine step failed")
-                if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
-                for row in {id(r): r for r in admitted + self._running}.values():
-                    self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
-                if self.failures_fatal:
+            going = self._serve_once()
+            for hook in self._step_hooks:  # after every pass of the loop, whatever it did
+                hook()
+            if not going:
+                return
+
+    def _serve_once(self) -> bool:
+        """Wait for work, retire abandoned requests, admit and run one step; False when the engine must stop."""
+        with self._wake:
+            if not (self._stopping or self._waiting or self._running):
+                self._wake.wait(self.HEARTBEAT_S)
+            if self._stopping:
+                return False
+            self._end_abandoned()
+            if not (self._waiting or self._running):
+                idle = True
+            else:
+                idle, admitted = False, self._admit()
+        if idle:
+            if hasattr(self.gpt, "heartbeat"):
+                try:
+                    self.gpt.heartbeat()
+                except Exception as err:  # a follower is gone or stuck: the job cannot go on
+                    LOG.error("heartbeat failed: %s", err)
                     self.fatal = err
-                    return
-            finally:
-                self.stats.step_seconds += time.monotonic() - self.step_started
-                self.step_started = None
+                    return False
+            return True
+        self.step_started = time.monotonic()
+        try:
+            self._step(admitted)
+        except Exception as err:  # a failed step fails its rows, and the server only when it must
+            LOG.exception("engine step failed")
+            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
+            for row in {id(r): r for r in admitted + self._running}.values():
+                self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
+            if self.failures_fatal:
+                self.fatal = err
+                return False
+        finally:
+            self.stats.step_seconds += time.monotonic() - self.step_started
+            self.step_started = None
+        return True
 
     def _end_abandoned(self) -> None:
         """Retire cancelled and over-age requests, waiting or running (called under the lock, between steps)."""
