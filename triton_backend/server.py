@@ -95,9 +95,11 @@ def engine_cpus(cfg: ServerConfig) -> set[int] | None:
     """On CPU at TP=1, cores of the engine thread's own (one per torch thread); the calling thread keeps the
     rest, and so do the threads and processes it starts later: PyTriton's, tritonserver, the backend stubs.
 
-    The engine thread is the server's critical path. Unpinned, on 2 cores, it was off-CPU a fifth of the time
-    (the scheduler put Triton's processes on its core) and 16 streams got 1,150 tokens/s; pinned, 1,420-1,470
-    (``tools/bench.py --concurrency 16``). Off with ``PIN_ENGINE=0``, and where there is no core to spare.
+    The engine thread is the server's critical path; unpinned, the scheduler puts Triton's processes on its
+    core. On 2 cores at 16 streams, served steps took 10.2-10.4 ms pinned against 11.7-12.0 unpinned, and
+    16 streams got 1,400-1,440 tokens/s against 1,260-1,300 (``PIN_ENGINE=0|1 .venv/bin/python
+    tools/bench.py --concurrency 16 --requests-per-client 8``, two runs each). Off with ``PIN_ENGINE=0``,
+    and where there is no core to spare.
     """
     if not cfg.pin_engine or cfg.device != "cpu" or cfg.tensor_parallel != 1:
         return None
