@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from tools.ports import free_ports  # noqa: E402
 
+SERVER_LOG = pathlib.Path("/tmp/megatron_triton_bench_server.log")
+
 PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition", "The import statement",
            "Assignment statements are used to", "The with statement"]
 
@@ -111,7 +113,7 @@ def start_server(env, all_urls: bool = False):
     env = {**os.environ, **env, "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1]),
            "METRICS_PORT": str(ports[2]), "HOST": "127.0.0.1"}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
-    log = open("/tmp/megatron_triton_bench_server.log", "w")  # noqa: SIM115 - lives as long as the server
+    log = SERVER_LOG.open("w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", env.get("TP", "1"), "-m",
                              "triton_backend.server"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,7 +127,7 @@ def start_server(env, all_urls: bool = False):
             if proc.poll() is not None:
                 break
             time.sleep(1)
-    raise RuntimeError("server did not become ready; see /tmp/megatron_triton_bench_server.log")
+    raise RuntimeError(f"server did not become ready; see {SERVER_LOG}")
 
 
 def mixed_lengths(engine, tokenizer, requests, batch):
@@ -172,6 +174,7 @@ def main() -> int:
 
     from preprocessing.tokenizer import Tokenizer
     from triton_backend.config import ServerConfig
+    from triton_backend.engine import EngineStats
     from triton_backend.gpt import init_parallel
     from triton_backend.server import engine_cpus, load_engine, set_threads
 
@@ -193,6 +196,10 @@ def main() -> int:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
+    # Rank 0's own account of its steps, for all the served concurrencies together (see EngineStats.summary).
+    steps = [line.split("engine: ", 1)[1] for line in SERVER_LOG.read_text(errors="replace").splitlines()
+             if " engine: " in line]
+    print(json.dumps({"served_engine": steps[-1] if steps else None}), flush=True)
 
     os.sched_setaffinity(0, every_core)
     init_parallel(1, "cpu")
@@ -200,11 +207,13 @@ def main() -> int:
     tokenizer = Tokenizer(cfg.tokenizer)
     try:
         for c in a.concurrency:
+            engine.stats = EngineStats()  # this concurrency's steps only
             records, wall = run_clients(workload(c, a.requests_per_client, a.max_tokens), engine_one(engine, tokenizer))
             results[c]["in_process"] = summarize(records, wall)
             served, local = results[c]["served"], results[c]["in_process"]
             ratio = round(served["output_tokens_per_s"] / local["output_tokens_per_s"], 2)
-            print(json.dumps({"concurrency": c, "in_process": local, "served_over_in_process": ratio}), flush=True)
+            print(json.dumps({"concurrency": c, "in_process": local, "served_over_in_process": ratio,
+                              "in_process_engine": engine.stats.summary()}), flush=True)
         mixed = mixed_lengths(engine, tokenizer, a.mixed_requests, 16)
         print(json.dumps({"mixed_lengths": mixed}), flush=True)
     finally:

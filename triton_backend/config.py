@@ -73,9 +73,9 @@ class ServerConfig:
         only gives up after its two-minute start timeout, with a socket timeout that names no port.
         """
         busy = []
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 # As tritonserver binds: a port left in TIME_WAIT by a previous server counts as free.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -194,18 +194,20 @@ class Engine:
             self._serve_steps()
         finally:
             self._drain("the server is shutting down" if self.fatal is None else f"the engine failed: {self.fatal}")
-            for hook in self._step_hooks:
-                hook()
+            self._after_step()
             if hasattr(self.gpt, "shutdown"):
                 self.gpt.shutdown()
 
     def _serve_steps(self) -> None:
         while True:
             going = self._serve_once()
-            for hook in self._step_hooks:  # after every pass of the loop, whatever it did
-                hook()
+            self._after_step()  # after every pass of the loop, whatever it did
             if not going:
                 return
+
+    def _after_step(self) -> None:
+        for hook in self._step_hooks:
+            hook()
 
     def _serve_once(self) -> bool:
         """Wait for work, retire abandoned requests, admit and run one step; False when the engine must stop."""

@@ -126,16 +126,14 @@ class CachedGPT:
         ``positions[i]``; a slot's tokens are consecutive, and several of them are a whole prompt (see
         ``kv_cache.plan``).
         """
-        step, order = plan(self.cache, slots.tolist(), positions.tolist(), tokens.device)
-        if order != list(range(len(order))):
-            run = torch.tensor(order, device=tokens.device)
-            tokens, positions = tokens[run], positions[run]
+        step, run = plan(self.cache, slots, positions)
+        if run is not None:
+            tokens = tokens[run]
             last = run.argsort()[last]  # where each packed index now runs
-        step.positions = positions[None]
         for module in self.attention:
             module.step = step
         try:
-            logits = self.model(tokens[None], positions[None], None)[0]  # [N, vocab / tp]
+            logits = self.model(tokens[None], step.positions, None)[0]  # [N, vocab / tp]
         finally:
             for module in self.attention:
                 module.step = None

@@ -19,7 +19,7 @@ class KVCache:
     The engine names sequences by slot; the cache keeps each slot in a physical row and moves the sequences of
     a step's decode part into rows 0..b-1 (``place``). Attention then reads ``keys[:b, :, :span]`` as a view:
     gathering the rows instead copies the whole live cache every layer, the largest cost of a CPU step at 64
-    rows (memory-bound, 4 of 9 ms per layer here) and twice the memory traffic of attention on a GPU. A
+    rows (it is memory-bound) and twice the memory traffic of attention on a GPU. A
     sequence that retires from the middle costs one row swap, once. Every tensor-parallel rank sees the same
     steps, so every rank places the same way.
     """
@@ -84,14 +84,14 @@ class StepContext:
     prompt_valid: torch.Tensor | None = None  # [prompts, longest]: places that hold a token, not padding
 
 
-def plan(cache: KVCache, slots: list[int], positions: list[int], device) -> tuple[StepContext | None, list[int]]:
-    """The step for packed tokens ``slots[i]``/``positions[i]`` and the order to run them in (singles by cache
-    row, then prompts). A slot's tokens are consecutive; several tokens of one slot are a prompt from 0.
-
-    Returns the context without its ``positions`` (the caller reorders its device tensor) and the order.
-    """
+def plan(cache: KVCache, slots: torch.Tensor, positions: torch.Tensor) -> tuple[StepContext, torch.Tensor | None]:
+    """The step for packed tokens in ``slots[i]`` at ``positions[i]`` ([N] each), and the order to run them in
+    (singles by cache row, then prompts; None when that is their order already). A slot's tokens are
+    consecutive; several tokens of one slot are a prompt from position 0."""
+    device = positions.device
+    slot_list, position_list = slots.tolist(), positions.tolist()
     segments: list[list[int]] = []  # [slot, start, length]
-    for i, slot in enumerate(slots):
+    for i, slot in enumerate(slot_list):
         if segments and segments[-1][0] == slot:
             segments[-1][2] += 1
         else:
@@ -100,15 +100,17 @@ def plan(cache: KVCache, slots: list[int], positions: list[int], device) -> tupl
         raise ValueError("a step holds a slot's tokens in more than one place")
     singles = [(s, i) for s, i, n in segments if n == 1]
     prompts = [(s, i, n) for s, i, n in segments if n > 1]
-    if any(positions[i:i + n] != list(range(n)) for _, i, n in prompts):
+    if any(position_list[i:i + n] != list(range(n)) for _, i, n in prompts):
         raise ValueError("a prompt must run whole, from position 0")
-    single_rows = cache.place([s for s, _ in singles], [positions[i] + 1 for _, i in singles], compact=True)
+    ends = [position_list[i] + 1 for _, i in singles]
+    single_rows = cache.place([s for s, _ in singles], ends, compact=True)
     prompt_rows = cache.place([s for s, _, _ in prompts], [n for _, _, n in prompts], compact=False)
     order = [i for _, i in sorted(zip(single_rows, (i for _, i in singles)))]
     order += [j for _, i, n in prompts for j in range(i, i + n)]
+    run = None if order == list(range(len(order))) else torch.tensor(order, device=device)
     rows = list(range(len(singles))) + [r for r, (_, _, n) in zip(prompt_rows, prompts) for _ in range(n)]
-    step = StepContext(cache, torch.tensor(rows, device=device), torch.empty(0), len(singles),
-                       max((positions[i] + 1 for _, i in singles), default=0))
+    step = StepContext(cache, torch.tensor(rows, device=device), (positions if run is None else positions[run])[None],
+                       len(singles), max(ends, default=0))
     if len(prompts) > 1:
         longest = max(n for _, _, n in prompts)
         index, valid, offset = [], [], 0
@@ -118,4 +120,4 @@ def plan(cache: KVCache, slots: list[int], positions: list[int], device) -> tupl
             offset += n
         step.prompt_index = torch.tensor(index, device=device)
         step.prompt_valid = torch.tensor(valid, device=device)
-    return step, order
+    return step, run
