@@ -39,6 +39,7 @@ class GenerationClient:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        self._responses = None  # the open gRPC stream's responses (see ``stream``)
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -65,22 +66,25 @@ class GenerationClient:
     def stream(self, prompt: str, **params):
         """Yield one ``Result`` per streamed response from ``ensemble_stream`` (gRPC only); ``text`` is the delta.
 
-        Leaving the loop early (``break``, an exception, closing the generator) cancels the request on the
-        server, which frees its slot in the engine.
+        Requests that run to the end share one gRPC stream, as perf_analyzer's do: opening a stream per request
+        costs a round trip and a client thread. Leaving the loop early (``break``, an exception, closing the
+        generator) closes the stream, which cancels the request on the server and frees its slot in the engine.
         """
         import queue
 
         if self.protocol != "grpc":
             raise ValueError("streaming uses gRPC; create the client with protocol='grpc'")
-        responses: queue.Queue = queue.Queue()
+        if self._responses is None:
+            responses: queue.Queue = queue.Queue()
+            self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            self._responses = responses
         final = False
-        self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
             outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]
             self._client.async_stream_infer("ensemble_stream", self.inputs(prompt, **params), outputs=outputs,
                                             enable_empty_final_response=True)
             while True:
-                result, error = responses.get(timeout=self.timeout_s)
+                result, error = self._responses.get(timeout=self.timeout_s)
                 if error is not None:
                     raise GenerationError(error.message(), error.status())
                 final = result.get_response().parameters["triton_final_response"].bool_param
@@ -89,7 +93,9 @@ class GenerationClient:
                 if final:
                     return
         finally:
-            self._client.stop_stream(cancel_requests=not final)
+            if not final:
+                self._responses = None
+                self._client.stop_stream(cancel_requests=True)
 
     def generate(self, prompt: str, **params) -> Result:
         outputs = [self._tc.InferRequestedOutput(name) for name in OUTPUTS]

@@ -1,6 +1,6 @@
 """Benchmark the served ensemble against the same engine in-process (``make bench``).
 
-    .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 3] [--max-tokens 64]
+    .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 8] [--max-tokens 64]
                                     [--mixed-requests 160]
 
 1. Starts the server (TP=1, demo model unless CHECKPOINT/TOKENIZER are set) on free loopback ports and, at
@@ -165,7 +165,9 @@ def mixed_lengths(engine, tokenizer, requests, batch):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests-per-client", type=int, default=3)
+    # Eight each, so that the start (every client's prompt at once) and the end (the last requests finishing with
+    # few others beside them) are a small part of each run: with three, they were a third of it.
+    parser.add_argument("--requests-per-client", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     # Enough requests that the end of the run, where the last long requests finish with few others beside
     # them, does not dominate (at 48 the in-flight run spent about a third of its time there).
@@ -184,7 +186,7 @@ def main() -> int:
     results = {}
     proc, grpc_url = start_server({"DEVICE": "cpu"})
     every_core = os.sched_getaffinity(0)
-    # The client threads keep off the engine thread's core, as they do in-process (load_engine pins the same
+    # The client threads keep off the engine thread's core, as they do in-process (engine_cpus pins the same
     # way): a remote client would not compete for it at all.
     engine_cpus(cfg)
     try:
@@ -202,8 +204,9 @@ def main() -> int:
     print(json.dumps({"served_engine": steps[-1] if steps else None}), flush=True)
 
     os.sched_setaffinity(0, every_core)
+    cpus = engine_cpus(cfg)  # pinned as the server pins: this thread, gloo's and the clients off the engine's core
     init_parallel(1, "cpu")
-    engine = load_engine(cfg).start()
+    engine = load_engine(cfg, cpus=cpus).start()
     tokenizer = Tokenizer(cfg.tokenizer)
     try:
         for c in a.concurrency:

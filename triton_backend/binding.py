@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 
 import numpy as np
 
@@ -153,6 +154,14 @@ class _StreamState:
         self.tokens = self.chars = 0
         self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
+        # Coalescing: the monotonic time before which the engine thread holds this stream's tokens back (set by
+        # the stream's coroutine when it sends). Holding them on the engine side means no delta to compute, no
+        # hand-over and no wake-up of the event loop until a response is due.
+        self.due = 0.0  # nothing sent yet: the first token goes out at once (TTFT)
+
+    def due_now(self, g) -> bool:
+        """On the engine thread: whether what changed goes out now (the end never waits)."""
+        return g.done or time.monotonic() >= self.due
 
     def delta(self, g) -> dict | None:
         done = g.done
@@ -271,7 +280,6 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
         key = f"stream-{next(keys)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        finished = asyncio.Event()  # the last delta is queued
         try:
             if "STREAM" in request and not bool(request["STREAM"][0][0]):
                 raise InvalidRequest("stream", False, "ensemble_stream always streams; send unary requests to "
@@ -283,33 +291,25 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
             state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key)
 
             def listener(g):
-                d = state.delta(g)
-                if d is not None:
+                if state.due_now(g) and (d := state.delta(g)) is not None:
                     deliveries.put(loop, functools.partial(queue.put_nowait, d))
-                    if d["done"]:
-                        deliveries.put(loop, finished.set)
 
             generation = engine.submit(ids, params, listener=listener, track_text=True)
         except (InvalidRequest, EngineBusy) as err:
             raise PyTritonValidationError(str(err)) from None
         if control is not None:
             control.register(key, generation)
-        sent = False
         try:
             while True:
                 d = await queue.get()
-                wait_s = coalesce_wait_s(live[0], responses_per_s)
-                if wait_s and sent and not d["done"]:  # the first token goes out at once (TTFT)
-                    # ... and so does the last: the client's next request may be waiting on it, and its slot
-                    # would stay empty meanwhile.
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(finished.wait(), wait_s)
-                while not queue.empty():
+                while not queue.empty():  # handed over in the same step (rare: the engine holds tokens back)
                     d = _merge(d, queue.get_nowait())
                 if d["error"]:
                     raise RuntimeError(d["error"])
+                # The next response waits (see coalesce_wait_s), except the last: the client's next request may
+                # be waiting on it, and its slot would stay empty meanwhile.
+                state.due = time.monotonic() + coalesce_wait_s(live[0], responses_per_s)
                 yield [_stream_outputs(d, state)]
-                sent = True
                 if d["done"]:
                     return
         finally:  # also when PyTriton closes the generator early: the slot must not stay taken

@@ -22,7 +22,7 @@ from preprocessing.tokenizer import Tokenizer
 from .config import ServerConfig
 from .gpt import init_parallel
 from .protocol import follow, make_group
-from .server import load_engine, load_gpt
+from .server import engine_cpus, load_engine, load_gpt
 
 BENCH_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
@@ -62,6 +62,7 @@ def main() -> None:
     cfg = ServerConfig(**{**env_cfg.__dict__, **overrides,
                           "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")),
                           "max_slots": max(env_cfg.max_slots, *a.batch)})
+    cpus = engine_cpus(cfg)  # before init_parallel, as the server does
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
     group = make_group(cfg.collective_timeout_s) if cfg.tensor_parallel > 1 else None
     if torch.distributed.get_rank() != 0:
@@ -69,7 +70,7 @@ def main() -> None:
         torch.distributed.destroy_process_group()
         return
     started = time.perf_counter()
-    engine = load_engine(cfg, group).start()
+    engine = load_engine(cfg, group, cpus).start()
     load_s = time.perf_counter() - started
     tokenizer = Tokenizer(cfg.tokenizer)
     try:

@@ -75,8 +75,9 @@ def set_threads(cfg: ServerConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-def load_engine(cfg: ServerConfig, group=None) -> Engine:
-    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer, in an engine."""
+def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> Engine:
+    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer, in an engine
+    whose thread runs on ``cpus`` (see ``engine_cpus``)."""
     from preprocessing.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(cfg.tokenizer)
@@ -88,12 +89,13 @@ def load_engine(cfg: ServerConfig, group=None) -> Engine:
     tp = cfg.tensor_parallel
     return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
                   max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer,
-                  max_request_s=cfg.max_request_s, cpus=engine_cpus(cfg))
+                  max_request_s=cfg.max_request_s, cpus=cpus)
 
 
 def engine_cpus(cfg: ServerConfig) -> set[int] | None:
     """On CPU at TP=1, cores of the engine thread's own (one per torch thread); the calling thread keeps the
-    rest, and so do the threads and processes it starts later: PyTriton's, tritonserver, the backend stubs.
+    rest, and so do the threads and processes it starts later: gloo's (call this before ``init_parallel``),
+    PyTriton's, tritonserver, the backend stubs.
 
     The engine thread is the server's critical path; unpinned, the scheduler puts Triton's processes on its
     core. On 2 cores at 16 streams, served steps took 10.2-10.4 ms pinned against 11.7-12.0 unpinned, and
@@ -272,6 +274,8 @@ def main() -> int:
     # The world group waits as long as checkpoint loading may take; steps are bounded by the protocol group's
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)
+    # Before init_parallel: gloo starts a score of polling threads, and they must keep off the engine's core.
+    cpus = engine_cpus(cfg) if os.environ.get("RANK", "0") == "0" else None
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world != cfg.tensor_parallel:
@@ -280,7 +284,7 @@ def main() -> int:
     group = make_group(cfg.collective_timeout_s) if world > 1 else None
     try:
         if rank == 0:
-            return lead(cfg, started, group)
+            return lead(cfg, started, group, cpus)
         gpt = load_gpt(cfg)
         # Once loaded, a follower leaves when rank 0 says so (after draining) or when rank 0 is gone (the
         # protocol group's timeout): a SIGTERM from torchrun must not end it in the middle of the drain.
@@ -295,9 +299,9 @@ def main() -> int:
         torch.distributed.destroy_process_group()
 
 
-def lead(cfg: ServerConfig, started: float, group=None) -> int:
+def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = None) -> int:
     """Rank 0: load, start the engine (which leads the followers), serve until stopped or failed."""
-    engine = load_engine(cfg, group)
+    engine = load_engine(cfg, group, cpus)
     LOG.info("model loaded in %.1f s on %s (%s, TP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
              cfg.tensor_parallel)
     signal.signal(signal.SIGTERM, _on_signal)
