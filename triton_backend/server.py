@@ -275,7 +275,7 @@ def main() -> int:
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)
     # Before init_parallel: gloo starts a score of polling threads, and they must keep off the engine's core.
-    cpus = engine_cpus(cfg) if os.environ.get("RANK", "0") == "0" else None
+    cpus = engine_cpus(cfg)  # None unless TP=1, where this is rank 0
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world != cfg.tensor_parallel:
