@@ -58,6 +58,8 @@ def ranks(pids: list[int]) -> dict[str, psutil.Process]:
                 if session.should_detach(env):
                     continue  # rank 0's supervisor (triton_backend/session.py), not the rank itself
                 found[f"rank {env.get('RANK', '?')}"] = p
+            elif "triton_backend.frontend" in cmd:
+                found["serving process"] = p  # PyTriton's side of rank 0 (triton_backend/frontend.py)
             elif cmd.split(" ")[0].endswith("tritonserver"):
                 found["tritonserver"] = p
     return found
@@ -187,7 +189,7 @@ def verdict(summary: dict, requests: int) -> list[str]:
     if any(summary["gauges_after"].values()):
         problems.append(f"gauges not back to zero: {summary['gauges_after']}")
     for role, m in summary["memory"].items():
-        if role.startswith("rank") and m["growth"] >= MEMORY_GROWTH_LIMIT:
+        if role != "tritonserver" and m["growth"] >= MEMORY_GROWTH_LIMIT:  # the ranks and rank 0's serving process
             problems.append(f"{role} resident memory grew {100 * m['growth']:.1f} %")
     return problems
 

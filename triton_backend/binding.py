@@ -11,13 +11,17 @@ import contextlib
 import functools
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from preprocessing.metrics import STATS, request_timing, stats_row
 from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
 
-from .engine import Engine, EngineBusy
+from .generation import EngineBusy
+
+if TYPE_CHECKING:  # the serving process runs without torch: it is given an engine_link.RemoteEngine
+    from .engine import Engine
 
 MODEL_NAME = "megatron_gpt"
 

@@ -18,46 +18,14 @@ from collections.abc import Callable
 
 import torch
 
-from preprocessing.detokenize import TextTracker
-from preprocessing.params import InvalidRequest, SamplingParams
+from preprocessing.params import SamplingParams
 
+from .generation import EngineBusy, Generation, new_generation, validate
 from .sampling import RowSampler, sample
 
+__all__ = ["Engine", "EngineBusy", "EngineStats", "Generation"]
+
 LOG = logging.getLogger(__name__)
-
-
-class EngineBusy(RuntimeError):
-    """The waiting queue is full; the client should retry later."""
-
-
-@dataclasses.dataclass
-class Generation:
-    """One request's progress; ``wait()`` returns once it has finished or failed."""
-
-    prompt: list[int]
-    params: SamplingParams
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
-    error: str | None = None
-    submitted: float = dataclasses.field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    tracker: TextTracker | None = None  # text so far, when stop words or streaming need it
-    listener: Callable[[Generation], None] | None = None  # called from the engine thread on every change
-    cancelled: bool = False  # set by ``Engine.cancel``; the engine retires it before its next step
-    _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
-
-    def _notify(self) -> None:
-        if self.listener is not None:
-            self.listener(self)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
 
 
 @dataclasses.dataclass
@@ -145,20 +113,12 @@ class Engine:
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Every rule a request must meet before it may reach the model (raises ``InvalidRequest``)."""
-        params.check(self.vocab_size, len(prompt), self.context)
-        if (params.stop_words or params.bad_words) and self.tokenizer is None:
-            raise InvalidRequest("stop_words" if params.stop_words else "bad_words", "...",
-                                 "needs the tokenizer, which this engine was not given")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest("INPUT_IDS", bad, f"token ids must be in [0, {self.vocab_size})")
+        validate(prompt, params, self.vocab_size, self.context, self.tokenizer)
 
     def submit(self, prompt: list[int], params: SamplingParams, listener=None, track_text: bool = False) -> Generation:
         """Queue a request; ``listener(generation)`` runs on the engine thread after every new token."""
         self.validate(prompt, params)
-        generation = Generation(prompt=list(prompt), params=params, listener=listener)
-        if params.stop_words or track_text:
-            generation.tracker = TextTracker(self.tokenizer, generation.prompt, params.stop_words)
+        generation = new_generation(prompt, params, self.tokenizer, listener, track_text)
         with self._wake:
             if self._stopping or self._closing:
                 raise EngineBusy("the server is shutting down and takes no new requests")

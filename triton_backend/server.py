@@ -1,36 +1,35 @@
 """Serve a Megatron GPT checkpoint: ``torchrun --nproc-per-node $TP -m triton_backend.server``.
 
-Rank 0 loads its shard, starts the engine and binds ``megatron_gpt`` with PyTriton into the Triton server
-that also serves ``model_repository/`` (preprocessing, postprocessing and the ensemble).
+Rank 0 loads its shard and starts the engine, which leads the other ranks. It then starts the serving process
+(``frontend.py``): Triton with ``model_repository/`` (preprocessing, postprocessing, the ensembles) and the
+generation models bound by PyTriton, joined to the engine by ``engine_link.py``. Rank 0 supervises it and
+drains on SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pathlib
 import signal
+import socket
+import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 
 import psutil
 import torch
 
-from preprocessing.control import ENV as CONTROL_ENV
-from preprocessing.control import ControlChannel, default_path
-
 from . import checkpoint, session
-from .binding import MODEL_NAME, STREAM_MODEL_NAME, make_infer, make_stream_infer, stream_tensors, tensors
 from .config import ROOT, ServerConfig
 from .engine import Engine
+from .engine_link import EngineHost
 from .gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
 from .protocol import Leader, follow, make_group
 
 LOG = logging.getLogger("megatron_triton")
-START_ATTEMPTS = 3
 KV_SHARE_OF_FREE_MEMORY = 0.8  # the rest is left for activations and logits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,108 +113,51 @@ def engine_cpus(cfg: ServerConfig) -> set[int] | None:
     return set(cores[:n])
 
 
-def pipeline_env(cfg: ServerConfig, context: int) -> None:
-    """Environment the Triton process and its Python-backend models inherit."""
-    # The backend stub links the system libpython; a pyenv/venv interpreter must put its own libdir first.
-    libdir = sysconfig.get_config_var("LIBDIR")
-    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    os.environ["MEGATRON_TRITON_TOKENIZER"] = str(cfg.tokenizer.resolve())
-    os.environ["MEGATRON_TRITON_CONTEXT"] = str(context)
+def start_frontend(cfg: ServerConfig, engine: Engine) -> tuple[subprocess.Popen, EngineHost]:
+    """Start the serving process (``frontend.py``: Triton, the pipeline, PyTriton) joined to ``engine``.
+
+    It inherits this thread's cores, which ``engine_cpus`` left to everything but the engine thread.
+    """
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-m", "triton_backend.frontend", str(theirs.fileno()), str(engine.vocab_size),
+         str(engine.context)],
+        pass_fds=[theirs.fileno()], env={**os.environ, "DEVICE": cfg.device}, cwd=ROOT,
+    )
+    theirs.close()
+    return process, EngineHost(engine, Connection(ours.detach()), serving=SERVING)
 
 
-def serve(cfg: ServerConfig, engine: Engine) -> None:
-    """Run Triton with the pipeline and bind the generation models; return when stopped (drained) or failed."""
-    control = ControlChannel(default_path(), engine)  # cancellations in, load out (see preprocessing/control.py)
-    os.environ[CONTROL_ENV] = str(control.path)
-    # PyTriton's default moves tensors through a shared-memory store run by a multiprocessing manager, a child
-    # of this rank. torchrun's SIGTERM reaches every process of the rank's group, that manager too, and
-    # responses still in flight would then fail; base64 over PyTriton's socket has no such process (and
-    # measured no slower here: 835 against 958 tokens/s at 16 streams, within the run-to-run spread).
-    os.environ.setdefault("PYTRITON_NO_TENSORSTORE", "1")
-    pipeline_env(cfg, engine.context)
+def stop_frontend(process: subprocess.Popen, host: EngineHost, timeout_s: float = 20.0) -> None:
+    """Ask the serving process to stop Triton and exit; kill it and what it started if it does not."""
     try:
-        _serve(cfg, engine, control)
-    finally:
-        control.close()
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    host.stop_serving()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        LOG.warning("the serving process did not stop within %.0f s; killing it", timeout_s)
+        process.kill()
+        process.wait()
+    for child in descendants:  # what an abrupt end left behind (the serving process reaps them otherwise)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
-def _serve(cfg: ServerConfig, engine: Engine, control: ControlChannel) -> None:
-    from pytriton.model_config import DynamicBatcher, ModelConfig
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-    triton_config = TritonConfig(
-        model_repository=cfg.model_repository.resolve(),
-        http_address=cfg.host, http_port=cfg.http_port,
-        grpc_address=cfg.host, grpc_port=cfg.grpc_port,
-        metrics_port=cfg.metrics_port,
-        exit_on_error=False,  # the ensemble's first load fails until megatron_gpt is bound; Triton retries it
-        # torchrun signals rank 0's whole process group, tritonserver included, which then refuses new requests
-        # and waits this long for those in flight while the engine finishes them (see ``watch``).
-        exit_timeout_secs=cfg.drain_timeout_s,
-        log_verbose=cfg.log_verbose,
-    )
-    # Loading a model is code execution: keep model control (and shared memory, trace, logging) behind a
-    # token. Statistics stay open because perf_analyzer reads them.
-    security = TritonSecurityConfig(
-        access_token=cfg.admin_token or None,
-        restricted_endpoints=["model-repository", "shared-memory", "trace", "logging"],
-    )
-    inputs, outputs = tensors()
-    model_config = ModelConfig(
-        max_batch_size=cfg.max_batch_size,
-        batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us),
-    )
-    for attempt in range(1, START_ATTEMPTS + 1):
-        # Short: PyTriton puts Unix sockets in it (108-byte path limit).
-        workspace = pathlib.Path(tempfile.gettempdir()) / f"megatron_triton_{os.getpid()}_{attempt}"
-        children: list[psutil.Process] = []
-        try:
-            with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
-                try:
-                    # Triton is already running here (PyTriton's default lifecycle): bind loads megatron_gpt.
-                    # One decoupled instance: its async generator keeps every stream in flight at once.
-                    stream_inputs, stream_outputs = stream_tensors()
-                    stream_infer = make_stream_infer(engine, control, cfg.stream_responses_per_s)
-                    triton.bind(
-                        model_name=STREAM_MODEL_NAME, infer_func=stream_infer,
-                        inputs=stream_inputs, outputs=stream_outputs, strict=False,
-                        config=ModelConfig(max_batch_size=1, decoupled=True),
-                    )
-                    # Bound last, so that /v2/models/ensemble/ready implies ensemble_stream is ready too.
-                    triton.bind(
-                        model_name=MODEL_NAME, infer_func=[make_infer(engine)] * cfg.instances,
-                        inputs=inputs, outputs=outputs, config=model_config, strict=False,
-                    )
-                    triton.run()
-                except Exception as err:  # PyTriton surfaces load failures as several exception types
-                    # PyTriton 0.7's instance handshake races (the first instance's socket file appears before
-                    # it listens); the other instances then fail with ConnectionRefusedError. A fresh start
-                    # fixes it.
-                    if attempt == START_ATTEMPTS:
-                        raise
-                    LOG.warning("start attempt %d failed (%s); restarting Triton", attempt, str(err).splitlines()[0])
-                    continue
-                LOG.info("serving on http :%d, grpc :%d, metrics :%d", cfg.http_port, cfg.grpc_port,
-                         cfg.metrics_port)
-                SERVING.set()
-                try:
-                    watch(cfg, triton, engine)
-                finally:
-                    children = psutil.Process().children(recursive=True)
-                return
-        finally:
-            reap(children)
-
-
-def watch(cfg: ServerConfig, triton, engine: Engine) -> None:
-    """Serve until Triton or the engine fails, or SIGTERM/SIGINT; then drain while Triton still answers."""
-    while triton.is_alive() and engine.fatal is None and not STOP.is_set():
+def watch(cfg: ServerConfig, frontend: subprocess.Popen, host: EngineHost, engine: Engine) -> int:
+    """Serve until the serving process or the engine fails, or SIGTERM/SIGINT; then drain while Triton still
+    answers. Returns the exit code: 1 when the serving process ended on its own."""
+    while frontend.poll() is None and not host.gone.is_set() and engine.fatal is None and not STOP.is_set():
         if engine.stalled(cfg.collective_timeout_s):
             engine.fatal = TimeoutError(f"a step has not finished in {cfg.collective_timeout_s} s (a rank is stuck)")
         STOP.wait(0.5)
-    if not STOP.is_set() or engine.fatal is not None:
-        return
+    if engine.fatal is not None:
+        return 1
+    if not STOP.is_set():
+        LOG.error("the serving process (Triton) ended with %s; stopping", frontend.poll())
+        return 1
     started = time.monotonic()
     LOG.info("draining: new requests are refused, %d in flight get up to %d s", sum(engine.load()[k] for k in
              ("running", "waiting")), cfg.drain_timeout_s)
@@ -224,22 +166,7 @@ def watch(cfg: ServerConfig, triton, engine: Engine) -> None:
         engine.stop()  # what is left gets an error ("the server is shutting down"), still through Triton
     time.sleep(0.5)  # let the last responses leave before Triton stops
     LOG.info("drained in %.1f s (%s)", time.monotonic() - started, "all finished" if drained else "grace ran out")
-
-
-def reap(processes: list[psutil.Process]) -> None:
-    """Kill what Triton's shutdown left behind and remove this process's PyTriton shared memory.
-
-    When shutdown is abrupt (a rank died, SIGTERM mid-request) a backend stub can outlive tritonserver's
-    exit timeout; PyTriton's tensor-store segments are named after the process that created them.
-    """
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=5)
-    for segment in pathlib.Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
-        segment.unlink(missing_ok=True)
+    return 0
 
 
 STOP = threading.Event()  # set by SIGTERM/SIGINT once serving: drain, then stop
@@ -300,20 +227,25 @@ def main() -> int:
 
 
 def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = None) -> int:
-    """Rank 0: load, start the engine (which leads the followers), serve until stopped or failed."""
+    """Rank 0: load, start the engine (which leads the followers) and the serving process, serve until stopped
+    or failed."""
     engine = load_engine(cfg, group, cpus)
     LOG.info("model loaded in %.1f s on %s (%s, TP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
              cfg.tensor_parallel)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     engine.start()
+    frontend, code = None, 1
     try:
-        serve(cfg, engine)
+        frontend, host = start_frontend(cfg, engine)
+        code = watch(cfg, frontend, host, engine)
     except KeyboardInterrupt:
         LOG.info("interrupted, shutting down")
     finally:
         if engine.fatal is None:
-            engine.stop()
+            engine.stop()  # what is left gets its error through the serving process, which stops next
+        if frontend is not None:
+            stop_frontend(frontend, host)
         LOG.info("engine: %s", engine.stats.summary())
     if engine.fatal is not None:
         # Triton is already stopped. Ranks may be stuck inside a collective that will never finish: take
@@ -321,7 +253,7 @@ def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = 
         LOG.error("engine failed, ending the job: %s", engine.fatal)
         end_other_ranks()
         os._exit(1)
-    return 0
+    return code
 
 
 def end_other_ranks() -> None:
