@@ -83,9 +83,13 @@ class EngineHost:
 
     def _submit(self, key: int, prompt: list[int], params) -> None:
         try:
-            self._live[key] = self.engine.submit(prompt, params, listener=functools.partial(self._changed_cb, key))
+            generation = self.engine.submit(prompt, params, listener=functools.partial(self._changed_cb, key))
         except (InvalidRequest, EngineBusy) as err:
             self._send(("refused", key, str(err)))
+            return
+        self._live[key] = generation
+        if generation.done:  # finished before it was filed: ``_flush`` may have passed already
+            self._live.pop(key, None)
 
     def _changed_cb(self, key: int, generation: Generation) -> None:  # engine thread
         self._changed[key] = generation

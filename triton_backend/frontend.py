@@ -49,9 +49,10 @@ def serve(cfg: ServerConfig, engine: RemoteEngine) -> None:
     control = ControlChannel(default_path(), engine)  # cancellations in, load out (see preprocessing/control.py)
     os.environ[CONTROL_ENV] = str(control.path)
     # PyTriton's default moves tensors through a shared-memory store run by a multiprocessing manager, a child
-    # of this rank. torchrun's SIGTERM reaches every process of the rank's group, that manager too, and
-    # responses still in flight would then fail; base64 over PyTriton's socket has no such process (and
-    # measured no slower here: 835 against 958 tokens/s at 16 streams, within the run-to-run spread).
+    # of this process. A signal to the process group (torchrun's SIGTERM without session.py, a terminal's
+    # Ctrl-C) would reach that manager too, and responses still in flight would then fail. base64 over
+    # PyTriton's socket has no such process (and measured no slower here: 835 against 958 tokens/s at 16
+    # streams, within the run-to-run spread).
     os.environ.setdefault("PYTRITON_NO_TENSORSTORE", "1")
     pipeline_env(cfg, engine.context)
     try:
@@ -70,8 +71,8 @@ def _serve(cfg: ServerConfig, engine: RemoteEngine, control: ControlChannel) -> 
         grpc_address=cfg.host, grpc_port=cfg.grpc_port,
         metrics_port=cfg.metrics_port,
         exit_on_error=False,  # the ensemble's first load fails until megatron_gpt is bound; Triton retries it
-        # torchrun signals rank 0's whole process group, tritonserver included, which then refuses new requests
-        # and waits this long for those in flight while the engine finishes them (see ``server.watch``).
+        # When tritonserver is stopped (or signalled directly) with requests in flight, it refuses new ones and
+        # waits this long for those. Normally rank 0 has drained the engine first (see ``server.watch``).
         exit_timeout_secs=cfg.drain_timeout_s,
         log_verbose=cfg.log_verbose,
     )

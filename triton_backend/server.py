@@ -239,8 +239,9 @@ def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = 
     try:
         frontend, host = start_frontend(cfg, engine)
         code = watch(cfg, frontend, host, engine)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a stop signal before serving began
         LOG.info("interrupted, shutting down")
+        code = 0
     finally:
         if engine.fatal is None:
             engine.stop()  # what is left gets its error through the serving process, which stops next
