@@ -113,50 +113,59 @@ def engine_cpus(cfg: ServerConfig) -> set[int] | None:
     return set(cores[:n])
 
 
-def start_frontend(cfg: ServerConfig, engine: Engine) -> tuple[subprocess.Popen, EngineHost]:
-    """Start the serving process (``frontend.py``: Triton, the pipeline, PyTriton) joined to ``engine``.
+class ServingProcess:
+    """Rank 0's serving process (``frontend.py``: Triton, the pipeline, PyTriton), joined to the engine.
 
     It inherits this thread's cores, which ``engine_cpus`` left to everything but the engine thread.
     """
-    ours, theirs = socket.socketpair()
-    process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "triton_backend.frontend", str(theirs.fileno()), str(engine.vocab_size),
-         str(engine.context)],
-        pass_fds=[theirs.fileno()], env={**os.environ, "DEVICE": cfg.device}, cwd=ROOT,
-    )
-    theirs.close()
-    return process, EngineHost(engine, Connection(ours.detach()), serving=SERVING)
 
+    def __init__(self, cfg: ServerConfig, engine: Engine):
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "triton_backend.frontend", str(theirs.fileno()), str(engine.vocab_size),
+             str(engine.context)],
+            pass_fds=[theirs.fileno()], env={**os.environ, "DEVICE": cfg.device}, cwd=ROOT,
+        )
+        theirs.close()
+        self.host = EngineHost(engine, Connection(ours.detach()), serving=SERVING)
+        self._seen: dict[int, psutil.Process] = {}  # its descendants (tritonserver, the stubs), as last seen
 
-def stop_frontend(process: subprocess.Popen, host: EngineHost, timeout_s: float = 20.0) -> None:
-    """Ask the serving process to stop Triton and exit; kill it and what it started if it does not."""
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    host.stop_serving()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        LOG.warning("the serving process did not stop within %.0f s; killing it", timeout_s)
-        process.kill()
-        process.wait()
-    for child in descendants:  # what an abrupt end left behind (the serving process reaps them otherwise)
+    def alive(self) -> bool:
+        """Whether it runs and its end of the link is open; notes what it started, in case it dies abruptly."""
+        if self.process.poll() is not None or self.host.gone.is_set():
+            return False
         with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+            self._seen |= {p.pid: p for p in psutil.Process(self.process.pid).children(recursive=True)}
+        return True
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Ask it to stop Triton and exit; kill it if it does not, and whatever it started that outlived it."""
+        self.alive()
+        self.host.stop_serving()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            LOG.warning("the serving process did not stop within %.0f s; killing it", timeout_s)
+            self.process.kill()
+            self.process.wait()
+        # Normally gone: the serving process reaps them, and PyTriton gives tritonserver a SIGTERM when its
+        # parent dies. That SIGTERM still lets tritonserver wait up to DRAIN_TIMEOUT_S for requests in flight.
+        for child in self._seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
-def watch(cfg: ServerConfig, frontend: subprocess.Popen, host: EngineHost, engine: Engine) -> int:
+def watch(cfg: ServerConfig, frontend: ServingProcess, engine: Engine) -> int:
     """Serve until the serving process or the engine fails, or SIGTERM/SIGINT; then drain while Triton still
     answers. Returns the exit code: 1 when the serving process ended on its own."""
-    while frontend.poll() is None and not host.gone.is_set() and engine.fatal is None and not STOP.is_set():
+    while frontend.alive() and engine.fatal is None and not STOP.is_set():
         if engine.stalled(cfg.collective_timeout_s):
             engine.fatal = TimeoutError(f"a step has not finished in {cfg.collective_timeout_s} s (a rank is stuck)")
         STOP.wait(0.5)
     if engine.fatal is not None:
         return 1
     if not STOP.is_set():
-        LOG.error("the serving process (Triton) ended with %s; stopping", frontend.poll())
+        LOG.error("the serving process (Triton) ended with %s; stopping", frontend.process.poll())
         return 1
     started = time.monotonic()
     LOG.info("draining: new requests are refused, %d in flight get up to %d s", sum(engine.load()[k] for k in
@@ -237,8 +246,8 @@ def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = 
     engine.start()
     frontend, code = None, 1
     try:
-        frontend, host = start_frontend(cfg, engine)
-        code = watch(cfg, frontend, host, engine)
+        frontend = ServingProcess(cfg, engine)
+        code = watch(cfg, frontend, engine)
     except KeyboardInterrupt:  # a stop signal before serving began
         LOG.info("interrupted, shutting down")
         code = 0
@@ -246,7 +255,7 @@ def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = 
         if engine.fatal is None:
             engine.stop()  # what is left gets its error through the serving process, which stops next
         if frontend is not None:
-            stop_frontend(frontend, host)
+            frontend.stop()
         LOG.info("engine: %s", engine.stats.summary())
     if engine.fatal is not None:
         # Triton is already stopped. Ranks may be stuck inside a collective that will never finish: take

@@ -128,6 +128,25 @@ def test_killing_a_follower_ends_the_job_within_60_s(tmp_path):
     assert not shm_segments(p.pid for p in processes)
 
 
+def test_killing_the_serving_process_ends_the_job(tmp_path):
+    """Rank 0's serving process (Triton, PyTriton) dies: rank 0 stops the engine and exits non-zero, and
+    nothing the serving process started (tritonserver, the stubs) is left running."""
+    server = start_server(tmp_path / "frontend", TP="1")
+    processes = job_processes(server)
+    frontend = next(p for p in processes if "triton_backend.frontend" in " ".join(p.cmdline()))
+    started = time.monotonic()
+    frontend.send_signal(signal.SIGKILL)
+    try:
+        code = server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert code != 0
+    assert time.monotonic() - started < 60
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
+    assert "the serving process (Triton) ended" in server.log.read_text(errors="replace")
+
+
 def test_sigterm_drains_in_flight_requests_then_stops_every_rank(tmp_path):
     """SIGTERM (to torchrun alone, as a container runtime sends it): requests in flight finish, new ones are
     refused, then every rank, tritonserver and the stubs exit within torchrun's 30 s, leaving no shared memory."""
