@@ -140,11 +140,11 @@ class RemoteEngine:
     # -- the engine's serving interface -------------------------------------------------------------------
     def submit(self, prompt: list[int], params, listener=None, track_text: bool = False) -> Generation:
         validate(prompt, params, self.vocab_size, self.context, self.tokenizer)
-        if self.stopped.is_set():
-            raise EngineBusy("the server is shutting down and takes no new requests")
         generation = new_generation(prompt, params, self.tokenizer, listener, track_text, kind=RemoteGeneration)
         generation.key = next(self._keys)
-        with self._lock:
+        with self._lock:  # with the receiving thread's end: a generation filed here is failed there
+            if self.stopped.is_set():
+                raise EngineBusy("the server is shutting down and takes no new requests")
             self._live[generation.key] = generation
         self._send(("submit", generation.key, generation.prompt, params))
         return generation
@@ -188,8 +188,8 @@ class RemoteEngine:
         except (EOFError, OSError):
             LOG.error("the engine (rank 0) is gone")
         finally:
-            self.stopped.set()
             with self._lock:
+                self.stopped.set()
                 keys = list(self._live)
             for key in keys:
                 self._finish(key, None, "the server is shutting down")
