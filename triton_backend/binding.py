@@ -151,20 +151,21 @@ def stream_tensors():
 
 
 class _StreamState:
-    """What one stream has sent; ``delta`` runs on the engine thread, where the generation is consistent."""
+    """What one stream has sent; ``delta`` runs on the thread that calls the engine's listeners (the engine
+    thread, or in the server the serving process's link thread), where the generation is consistent."""
 
     def __init__(self, params, prompt_tokens: int, prefix: str, key: str):
         self.params, self.prompt_tokens, self.key = params, prompt_tokens, key
         self.tokens = self.chars = 0
         self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
-        # Coalescing: the monotonic time before which the engine thread holds this stream's tokens back (set by
-        # the stream's coroutine when it sends). Holding them on the engine side means no delta to compute, no
-        # hand-over and no wake-up of the event loop until a response is due.
+        # Coalescing: the monotonic time before which the listener holds this stream's tokens back (set by the
+        # stream's coroutine when it sends). Holding them there means no delta to compute, no hand-over and no
+        # wake-up of the event loop until a response is due.
         self.due = 0.0  # nothing sent yet: the first token goes out at once (TTFT)
 
     def due_now(self, g) -> bool:
-        """On the engine thread: whether what changed goes out now (the end never waits)."""
+        """In the listener: whether what changed goes out now (the end never waits)."""
         return g.done or time.monotonic() >= self.due
 
     def delta(self, g) -> dict | None:
@@ -228,8 +229,8 @@ def coalesce_wait_s(live: int, responses_per_s: float) -> float:
 class _Deliveries:
     """Hands the streams' deltas to their event loop once per engine step, not once per token.
 
-    Each hand-over (``call_soon_threadsafe``) writes to the loop's wake-up pipe, and the woken loop thread then
-    takes the GIL from the engine thread in the middle of its step: at 16 streams that was 16 times a step.
+    Each hand-over (``call_soon_threadsafe``) writes to the loop's wake-up pipe and wakes the loop thread, which
+    then competes for the GIL with the thread delivering the step: at 16 streams that was 16 times a step.
     """
 
     def __init__(self):
@@ -237,12 +238,12 @@ class _Deliveries:
         self._pending: dict = {}  # loop -> [callback]
 
     def put(self, loop, callback) -> None:
-        """On the engine thread: ``callback()`` on ``loop`` after this step."""
+        """In a listener: ``callback()`` on ``loop`` after this step."""
         with self._lock:
             self._pending.setdefault(loop, []).append(callback)
 
     def flush(self) -> None:
-        """On the engine thread, after each step (``Engine.add_step_hook``)."""
+        """After each step, as a step hook (``add_step_hook`` of the engine or its ``RemoteEngine``)."""
         with self._lock:
             pending, self._pending = self._pending, {}
         for loop, callbacks in pending.items():

@@ -142,7 +142,12 @@ def reap(processes: list[psutil.Process]) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=5)
-    for segment in pathlib.Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+    remove_shared_memory(os.getpid())
+
+
+def remove_shared_memory(pid: int) -> None:
+    """Remove the PyTriton shared-memory segments of process ``pid`` (named ``pytrtion<pid>-...``)."""
+    for segment in pathlib.Path("/dev/shm").glob(f"pytrtion{pid}-*"):
         segment.unlink(missing_ok=True)
 
 

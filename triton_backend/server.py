@@ -26,6 +26,7 @@ from . import checkpoint, session
 from .config import ROOT, ServerConfig
 from .engine import Engine
 from .engine_link import EngineHost
+from .frontend import remove_shared_memory
 from .gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
 from .protocol import Leader, follow, make_group
 
@@ -131,16 +132,22 @@ class ServingProcess:
         self._seen: dict[int, psutil.Process] = {}  # its descendants (tritonserver, the stubs), as last seen
 
     def alive(self) -> bool:
-        """Whether it runs and its end of the link is open; notes what it started, in case it dies abruptly."""
+        """Whether it runs and its end of the link is open."""
         if self.process.poll() is not None or self.host.gone.is_set():
             return False
+        if not self._seen and self.host.serving.is_set():  # Triton and its stubs are all up: note them once
+            self._note_descendants()
+        return True
+
+    def _note_descendants(self) -> None:
+        """Remember what it started, to kill what outlives it if it dies abruptly (its children are then
+        re-parented and no longer found under it)."""
         with contextlib.suppress(psutil.NoSuchProcess):
             self._seen |= {p.pid: p for p in psutil.Process(self.process.pid).children(recursive=True)}
-        return True
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Ask it to stop Triton and exit; kill it if it does not, and whatever it started that outlived it."""
-        self.alive()
+        self._note_descendants()
         self.host.stop_serving()
         try:
             self.process.wait(timeout_s)
@@ -153,6 +160,7 @@ class ServingProcess:
         for child in self._seen.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        remove_shared_memory(self.process.pid)  # what it could not remove itself (it was killed)
 
 
 def watch(cfg: ServerConfig, frontend: ServingProcess, engine: Engine) -> int:
