@@ -4,8 +4,9 @@
     .venv/bin/python tools/soak.py --attach HTTP GRPC METRICS PID ...   # a server that is already running
 
 Loopback only, bounded by --requests and --max-minutes. Prints one JSON summary and exits non-zero when a
-request failed unexpectedly, when the running/waiting/KV gauges do not return to zero after the run, or when a
-rank's resident memory grew by 10 % or more between the first and the last fifth of the run.
+request failed unexpectedly, when the running/waiting/KV gauges do not return to zero after the run, or when the
+resident memory of a rank, of rank 0's serving process, of tritonserver or of a model's Python-backend stubs grew
+by 10 % or more between the first and the last fifth of the run.
 """
 
 from __future__ import annotations
@@ -44,31 +45,39 @@ def llm_metrics(metrics_url: str) -> dict:
                                                    if line.startswith("llm_") and "{" not in line)}
 
 
-def ranks(pids: list[int]) -> dict[str, psutil.Process]:
-    """The server's rank processes (and tritonserver) to watch, by role."""
-    found = {}
+def ranks(pids: list[int]) -> dict[str, list[psutil.Process]]:
+    """The server's processes to watch, by role: each rank, rank 0's serving process, tritonserver, and Triton's
+    Python-backend stubs (summed per model: preprocessing, postprocessing, PyTriton's proxies of megatron_gpt)."""
+    found: dict[str, list[psutil.Process]] = {}
     for pid in pids:
         for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
             try:
-                cmd = " ".join(p.cmdline())
+                args = p.cmdline()
             except psutil.Error:
                 continue
+            cmd = " ".join(args)
             if "triton_backend.server" in cmd and "torchrun" not in cmd:
                 env = p.environ()
                 if session.should_detach(env):
                     continue  # rank 0's supervisor (triton_backend/session.py), not the rank itself
-                found[f"rank {env.get('RANK', '?')}"] = p
+                role = f"rank {env.get('RANK', '?')}"
             elif "triton_backend.frontend" in cmd:
-                found["serving process"] = p  # PyTriton's side of rank 0 (triton_backend/frontend.py)
-            elif cmd.split(" ")[0].endswith("tritonserver"):
-                found["tritonserver"] = p
+                role = "serving process"  # PyTriton's side of rank 0 (triton_backend/frontend.py)
+            elif args and args[0].endswith("tritonserver"):
+                role = "tritonserver"
+            elif args and args[0].endswith("triton_python_backend_stub"):
+                model = pathlib.Path(args[1]).parents[1].name  # <repository>/<model>/1/model.py
+                role = f"{model} stubs" if model in ("preprocessing", "postprocessing") else "PyTriton proxy stubs"
+            else:
+                continue
+            found.setdefault(role, []).append(p)
     return found
 
 
 class MemoryWatch:
-    """Samples the resident memory of each process every ``every_s`` with the run's progress (0..1)."""
+    """Samples the resident memory of each role's processes every ``every_s`` with the run's progress (0..1)."""
 
-    def __init__(self, processes: dict[str, psutil.Process], progress, every_s: float = 0.5):
+    def __init__(self, processes: dict[str, list[psutil.Process]], progress, every_s: float = 0.5):
         self.processes, self.progress, self.every_s = processes, progress, every_s
         self.samples: list[tuple[float, dict[str, int]]] = []
         self._stop = threading.Event()
@@ -78,9 +87,9 @@ class MemoryWatch:
     def _run(self):
         while not self._stop.wait(self.every_s):
             rss = {}
-            for role, p in self.processes.items():
+            for role, processes in self.processes.items():
                 try:
-                    rss[role] = p.memory_info().rss
+                    rss[role] = sum(p.memory_info().rss for p in processes)
                 except psutil.Error:
                     pass
             self.samples.append((self.progress(), rss))
@@ -189,7 +198,7 @@ def verdict(summary: dict, requests: int) -> list[str]:
     if any(summary["gauges_after"].values()):
         problems.append(f"gauges not back to zero: {summary['gauges_after']}")
     for role, m in summary["memory"].items():
-        if role != "tritonserver" and m["growth"] >= MEMORY_GROWTH_LIMIT:  # the ranks and rank 0's serving process
+        if m["growth"] >= MEMORY_GROWTH_LIMIT:
             problems.append(f"{role} resident memory grew {100 * m['growth']:.1f} %")
     return problems
 

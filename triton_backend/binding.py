@@ -26,6 +26,25 @@ if TYPE_CHECKING:  # the serving process runs without torch: it is given an engi
 MODEL_NAME = "megatron_gpt"
 
 
+class StreamError(Exception):
+    """A stream refused or failed, raised in its callable: PyTriton sends the request's error as
+    ``traceback.format_exception(None, err, err.__traceback__)``. Seen without its traceback, that is
+    ``StreamError: <message>``, not a Python traceback that names this server's files. (The server's log keeps
+    the whole traceback.) Why not the ``ERROR`` output that unary requests use: an error answered by
+    postprocessing leaves the ensemble_stream request in flight inside Triton 2.51, for good.
+    """
+
+    __module__ = "builtins"  # not printed as triton_backend.binding.StreamError
+
+    @property
+    def __traceback__(self):
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, _tb):  # Python's own unwinding sets it below this attribute (in C): kept for logs
+        pass
+
+
 def tensors():
     """Input and output specs of megatron_gpt (internal upper-case names, see model_repository/ensemble)."""
     from pytriton.model_config import Tensor
@@ -265,8 +284,6 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
     import asyncio
     import itertools
 
-    from pytriton.exceptions import PyTritonValidationError
-
     live = [0]  # streams in flight on this event loop
     deliveries = _Deliveries()
     engine.add_step_hook(deliveries.flush)
@@ -301,7 +318,7 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
 
             generation = engine.submit(ids, params, listener=listener, track_text=True)
         except (InvalidRequest, EngineBusy) as err:
-            raise PyTritonValidationError(str(err)) from None
+            raise StreamError(str(err)) from None
         if control is not None:
             control.register(key, generation)
         try:
@@ -310,7 +327,7 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
                 while not queue.empty():  # handed over in the same step (rare: the engine holds tokens back)
                     d = _merge(d, queue.get_nowait())
                 if d["error"]:
-                    raise RuntimeError(d["error"])
+                    raise StreamError(d["error"])
                 # The next response waits (see coalesce_wait_s), except the last: the client's next request may
                 # be waiting on it, and its slot would stay empty meanwhile.
                 state.due = time.monotonic() + coalesce_wait_s(live[0], responses_per_s)

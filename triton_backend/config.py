@@ -58,13 +58,18 @@ class ServerConfig:
             raise ValueError(f"DTYPE must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("http_port", "grpc_port", "metrics_port"):
             if not 0 < getattr(self, name) < 65536:
-                raise ValueError(f"{name.upper()} must be a TCP port, got {getattr(self, name)}")
+                raise ValueError(f"{_variable(name)} must be a TCP port, got {getattr(self, name)}")
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) < 3:
             raise ValueError(f"HTTP_PORT, GRPC_PORT and METRICS_PORT must differ, got {ports}")
-        for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue"):
+        for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue", "collective_timeout_s",
+                     "load_timeout_s"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("kv_cache_mb", "queue_delay_us", "max_request_s", "drain_timeout_s", "stream_responses_per_s",
+                     "torch_threads", "log_verbose"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_variable(name)} must be 0 or more, got {getattr(self, name)}")
 
     def busy_ports(self) -> list[str]:
         """The port variables whose port cannot be bound on HOST now (another server holds it).
@@ -88,13 +93,22 @@ class ServerConfig:
     @classmethod
     def from_env(cls, env=os.environ) -> ServerConfig:
         """Read every field from its upper-case environment variable (``TP`` for ``tensor_parallel``)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        aliases = {"tensor_parallel": "TP"}
         values = {}
-        for name, field in names.items():
-            raw = env.get(aliases.get(name, name.upper()), "")
+        for field in dataclasses.fields(cls):
+            raw = env.get(_variable(field.name), "")
             if raw == "":
                 continue
             kind = type(field.default)
-            values[name] = raw if kind is str else (pathlib.Path(raw) if kind.__name__.endswith("Path") else int(raw))
+            if kind is int:
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{_variable(field.name)} must be an integer, got {raw!r}") from None
+            else:
+                values[field.name] = raw if kind is str else pathlib.Path(raw)
         return cls(**values)
+
+
+def _variable(name: str) -> str:
+    """The environment (and make) variable of a field."""
+    return "TP" if name == "tensor_parallel" else name.upper()

@@ -30,7 +30,8 @@ from .config import ROOT, ServerConfig
 from .engine_link import RemoteEngine
 
 LOG = logging.getLogger("megatron_triton.frontend")
-START_ATTEMPTS = 3
+TRITON_EXIT_MIN_S = 5
+START_ATTEMPTS = 5  # see the handshake race below; under heavy load on 2 cores three in a row have failed
 
 
 def pipeline_env(cfg: ServerConfig, context: int) -> None:
@@ -72,8 +73,9 @@ def _serve(cfg: ServerConfig, engine: RemoteEngine, control: ControlChannel) -> 
         metrics_port=cfg.metrics_port,
         exit_on_error=False,  # the ensemble's first load fails until megatron_gpt is bound; Triton retries it
         # When tritonserver is stopped (or signalled directly) with requests in flight, it refuses new ones and
-        # waits this long for those. Normally rank 0 has drained the engine first (see ``server.watch``).
-        exit_timeout_secs=cfg.drain_timeout_s,
+        # waits this long for those and for its models to unload. Normally rank 0 has drained the engine first
+        # (see ``server.watch``); with less than a few seconds Triton gives up on unloading and exits with an error.
+        exit_timeout_secs=max(cfg.drain_timeout_s, TRITON_EXIT_MIN_S),
         log_verbose=cfg.log_verbose,
     )
     # Loading a model is code execution: keep model control (and shared memory, trace, logging) behind a

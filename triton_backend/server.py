@@ -200,10 +200,11 @@ def _on_signal(signum, _frame):
 SERVING = threading.Event()
 
 
-def main() -> int:
+def main(module: str = "triton_backend.server") -> int:
+    """One rank of the torchrun job; ``module`` is the one torchrun runs (a test may wrap this one in its own)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if session.should_detach():  # rank 0 runs in a session of its own (see session.py)
-        return session.supervise("triton_backend.server")
+        return session.supervise(module)
     session.end_session_when_parent_dies()
     started = time.monotonic()
     try:
@@ -228,7 +229,7 @@ def main() -> int:
     group = make_group(cfg.collective_timeout_s) if world > 1 else None
     try:
         if rank == 0:
-            return lead(cfg, started, group, cpus)
+            return lead(cfg, started, group, cpus, module)
         gpt = load_gpt(cfg)
         # Once loaded, a follower leaves when rank 0 says so (after draining) or when rank 0 is gone (the
         # protocol group's timeout): a SIGTERM from torchrun must not end it in the middle of the drain.
@@ -243,7 +244,8 @@ def main() -> int:
         torch.distributed.destroy_process_group()
 
 
-def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = None) -> int:
+def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = None,
+         module: str = "triton_backend.server") -> int:
     """Rank 0: load, start the engine (which leads the followers) and the serving process, serve until stopped
     or failed."""
     engine = load_engine(cfg, group, cpus)
@@ -269,18 +271,18 @@ def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = 
         # Triton is already stopped. Ranks may be stuck inside a collective that will never finish: take
         # the job down now rather than wait for timeouts (torchrun then exits non-zero).
         LOG.error("engine failed, ending the job: %s", engine.fatal)
-        end_other_ranks()
+        end_other_ranks(module)
         os._exit(1)
     return code
 
 
-def end_other_ranks() -> None:
+def end_other_ranks(module: str) -> None:
     """SIGKILL the sibling ranks that torchrun started (same agent, same module; not this rank's supervisor)."""
     me = psutil.Process()
     mine = {me.pid, me.ppid()}
     for sibling in session.torchrun_agent().children():
         try:
-            if sibling.pid not in mine and "triton_backend.server" in " ".join(sibling.cmdline()):
+            if sibling.pid not in mine and module in sibling.cmdline():
                 sibling.kill()
         except psutil.Error:
             pass

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from tools.ports import free_ports
@@ -40,7 +41,8 @@ class Server:
         return "\n".join([*head, *(["[...]"] if head else []), *lines[-n:]])
 
 
-def start_server(tmp: pathlib.Path, **env) -> Server:
+def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env) -> Server:
+    """Start ``torchrun -m module`` (the server, or a test's wrapper of it) with ``env`` and wait until ready."""
     http, grpc, metrics = free_ports(3)
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "server.log"
@@ -48,7 +50,7 @@ def start_server(tmp: pathlib.Path, **env) -> Server:
                "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     process = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", "triton_backend.server"],
+        [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", module],
         cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log)
@@ -76,6 +78,16 @@ def stop_server(server: Server, timeout: float = 60) -> int:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
     return server.process.returncode
+
+
+def job_processes(server: Server) -> list[psutil.Process]:
+    """torchrun and everything it started (ranks, rank 0's serving process, tritonserver, the stubs)."""
+    return [top := psutil.Process(server.process.pid)] + top.children(recursive=True)
+
+
+def shm_segments(pids) -> list[str]:
+    """The PyTriton shared-memory segments in /dev/shm that these processes made."""
+    return [p.name for p in pathlib.Path("/dev/shm").iterdir() if any(p.name.startswith(f"pytrtion{i}-") for i in pids)]
 
 
 @pytest.fixture(scope="session")

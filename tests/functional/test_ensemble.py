@@ -9,6 +9,8 @@ import requests
 
 from client import GenerationClient, GenerationError
 
+from .conftest import start_server, stop_server
+
 PROMPT = "The for statement is used to"
 
 
@@ -138,11 +140,47 @@ def test_a_bad_request_does_not_disturb_its_batch(server):
 
 
 def test_model_control_needs_the_admin_token(server):
-    reply = requests.post(f"http://{server.http}/v2/repository/index", timeout=10)
-    assert reply.status_code in (401, 403), reply.text
-    reply = requests.post(f"http://{server.http}/v2/repository/models/ensemble/unload", timeout=10)
-    assert reply.status_code in (401, 403), reply.text
+    """Loading a model runs its code: repository index, load and unload are refused without the token over HTTP
+    and gRPC, and nothing is unloaded; statistics stay open (perf_analyzer reads them)."""
+    import tritonclient.grpc as grpcclient
+
+    for path in ("index", "models/ensemble/load", "models/ensemble/unload", "models/megatron_gpt/unload"):
+        reply = requests.post(f"http://{server.http}/v2/repository/{path}", timeout=10)
+        assert reply.status_code in (401, 403), (path, reply.status_code, reply.text)
+        assert "triton-access-token" in reply.text
+    client = grpcclient.InferenceServerClient(server.grpc)
+    try:
+        for call in (client.get_model_repository_index, lambda: client.load_model("ensemble"),
+                     lambda: client.unload_model("ensemble")):
+            with pytest.raises(grpcclient.InferenceServerException, match="triton-access-token"):
+                call()
+        assert client.get_inference_statistics("ensemble").model_stats[0].name == "ensemble"
+    finally:
+        client.close()
+    assert requests.get(f"http://{server.http}/v2/models/ensemble/stats", timeout=10).status_code == 200
     assert server.get("/v2/models/ensemble/ready")[0] == 200
+    assert server.get("/v2/models/megatron_gpt/ready")[0] == 200
+
+
+def test_model_control_opens_with_the_admin_token(tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    token = "a-token-for-the-test"
+    server = start_server(tmp_path / "admin", ADMIN_TOKEN=token)
+    try:
+        index = f"http://{server.http}/v2/repository/index"
+        assert requests.post(index, headers={"triton-access-token": "wrong"}, timeout=10).status_code in (401, 403)
+        reply = requests.post(index, headers={"triton-access-token": token}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert {"ensemble", "ensemble_stream", "preprocessing", "postprocessing"} <= {m["name"] for m in reply.json()}
+        client = grpcclient.InferenceServerClient(server.grpc)
+        try:
+            models = client.get_model_repository_index(headers={"triton-grpc-protocol-triton-access-token": token})
+            assert "ensemble" in {m.name for m in models.models}
+        finally:
+            client.close()
+    finally:
+        stop_server(server)
 
 
 def test_metrics_port_counts_ensemble_requests(server):

@@ -16,7 +16,7 @@ import pytest
 
 from client import GenerationClient, GenerationError
 
-from .conftest import ROOT, start_server, stop_server
+from .conftest import ROOT, job_processes, shm_segments, start_server, stop_server
 
 DEMO = ROOT / "demo_model"
 REQUESTS = [
@@ -102,14 +102,6 @@ def test_a_port_in_use_is_refused_at_once_by_name(tmp_path):
     assert f"GRPC_PORT {port} already in use on 127.0.0.1" in log
 
 
-def job_processes(server) -> list[psutil.Process]:
-    return [server_proc := psutil.Process(server.process.pid)] + server_proc.children(recursive=True)
-
-
-def shm_segments(pids) -> list[str]:
-    return [p.name for p in pathlib.Path("/dev/shm").iterdir() if any(p.name.startswith(f"pytrtion{i}-") for i in pids)]
-
-
 def assert_killing_ends_the_job(server, victim) -> None:
     """SIGKILL one of the job's processes (``victim(processes)`` picks it): the job exits non-zero within 60 s
     and leaves no process and no shared memory behind."""
@@ -175,6 +167,46 @@ def test_sigterm_drains_in_flight_requests_then_stops_every_rank(tmp_path):
         stop_server(server)
     assert time.monotonic() - started < 30
     assert "drained in" in server.log.read_text(errors="replace")
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
+    assert not shm_segments(p.pid for p in processes)
+
+
+def test_sigterm_past_the_grace_period_fails_what_is_left_and_exits(tmp_path):
+    """With no grace (DRAIN_TIMEOUT_S=0), streams still running at SIGTERM get an error, not a cut connection
+    or a hang, and the job shuts down as usual, leaving nothing behind."""
+    import concurrent.futures
+
+    server = start_server(tmp_path / "nograce", DRAIN_TIMEOUT_S="0")
+    processes = job_processes(server)
+    first_tokens = threading.Barrier(5)
+
+    def stream(i):
+        parts = []
+        try:
+            with GenerationClient(server.grpc, "grpc", timeout_s=60) as c:
+                for part in c.stream("The for statement", max_tokens=240, end_id=-1, seed=i):
+                    parts.append(part)
+                    if len(parts) == 1:
+                        first_tokens.wait(30)
+        except GenerationError as err:
+            return len(parts), str(err)
+        return len(parts), parts[-1].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream, i) for i in range(4)]
+        first_tokens.wait(60)
+        os.kill(server.process.pid, signal.SIGTERM)
+        ended = [s.result(60) for s in streams]
+    try:
+        server.process.wait(30)
+    finally:
+        stop_server(server)
+    assert all(parts >= 1 and "the server is shutting down" in outcome for parts, outcome in ended), ended
+    assert not any("Traceback" in outcome for _, outcome in ended), ended
+    log = server.log.read_text(errors="replace")
+    assert "grace ran out" in log
+    assert "ChildFailedError" not in log  # no rank failed (torchrun itself exits 1 on SIGTERM)
     gone, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
     assert not shm_segments(p.pid for p in processes)

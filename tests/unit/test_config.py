@@ -16,6 +16,13 @@ def test_variables_are_read_and_bad_values_named():
         ServerConfig.from_env({"HTTP_PORT": "9000", "GRPC_PORT": "9000", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="MAX_SLOTS must be at least 1"):
         ServerConfig.from_env({"MAX_SLOTS": "0", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="TP must be at least 1"):
+        ServerConfig.from_env({"TP": "0", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="DRAIN_TIMEOUT_S must be 0 or more, got -1"):
+        ServerConfig.from_env({"DRAIN_TIMEOUT_S": "-1", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="KV_CACHE_MB must be an integer, got '2G'"):
+        ServerConfig.from_env({"KV_CACHE_MB": "2G", "DEVICE": "cpu"})
+    assert ServerConfig.from_env({"DRAIN_TIMEOUT_S": "0", "DEVICE": "cpu"}).drain_timeout_s == 0
 
 
 def test_busy_ports_names_only_the_taken_port():

@@ -40,11 +40,11 @@ class TritonPythonModel:
         for request in requests:
             key = pb_utils.get_input_tensor_by_name(request, "CANCEL_KEY")  # streamed responses carry one
             if key is not None and request.is_cancelled():
-                # The client cancelled this stream: stop its generation (see preprocessing/control.py).
+                # The client cancelled this stream: stop its generation (see preprocessing/control.py). The
+                # response below is answered as usual and Triton drops it. Answering with a CANCELLED error
+                # instead made tritonserver 2.51 keep about 6 KiB per cancelled stream, for good (measured over
+                # 2,000 cancelled streams, gRPC and HTTP alike; see the README's soak figures).
                 self.control.cancel(key.as_numpy().reshape(-1)[0].decode())
-                error = pb_utils.TritonError("the client cancelled the request", pb_utils.TritonError.CANCELLED)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                continue
             values = {}
             for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
