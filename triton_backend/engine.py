@@ -207,6 +207,21 @@ class Engine:
             self.step_started = None
         return True
 
+    def _sample_each(self, rows: list[_Running], logits: torch.Tensor):
+        """Sample row by row after the whole step failed: the rows that fail again end with an error, the others
+        get the token the step would have given them (their uniform draws are kept, see ``RowSampler``)."""
+        kept, tokens, logprobs = [], [], []
+        for i, row in enumerate(rows):
+            try:
+                (token,), (logprob,) = sample(logits[i : i + 1], [row.sampler], self.vocab_size)
+            except Exception as err:
+                self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
+                continue
+            kept.append(row)
+            tokens.append(token)
+            logprobs.append(logprob)
+        return kept, tokens, logprobs
+
     def _end_abandoned(self) -> None:
         """Retire cancelled and over-age requests, waiting or running (called under the lock, between steps)."""
         limit = time.monotonic() - self.max_request_s if self.max_request_s else None
@@ -294,13 +309,17 @@ class Engine:
         self._advance(decoding + admitted, logits)
 
     def _advance(self, rows: list[_Running], logits: torch.Tensor) -> None:
-        tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
+        try:
+            tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
+        except Exception:  # one request's parameters broke sampling: that request alone must fail
+            LOG.exception("sampling a step failed; sampling its rows one by one")
+            rows, tokens, logprobs = self._sample_each(rows, logits)
         for row, token, logprob in zip(rows, tokens, logprobs):
             g, s = row.generation, row.sampler
             if token == s.end_id:
                 self._retire(row, reason="stop")
                 continue
-            s.generated.append(token)
+            s.accept(token)
             g.tokens.append(token)
             if g.first_token_at is None:
                 g.first_token_at = time.monotonic()

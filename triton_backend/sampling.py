@@ -24,9 +24,19 @@ class RowSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt = prompt
         self.generated: list[int] = []
+        self._draw: float | None = None  # this token's uniform number, once drawn
 
     def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator))
+        """This token's uniform number: drawn once, so a step sampled again (see ``Engine._advance``) draws the
+        same and a seeded request stays reproducible."""
+        if self._draw is None:
+            self._draw = float(torch.rand((), generator=self.generator))
+        return self._draw
+
+    def accept(self, token: int) -> None:
+        """The token chosen for this step; the next one gets a fresh draw."""
+        self.generated.append(token)
+        self._draw = None
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[RowSampler]) -> None:
@@ -78,12 +88,18 @@ def _truncates(params) -> bool:
     return params.top_k > 0 or params.top_p < 1
 
 
+def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Logits over temperature, shifted so that each row's largest is 0 first: a tiny temperature (1e-38 is
+    valid) then sends the others to -inf rather than the largest to +inf, whose softmax would be NaN."""
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+
+
 def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """Temperature only: inverse-CDF sampling in vocabulary order, each row with its own uniform draw."""
     device = logits.device
     temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
     uniform = torch.tensor([r.uniform() for r in rows], device=device, dtype=logits.dtype)[:, None]
-    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+    cdf = torch.softmax(_scaled(logits, temperature), dim=-1).cumsum(dim=-1)
     # right=True: the first token whose cumulative mass exceeds the draw, so never a zero-probability one.
     pick = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
     last_kept = (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)  # where the mass is complete (rounding guard)
@@ -98,7 +114,7 @@ def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
     uniform = torch.tensor([r.uniform() for r in rows], device=device)[:, None]
 
-    ordered, order = (logits / temperature).sort(dim=-1, descending=True)
+    ordered, order = _scaled(logits, temperature).sort(dim=-1, descending=True)
     rank = torch.arange(ordered.shape[-1], device=device)[None]
     ordered = ordered.masked_fill((top_k > 0) & (rank >= top_k), NEG_INF)
     probs = torch.softmax(ordered, dim=-1)

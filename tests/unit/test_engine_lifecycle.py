@@ -144,3 +144,30 @@ def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
     after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
     assert after.wait(10) and after.error is None and len(after.tokens) == 10
     assert engine.fatal is None and engine.load()["running"] == 0
+
+
+def test_a_row_that_breaks_sampling_fails_alone(gpt, start_engine, monkeypatch):
+    """When sampling a step raises because of one row, that request fails and the others in the step get exactly
+    the tokens they get without it."""
+    import triton_backend.engine as engine_module
+
+    real_sample = engine_module.sample
+    poison = 0.123  # the broken request's temperature
+
+    def sample(logits, rows, vocab_size):
+        result = real_sample(logits, rows, vocab_size)  # every row has drawn its number when it fails
+        if any(r.params.temperature == pytest.approx(poison) for r in rows):
+            raise RuntimeError("index -1 is out of bounds (injected)")
+        return result
+
+    params = SamplingParams(max_tokens=12, end_id=-1, temperature=1.0, seed=3)
+    alone = start_engine().submit([5, 6, 7], params)
+    assert alone.wait(10) and alone.error is None
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine = start_engine()
+    broken = engine.submit([9, 9], SamplingParams(max_tokens=12, end_id=-1, temperature=poison))
+    other = engine.submit([5, 6, 7], params)
+    assert broken.wait(10) and broken.error.startswith("generation failed: RuntimeError: index -1")
+    assert other.wait(10) and other.error is None
+    assert other.tokens == alone.tokens
+    assert engine.load()["running"] == 0

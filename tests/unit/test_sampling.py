@@ -44,6 +44,7 @@ def test_sampling_frequencies_follow_the_softmax():
     counts = torch.zeros(3)
     for _ in range(2000):
         token = sample(x, [r], VOCAB)[0][0]
+        r.accept(token)  # as the engine does: the next token gets a fresh draw
         counts[token] += 1
     assert torch.allclose(counts / 2000, torch.tensor([0.1, 0.2, 0.7]), atol=0.04)
 
@@ -89,3 +90,25 @@ def test_bad_word_sequences_are_never_completed():
     assert sample(x, [r], VOCAB)[0][0] == 8  # single-token bad word banned everywhere
     r.generated = [7]
     assert sample(x, [r], VOCAB)[0][0] == 9  # 8 would complete the bad sequence 7, 8
+
+
+def test_the_tiniest_temperatures_pick_the_argmax_instead_of_failing():
+    """1e-38 and smaller are valid temperatures: the logits over them overflowed to inf and the softmax to NaN."""
+    x = logits(3)
+    greedy, _ = sample(x, [row(temperature=0.0)] * 3, VOCAB)
+    for t in (1.175494351e-38, 1e-45):
+        for extra in ({}, {"top_k": 1}, {"top_p": 0.5}, {"top_k": 5, "top_p": 0.9}):
+            tokens, logprobs = sample(x, [row(seed=i, temperature=t, **extra) for i in range(3)], VOCAB)
+            assert tokens == greedy, (t, extra)
+            assert all(math.isfinite(lp) for lp in logprobs)
+
+
+def test_a_row_sampled_again_draws_the_same_number():
+    """The engine samples a step's rows one by one after a failure; seeded rows must not draw twice."""
+    x = logits(1)
+    again = row(seed=7, temperature=1.0)
+    first = sample(x, [again], VOCAB)[0]
+    assert sample(x, [again], VOCAB)[0] == first  # no token accepted in between: the same draw
+    again.accept(first[0])
+    fresh = row(seed=7, temperature=1.0)
+    assert sample(x, [fresh], VOCAB)[0] == first
