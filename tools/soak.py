@@ -65,7 +65,7 @@ def ranks(pids: list[int]) -> dict[str, list[psutil.Process]]:
                 role = "serving process"  # PyTriton's side of rank 0 (triton_backend/frontend.py)
             elif args and args[0].endswith("tritonserver"):
                 role = "tritonserver"
-            elif args and args[0].endswith("triton_python_backend_stub"):
+            elif len(args) > 1 and args[0].endswith("triton_python_backend_stub"):
                 model = pathlib.Path(args[1]).parents[1].name  # <repository>/<model>/1/model.py
                 role = f"{model} stubs" if model in ("preprocessing", "postprocessing") else "PyTriton proxy stubs"
             else:
