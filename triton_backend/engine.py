@@ -54,6 +54,11 @@ class EngineStats:
                 f"{self.step_seconds / steps * 1e3:.1f} ms per step, {self.step_seconds:.1f} s busy")
 
 
+def _failure(err: BaseException) -> str:
+    """The error a request gets when the engine failed it (a step, or its own sampling)."""
+    return f"generation failed: {type(err).__name__}: {err}"
+
+
 class Engine:
     """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads.
 
@@ -198,7 +203,7 @@ class Engine:
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
             for row in {id(r): r for r in admitted + self._running}.values():
-                self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
+                self._retire(row, error=_failure(err))
             if self.failures_fatal:
                 self.fatal = err
                 return False
@@ -215,7 +220,7 @@ class Engine:
             try:
                 (token,), (logprob,) = sample(logits[i : i + 1], [row.sampler], self.vocab_size)
             except Exception as err:
-                self._retire(row, error=f"generation failed: {type(err).__name__}: {err}")
+                self._retire(row, error=_failure(err))
                 continue
             kept.append(row)
             tokens.append(token)

@@ -107,8 +107,11 @@ def test_a_row_sampled_again_draws_the_same_number():
     """The engine samples a step's rows one by one after a failure; seeded rows must not draw twice."""
     x = logits(1)
     again = row(seed=7, temperature=1.0)
+    drawn = again.uniform()
     first = sample(x, [again], VOCAB)[0]
     assert sample(x, [again], VOCAB)[0] == first  # no token accepted in between: the same draw
+    assert again.uniform() == drawn
     again.accept(first[0])
+    assert again.uniform() != drawn  # the next token's own draw
     fresh = row(seed=7, temperature=1.0)
     assert sample(x, [fresh], VOCAB)[0] == first

@@ -42,8 +42,8 @@ class TritonPythonModel:
             if key is not None and request.is_cancelled():
                 # The client cancelled this stream: stop its generation (see preprocessing/control.py). The
                 # response below is answered as usual and Triton drops it. Answering with a CANCELLED error
-                # instead made tritonserver 2.51 keep 6-9 KiB per cancelled stream, for good (measured over
-                # 2,000 cancelled streams, gRPC and HTTP alike; see the README's soak figures).
+                # instead made tritonserver 2.51 keep 6-9 KiB per cancelled stream, for good (measured: see
+                # tests/functional/test_soak.py and the README's soak figures).
                 self.control.cancel(key.as_numpy().reshape(-1)[0].decode())
             values = {}
             for name in INPUTS:
