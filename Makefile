@@ -10,7 +10,7 @@ export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_POR
        MAX_BATCH_SIZE MAX_QUEUE MAX_REQUEST_S DRAIN_TIMEOUT_S ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
        KV_CACHE_MB TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S
 
-.PHONY: serve test unit functional lint bench soak fuzz demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -37,6 +37,14 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: setup demo-model
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/functional/test_fuzz.py
 
+# Mutation testing (mutmut, configured in pyproject.toml): mutants of the engine, cache, attention and sampling
+# against the fast unit tests; prints the share killed and lists the survivors (see docs/testing.md).
+mutate: setup
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 >/dev/null 2>mutants.log || { tail -20 mutants.log; exit 1; }
+	$(VENV)/bin/mutmut export-cicd-stats
+	$(PY) tools/mutation_score.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -57,7 +65,7 @@ system-deps:
 demo-model: $(DEMO)/checkpoint/latest_checkpointed_iteration.txt
 
 $(DEMO)/checkpoint/latest_checkpointed_iteration.txt: | $(VENV)/.installed
-	$(PY) -m triton_backend.demo_model --out $(DEMO)
+	$(PY) -m tools.demo_model --out $(DEMO)
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache mutants mutants.log

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd /opt/megatron-triton
 if [ -z "${CHECKPOINT:-}" ]; then
-  [ -f demo_model/checkpoint/latest_checkpointed_iteration.txt ] || python -m triton_backend.demo_model --out demo_model
+  [ -f demo_model/checkpoint/latest_checkpointed_iteration.txt ] || python -m tools.demo_model --out demo_model
 fi
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 export TP=${TP:-$(( gpus > 0 ? gpus : 1 ))}

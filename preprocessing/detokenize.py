@@ -1,4 +1,7 @@
-"""Incremental detokenization on rank 0: stop words matched on text, and the text that is safe to stream.
+"""Incremental detokenization: stop words matched on text, and the text that is safe to stream.
+
+It runs where a generation's text is followed: in rank 0's engine (stop words end a generation there) and in the
+serving process, which mirrors each generation and builds the streams' deltas.
 
 Stop words are matched on the *generated* text, so a stop word that ends inside a token (or spans several)
 still stops generation. While streaming, text is held back while it could still turn out to be the start

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def tiny_tokenizer(tmp_path_factory):
     """A small sentencepiece model trained like the demo's (byte fallback, lossless), in a second or two."""
     from preprocessing.tokenizer import Tokenizer
-    from triton_backend.demo_model import corpus, train_tokenizer
+    from tools.demo_model import corpus, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     return Tokenizer(train_tokenizer(corpus()[:200], out, vocab_size=400, seed=0))
@@ -25,7 +25,7 @@ def dummy_prefix_tokenizer(tmp_path_factory):
     import sentencepiece as spm
 
     from preprocessing.tokenizer import Tokenizer
-    from triton_backend.demo_model import corpus
+    from tools.demo_model import corpus
 
     model = io.BytesIO()
     lines = [line for text in corpus()[:200] for line in text.splitlines() if line.strip()]

@@ -176,8 +176,8 @@ def main() -> int:
 
     from preprocessing.tokenizer import Tokenizer
     from triton_backend.config import ServerConfig
-    from triton_backend.engine import EngineStats
-    from triton_backend.gpt import init_parallel
+    from triton_backend.engine.engine import EngineStats
+    from triton_backend.model.gpt import init_parallel
     from triton_backend.server import engine_cpus, load_engine, set_threads
 
     cfg = ServerConfig.from_env()

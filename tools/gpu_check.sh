@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD DEVICE=cuda DTYPE=bfloat16
 out=${OUT:-/tmp}/gpu_check.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out.gpu"
 bench() {  # checkpoint, label
-  torchrun --standalone --nproc-per-node 1 -m triton_backend.offline --checkpoint "$1" \
+  torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
     --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 \
     --prompt "The for statement" 2>"$out.$2.log" | sed "s/^{/{\"model\": \"$2\", /" | tee -a "$out"
 }

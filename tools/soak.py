@@ -59,10 +59,10 @@ def ranks(pids: list[int]) -> dict[str, list[psutil.Process]]:
             if "triton_backend.server" in cmd and "torchrun" not in cmd:
                 env = p.environ()
                 if session.should_detach(env):
-                    continue  # rank 0's supervisor (triton_backend/session.py), not the rank itself
+                    continue  # rank 0's supervisor (triton_backend/ranks/session.py), not the rank itself
                 role = f"rank {env.get('RANK', '?')}"
-            elif "triton_backend.frontend" in cmd:
-                role = "serving process"  # PyTriton's side of rank 0 (triton_backend/frontend.py)
+            elif "triton_backend.serving.frontend" in cmd:
+                role = "serving process"  # PyTriton's side of rank 0 (triton_backend/serving/frontend.py)
             elif args and args[0].endswith("tritonserver"):
                 role = "tritonserver"
             elif len(args) > 1 and args[0].endswith("triton_python_backend_stub"):

@@ -21,7 +21,7 @@ for tp in "${@:-1 2 4 8}"; do
     ready=$(echo "$(date +%s.%N) - $start" | bc)
     kill -TERM $job; wait $job || true
     printf '{"tp": %d, "server_ready_s": %.1f}\n' "$n" "$ready"
-    "$venv/bin/torchrun" --standalone --nproc-per-node "$n" -m triton_backend.offline --bench --batch 1 8 \
+    "$venv/bin/torchrun" --standalone --nproc-per-node "$n" -m tools.offline --bench --batch 1 8 \
       --max-tokens 32 2>/dev/null | grep '^{'
   done
 done

@@ -19,9 +19,9 @@ import pathlib
 
 import torch
 
-from . import checkpoint, legacy_checkpoint
-from .architecture import GPTArchitecture
-from .gpt import build_model, init_parallel
+from triton_backend import checkpoints
+from triton_backend.model.architecture import GPTArchitecture
+from triton_backend.model.gpt import build_model, init_parallel
 
 PRESETS = {
     # GPT-2 style, like the demo model.
@@ -61,10 +61,10 @@ def main() -> None:
     tp = torch.distributed.get_world_size()
     torch.manual_seed(a.seed)
     if a.source:
-        args = checkpoint.read_args(a.source)
-        arch = checkpoint.read_architecture(a.source, tp)
+        args = checkpoints.read_args(a.source)
+        arch = checkpoints.read_architecture(a.source, tp)
         model = build_model(arch, tensor_parallel=tp)
-        checkpoint.load_weights(model, a.source, arch)
+        checkpoints.load_weights(model, a.source, arch)
         extra = {k: v for k, v in vars(args).items() if k not in arch.to_megatron_args().__dict__}
     else:
         arch = GPTArchitecture(padded_vocab_size=padded_vocab(a.vocab, tp), **PRESETS[a.random])
@@ -73,9 +73,9 @@ def main() -> None:
     extra.update(tensor_model_parallel_size=tp, ckpt_format=a.format)
     megatron_args = arch.to_megatron_args(**extra)
     if a.format == "legacy":
-        legacy_checkpoint.save(model, megatron_args, a.out, a.iteration)
+        checkpoints.legacy.save(model, megatron_args, a.out, a.iteration)
     else:
-        checkpoint.save(model, megatron_args, a.out, a.iteration)
+        checkpoints.save(model, megatron_args, a.out, a.iteration)
     if torch.distributed.get_rank() == 0:
         params = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())
         print(f"wrote a {a.format} checkpoint at TP={tp} to {a.out}: {params / 1e6:.1f} M parameters")

@@ -22,13 +22,14 @@ from multiprocessing.connection import Connection
 import psutil
 import torch
 
-from . import checkpoint, session
-from .config import ROOT, ServerConfig
-from .engine import Engine
-from .engine_link import EngineHost
-from .frontend import remove_shared_memory
-from .gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
-from .protocol import Leader, follow, make_group
+from triton_backend import checkpoints
+from triton_backend.config import ROOT, ServerConfig
+from triton_backend.engine.engine import Engine
+from triton_backend.model.gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
+from triton_backend.ranks import session
+from triton_backend.ranks.protocol import Leader, follow, make_group
+from triton_backend.serving.engine_link import EngineHost
+from triton_backend.serving.frontend import remove_shared_memory
 
 LOG = logging.getLogger("megatron_triton")
 KV_SHARE_OF_FREE_MEMORY = 0.8  # the rest is left for activations and logits
@@ -37,9 +38,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_gpt(cfg: ServerConfig) -> CachedGPT:
     """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready."""
-    arch = checkpoint.read_architecture(cfg.checkpoint, cfg.tensor_parallel)
+    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel)
     model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
-    checkpoint.load_weights(model, cfg.checkpoint, arch)
+    checkpoints.load_weights(model, cfg.checkpoint, arch)
     model = model.to(cfg.device)
     max_len = min(arch.seq_length, arch.max_position_embeddings)
     per_slot = kv_bytes_per_slot(arch, cfg.tensor_parallel, max_len, DTYPES[cfg.dtype])
@@ -83,7 +84,7 @@ def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> 
     tokenizer = Tokenizer(cfg.tokenizer)
     gpt = load_gpt(cfg)
     if tokenizer.vocab_size > gpt.arch.padded_vocab_size:
-        raise checkpoint.CheckpointError(
+        raise checkpoints.CheckpointError(
             f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but the model only "
             f"{gpt.arch.padded_vocab_size} embeddings")
     tp = cfg.tensor_parallel
@@ -123,12 +124,13 @@ class ServingProcess:
     def __init__(self, cfg: ServerConfig, engine: Engine):
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "triton_backend.frontend", str(theirs.fileno()), str(engine.vocab_size),
-             str(engine.context)],
+            [sys.executable, "-u", "-m", "triton_backend.serving.frontend", str(theirs.fileno()),
+             str(engine.vocab_size), str(engine.context)],
             pass_fds=[theirs.fileno()], env={**os.environ, "DEVICE": cfg.device}, cwd=ROOT,
         )
         theirs.close()
-        self.host = EngineHost(engine, Connection(ours.detach()), serving=SERVING)
+        self.host = EngineHost(engine, Connection(ours.detach()), serving=SERVING,
+                               handover_timeout_s=cfg.collective_timeout_s)
         self._seen: dict[int, psutil.Process] = {}  # its descendants (tritonserver, the stubs), as last seen
 
     def alive(self) -> bool:
@@ -166,11 +168,12 @@ class ServingProcess:
 def watch(cfg: ServerConfig, frontend: ServingProcess, engine: Engine) -> int:
     """Serve until the serving process or the engine fails, or SIGTERM/SIGINT; then drain while Triton still
     answers. Returns the exit code: 1 when the serving process ended on its own."""
-    while frontend.alive() and engine.fatal is None and not STOP.is_set():
+    while frontend.alive() and engine.alive() and engine.fatal is None and not STOP.is_set():
         if engine.stalled(cfg.collective_timeout_s):
             engine.fatal = TimeoutError(f"a step has not finished in {cfg.collective_timeout_s} s (a rank is stuck)")
-        STOP.wait(0.5)
-    if engine.fatal is not None:
+        STOP.wait(0.2)
+    if engine.fatal is not None or not engine.alive():
+        engine.fatal = engine.fatal or RuntimeError("the engine thread ended")
         return 1
     if not STOP.is_set():
         LOG.error("the serving process (Triton) ended with %s; stopping", frontend.process.poll())
@@ -237,7 +240,7 @@ def main(module: str = "triton_backend.server") -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         follow(gpt, group)
         return 0
-    except (checkpoint.CheckpointError, FileNotFoundError) as err:
+    except (checkpoints.CheckpointError, FileNotFoundError) as err:
         print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
         return 1
     finally:

@@ -85,6 +85,15 @@ def job_processes(server: Server) -> list[psutil.Process]:
     return [top := psutil.Process(server.process.pid)] + top.children(recursive=True)
 
 
+def rank_process(server: Server, rank: int) -> psutil.Process:
+    """The process torchrun started for ``rank``, told by the ``RANK`` torchrun puts in each worker's environment
+    (rank 0's is the supervisor of ``ranks/session.py``; the real rank 0 runs in a session of its own below it)."""
+    workers = [p for p in psutil.Process(server.process.pid).children() if p.environ().get("RANK") == str(rank)]
+    if len(workers) != 1:
+        raise LookupError(f"torchrun has {len(workers)} workers with RANK={rank}")
+    return workers[0]
+
+
 def shm_segments(pids) -> list[str]:
     """The PyTriton shared-memory segments in /dev/shm that these processes made."""
     return [p.name for p in pathlib.Path("/dev/shm").iterdir() if any(p.name.startswith(f"pytrtion{i}-") for i in pids)]

@@ -1,12 +1,15 @@
 """Fuzzed requests against the real server over HTTP, gRPC and gRPC streaming (hypothesis).
 
-Every request must get an answer: text, or an error that names a tensor (HTTP 400 / gRPC INVALID_ARGUMENT).
-None may crash a model, wedge the engine or change what a later valid request gets. ``make test`` runs a
+Every request must get an answer: text, or an error (HTTP 400 / gRPC INVALID_ARGUMENT, never a 5xx) that names
+one of the fields the case could have broken: the generator records them (``Case.suspects``), so an error that
+names some other field, or none, fails the test. None may crash a model, wedge the engine or change what a later
+valid request gets; and each run must have reached both outcomes, refused and answered. ``make test`` runs a
 few hundred derandomized cases; ``make fuzz`` (FUZZ_EXAMPLES=...) runs as many as asked, freshly random.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 
@@ -27,7 +30,7 @@ PROBE = "The for statement"
 WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL"}
 NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64, "UINT64": np.uint64,
          "BOOL": np.bool_, "BYTES": object}
-NAMES = {"text_input", *SCALARS, *WORD_LISTS, "stream"}
+BATCH_WORDS = ("batch-size", "batch size")  # Triton's own words for a request with a batch it cannot take
 
 # -- values ---------------------------------------------------------------------------------------------------
 lone_surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=4).map(
@@ -52,12 +55,6 @@ SENSIBLE = {"temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k"
             "frequency_penalty": st.floats(-1, 1), "min_length": st.integers(0, 4), "end_id": st.just(-1)}
 
 
-def scalar_value(name: str):
-    if name in SENSIBLE:
-        return st.one_of(SENSIBLE[name], wild_scalar(name))
-    return wild_scalar(name)
-
-
 def wild_scalar(name: str):
     kind = SCALARS[name].triton_type
     if kind == "TYPE_FP32":
@@ -69,35 +66,55 @@ def wild_scalar(name: str):
     return ints
 
 
+@dataclasses.dataclass
+class Case:
+    request: dict  # {name: (wire type, shape, value)}
+    suspects: set  # the names an error may give: every field this case drew from outside the valid ranges
+
+
 @st.composite
-def fuzzed_request(draw):
-    """{name: (wire type, shape, numpy array)}: mostly valid fields, each possibly broken in one way."""
+def fuzzed_request(draw) -> Case:
+    """Mostly valid fields, each possibly broken in one way; ``suspects`` records which ones may be broken.
+
+    The prompt and ``max_tokens`` are always suspects (a long prompt leaves no room, and the rule names either),
+    and so is ``min_length`` (it may exceed ``max_tokens``); a scalar drawn from its sensible range is not."""
     batch = draw(st.sampled_from([1] * 8 + [0, 2, 3]))  # empty and multi-element batches too
+    suspects = {"text_input", "max_tokens", "min_length"} | (set(BATCH_WORDS) if batch != 1 else set())
     request = {"text_input": ("BYTES", [batch, 1], draw(texts))}
     if draw(st.booleans()):
         request["max_tokens"] = ("INT32", [batch, 1], draw(st.integers(1, 40)))
     else:
         request["max_tokens"] = ("INT32", [batch, 1], draw(ints))  # beyond the context, negative, zero
     for name in draw(st.lists(st.sampled_from(sorted(SCALARS)), max_size=4, unique=True)):
-        request[name] = (WIRE[SCALARS[name].triton_type], [batch, 1], draw(scalar_value(name)))
+        wild = name not in SENSIBLE or draw(st.booleans())
+        value = draw(wild_scalar(name) if wild else SENSIBLE[name])
+        request[name] = (WIRE[SCALARS[name].triton_type], [batch, 1], value)
+        suspects |= {name} if wild else set()
     for name in draw(st.lists(st.sampled_from(sorted(WORD_LISTS)), max_size=2, unique=True)):
         values = draw(words)
         request[name] = ("BYTES", [batch, len(values)], values)
+        suspects.add(name)
     mutation = draw(st.sampled_from(["none"] * 8 + ["dtype", "shape", "missing", "unknown"]))
     if mutation == "dtype":
         name = draw(st.sampled_from(sorted(request)))
         _, shape, value = request[name]
         wire = draw(st.sampled_from(sorted(NUMPY)))
         request[name] = (wire, shape, b"1" if wire == "BYTES" else 1)
+        suspects.add(name)
     elif mutation == "shape":
         name = draw(st.sampled_from(sorted(request)))
         wire, shape, value = request[name]
         request[name] = (wire, draw(st.sampled_from([[batch], [batch, 2], [batch, 1, 1], [batch + 1, 1]])), value)
+        suspects |= {name, *BATCH_WORDS}  # a first dimension that differs from the others is a batch error
     elif mutation == "missing":
-        del request[draw(st.sampled_from(["text_input", "max_tokens"]))]
+        missing = draw(st.sampled_from(["text_input", "max_tokens"]))
+        del request[missing]
+        suspects.add(missing)
     elif mutation == "unknown":
-        request[draw(st.sampled_from(["foo", "TEXT_INPUT", "INPUT_IDS", "max_token"]))] = ("INT32", [batch, 1], 1)
-    return request
+        unknown = draw(st.sampled_from(["foo", "TEXT_INPUT", "INPUT_IDS", "max_token"]))
+        request[unknown] = ("INT32", [batch, 1], 1)
+        suspects.add(unknown)
+    return Case(request, suspects)
 
 
 def array(wire: str, shape: list[int], value) -> np.ndarray:
@@ -134,14 +151,17 @@ def count(outcome: str) -> None:
     OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
 
 
-def check_error(message: str, status: str, request: dict, stream: bool = False) -> None:
+def check_error(message: str, status: str, case: Case, stream: bool = False) -> None:
     count("refused")
     # A gRPC stream carries only an error message per response (no status code): the message must still name
-    # the tensor.
+    # the field.
     allowed = ("400", "StatusCode.INVALID_ARGUMENT") + (("None",) if stream else ())
-    assert status in allowed, (status, message, summary(request))
-    named = NAMES | set(request) | {n.upper() for n in NAMES} | {"batch-size", "batch size"}
-    assert any(n in message for n in named), (message, summary(request))
+    assert status in allowed, (status, message, summary(case.request))
+    # Inside the pipeline the same fields go by their upper-case tensor names (MAX_TOKENS, INPUT_IDS for the
+    # prompt's ids).
+    named = case.suspects | {n.upper() for n in case.suspects} | ({"INPUT_IDS"} if "text_input" in case.suspects
+                                                                  else set())
+    assert any(n in message for n in named), (message, sorted(case.suspects), summary(case.request))
 
 
 def check_result(result, request: dict, final: bool = True) -> None:
@@ -161,7 +181,8 @@ def summary(request: dict) -> dict:
     return {name: (wire, shape, short(value)) for name, (wire, shape, value) in request.items()}
 
 
-def send_unary(url: str, protocol: str, request: dict) -> None:
+def send_unary(url: str, protocol: str, case: Case) -> None:
+    request = case.request
     if protocol == "http":
         import tritonclient.http as tc
         client = tc.InferenceServerClient(url, network_timeout=120)
@@ -171,14 +192,15 @@ def send_unary(url: str, protocol: str, request: dict) -> None:
     try:
         result = client.infer("ensemble", inputs(tc, request))
     except tc.InferenceServerException as err:
-        check_error(err.message(), str(err.status()), request)
+        check_error(err.message(), str(err.status()), case)
         return
     finally:
         client.close()
     check_result(result, request)
 
 
-def send_stream(url: str, request: dict) -> None:
+def send_stream(url: str, case: Case) -> None:
+    request = case.request
     import tritonclient.grpc as tc
 
     client = tc.InferenceServerClient(url)
@@ -188,12 +210,12 @@ def send_stream(url: str, request: dict) -> None:
         try:
             client.async_stream_infer("ensemble_stream", inputs(tc, request), enable_empty_final_response=True)
         except tc.InferenceServerException as err:  # refused by the client library itself
-            check_error(err.message(), str(err.status()), request, stream=True)
+            check_error(err.message(), str(err.status()), case, stream=True)
             return
         while True:
             result, error = answers.get(timeout=120)
             if error is not None:
-                check_error(error.message(), str(error.status()), request, stream=True)
+                check_error(error.message(), str(error.status()), case, stream=True)
                 return
             final = result.get_response().parameters["triton_final_response"].bool_param
             if result.as_numpy("text_output") is not None:
@@ -215,15 +237,18 @@ def greedy_before(server):
 def test_fuzzed_requests_get_an_answer(server, greedy_before, protocol):
     @SETTINGS
     @given(fuzzed_request())
-    def one(request):
+    def one(case):
         if protocol == "grpc_stream":
-            send_stream(server.grpc, request)
+            send_stream(server.grpc, case)
         else:
-            send_unary(server.http if protocol == "http" else server.grpc, protocol, request)
+            send_unary(server.http if protocol == "http" else server.grpc, protocol, case)
 
     OUTCOMES.clear()
     one()
     print(f"fuzz {protocol}: {EXAMPLES} cases requested, outcomes {OUTCOMES}")
+    # A run that never got past validation, or never hit it, tested less than it claims.
+    assert OUTCOMES.get("refused", 0) >= EXAMPLES // 10, OUTCOMES
+    assert OUTCOMES.get("answered", 0) >= EXAMPLES // 20, OUTCOMES
     assert server.process.poll() is None, server.tail()
     for url, proto in ((server.http, "http"), (server.grpc, "grpc")):  # what valid requests get is unchanged
         with GenerationClient(url, proto) as c:

@@ -4,9 +4,12 @@ import concurrent.futures
 import threading
 import time
 
+import pytest
+
 from tools.soak import one_request, ranks, soak, verdict
 
 REQUESTS = 300
+pytestmark = pytest.mark.timeout(600)  # each test sends hundreds of requests (the soak stops itself at 8 minutes)
 
 
 def test_short_soak_loses_nothing_and_returns_to_idle(server):

@@ -68,3 +68,38 @@ def test_a_failed_step_at_tp2_ends_the_job(tmp_path):
     gone, alive = psutil.wait_procs(processes, timeout=10)
     assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
     assert not shm_segments(p.pid for p in processes)
+
+
+def test_an_engine_thread_that_dies_outside_a_step_takes_readiness_and_the_job_down(tmp_path):
+    """Not a failed step but the engine's own code failing between steps: nothing can be served any more, so the
+    ensemble must stop answering ready at once and the job must exit non-zero (no server that lies about health)."""
+    trigger = tmp_path / "fail-next-pass"
+    server = start_server(tmp_path / "hook", module=FAULTY, FAULT_FILE=str(tmp_path / "unused"),
+                          HOOK_FAULT_FILE=str(trigger))
+    processes = job_processes(server)
+    try:
+        with GenerationClient(server.grpc, "grpc") as c:
+            assert c.generate(PROBE, **GREEDY).text
+        trigger.touch()  # the engine's idle heartbeat pass (every 5 s) or the next request's pass raises
+        started = time.monotonic()
+        with GenerationClient(server.grpc, "grpc", timeout_s=60) as c, pytest.raises(GenerationError):
+            c.generate(PROBE, **GREEDY)
+        ready_until = None
+        while server.process.poll() is None and time.monotonic() - started < 60:
+            try:
+                ready = server.get("/v2/models/ensemble/ready", timeout=1)[0] == 200
+            except OSError:
+                ready = False
+            if not ready and ready_until is None:
+                ready_until = time.monotonic() - started
+            time.sleep(0.1)
+        code = server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert code != 0
+    assert ready_until is not None and ready_until < 10, ready_until
+    log = server.log.read_text(errors="replace")
+    assert "the engine thread failed outside a step" in log and "engine failed, ending the job" in log
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"left running: {[p.cmdline()[:3] for p in alive]}"
+    assert not shm_segments(p.pid for p in processes)

@@ -63,14 +63,40 @@ def test_stop_word_across_token_boundaries_stops_early_in_both_modes(server):
     assert "".join(p.text for p in parts) == expected and parts[-1].finish_reason == "stop"
 
 
-def test_bad_words_are_not_generated(server):
+def test_bad_words_are_never_generated_with_or_without_a_leading_space(server):
+    """A bad word is banned as written (where the text glues it to what comes before) and after a space (a word
+    in running text): the words greedy decoding chose are absent once banned, over unary and streaming."""
+    greedy = dict(max_tokens=24, temperature=0.0, end_id=-1, repetition_penalty=1.3)
     with GenerationClient(server.grpc, "grpc") as c:
-        greedy = c.generate(PROMPT, max_tokens=24, temperature=0.0, end_id=-1, repetition_penalty=1.3)
-        word = max(greedy.text.split(), key=len)
-        banned = c.generate(PROMPT, max_tokens=24, temperature=0.0, end_id=-1, repetition_penalty=1.3,
-                            bad_words=[word])
-    assert word in greedy.text
-    assert banned.text != greedy.text
+        text = c.generate(PROMPT, **greedy).text
+        spaced = max((w for w in text.split() if f" {w}" in text), key=len)  # a word the model wrote after a space
+        assert len(spaced) > 2, text
+        banned = c.generate(PROMPT, **greedy, bad_words=[spaced])
+        streamed = "".join(p.text for p in c.stream(PROMPT, **greedy, bad_words=[spaced]))
+        # Without the space: a prompt that ends in a space makes the model start a word with no space before it.
+        glued = c.generate(PROMPT + " ", **greedy).text
+        first = glued.split()[0] if glued.split() else ""
+        assert glued.startswith(first) and len(first) > 1, glued
+        banned_glued = c.generate(PROMPT + " ", **greedy, bad_words=[first])
+    assert spaced in text and spaced not in banned.text and spaced not in streamed
+    assert banned.text == streamed
+    assert not banned_glued.text.startswith(first) and first not in banned_glued.text
+
+
+def test_presence_and_frequency_penalties_stop_greedy_repetition(server):
+    """The demo model loops under greedy decoding; both penalties push it off tokens it already generated."""
+    greedy = dict(max_tokens=48, temperature=0.0, end_id=-1, return_log_probs=True)
+    with GenerationClient(server.grpc, "grpc") as c:
+        plain = c.generate(PROMPT, **greedy)
+        presence = c.generate(PROMPT, **greedy, presence_penalty=2.0)
+        frequency = c.generate(PROMPT, **greedy, frequency_penalty=1.0)
+        negative = c.generate(PROMPT, **greedy, presence_penalty=-2.0)
+    words = plain.text.split()
+    assert len(set(words)) < len(words)  # it repeats itself without a penalty
+    for penalised in (presence, frequency):
+        assert penalised.text != plain.text
+        assert len(set(penalised.text.split())) > len(set(words))
+    assert len(set(negative.text.split())) <= len(set(words))  # a negative penalty favours repeats
 
 
 def test_stream_flag_goes_to_the_right_ensemble(server):

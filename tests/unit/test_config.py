@@ -38,3 +38,15 @@ def test_busy_ports_names_only_the_taken_port():
         cfg = ServerConfig(host="127.0.0.1", http_port=free[0], grpc_port=taken, metrics_port=free[1], device="cpu")
         assert cfg.busy_ports() == [f"GRPC_PORT {taken}"]
     assert cfg.busy_ports() == []
+
+
+def test_every_variable_is_in_the_readme_table():
+    import dataclasses
+    import pathlib
+
+    from triton_backend.config import _variable
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index("## Configuration") + 1)]
+    missing = [_variable(f.name) for f in dataclasses.fields(ServerConfig) if f"`{_variable(f.name)}`" not in table]
+    assert not missing, f"not in the README's configuration table: {missing}"

@@ -1,24 +1,39 @@
-"""The engine over a small random Megatron GPT: caching, mixed batches and finish rules."""
+"""The engine over a small random Megatron GPT: caching, mixed batches and finish rules.
+
+Every equivalence here runs on a model whose greedy text depends on the whole prompt (``models.py``), so a cache
+that drops, shifts or misplaces context cannot pass by accident.
+"""
+
+import threading
+import time
 
 import pytest
 import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
-from triton_backend.architecture import GPTArchitecture
-from triton_backend.attention import SlotCacheAttention
-from triton_backend.engine import Engine
-from triton_backend.gpt import CachedGPT, build_model, init_parallel
+from triton_backend.engine.engine import Engine
+from triton_backend.model.attention import SlotCacheAttention
+from triton_backend.model.gpt import CachedGPT, build_model, init_parallel
 
-ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-                       padded_vocab_size=128, max_position_embeddings=64, seq_length=64)
-VOCAB, EOS = 120, 2
+from .models import (
+    ARCH,
+    EOS,
+    ROTARY_ARCH,
+    VOCAB,
+    assert_uses_the_whole_context,
+    context_model,
+    greedy_uncached,
+    wait_until,
+)
+
+PROMPTS = [[5, 17, 33, 4, 90], [6, 17, 33, 4, 90], [9], [3] * 11, [40, 2, 77, 100, 8, 64, 1, 5]]
 
 
 @pytest.fixture(scope="module")
 def model():
-    init_parallel(1, "cpu")
-    torch.manual_seed(0)
-    return build_model(ARCH).eval()
+    m = context_model(ARCH)
+    assert_uses_the_whole_context(m)
+    return m
 
 
 @pytest.fixture
@@ -28,14 +43,10 @@ def engine(model):
     eng.stop()
 
 
-def greedy_uncached(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.tensor([ids])
-            logits = model(x, torch.arange(len(ids))[None], None)[0, -1, :VOCAB]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+def submit_together(engine, prompts, params):
+    """Submit every request before the engine's next step (its lock is held meanwhile), so they share a prefill."""
+    with engine._wake:
+        return [engine.submit(p, q) for p, q in zip(prompts, params)]
 
 
 def run(engine, prompt, **kw):
@@ -46,50 +57,60 @@ def run(engine, prompt, **kw):
 
 
 def test_cached_greedy_equals_uncached(engine, model):
-    prompt = [5, 17, 33, 4, 90]
-    assert run(engine, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
+    for prompt in PROMPTS:  # one at a time: each prompt alone in its prefill, then decoded from the cache
+        assert run(engine, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10), prompt
+
+
+def test_packed_greedy_equals_uncached(engine, model):
+    """All prompts submitted at once: packed into one prefill, then decoded side by side at different lengths."""
+    gens = submit_together(engine, PROMPTS, [SamplingParams(max_tokens=12, end_id=-1, temperature=0.0)] * 5)
+    assert all(g.wait(60) for g in gens)
+    assert engine.stats.max_rows_in_step == len(PROMPTS) and engine.stats.prefills == 1
+    assert [g.tokens for g in gens] == [greedy_uncached(model, p, 12) for p in PROMPTS]
+
+
+def test_a_prompt_admitted_beside_running_decodes_equals_uncached(engine, model):
+    """A prefill packed into the same pass as other sequences' decodes (the common case under load)."""
+    long = engine.submit(PROMPTS[4], SamplingParams(max_tokens=30, end_id=-1, temperature=0.0))
+    wait_until(lambda: len(long.tokens) >= 3 or long.done, what="three tokens")
+    late = [engine.submit(p, SamplingParams(max_tokens=8, end_id=-1, temperature=0.0)) for p in PROMPTS[:2]]
+    assert long.wait(60) and all(g.wait(60) for g in late)
+    assert long.tokens == greedy_uncached(model, PROMPTS[4], 30)
+    assert [g.tokens for g in late] == [greedy_uncached(model, p, 8) for p in PROMPTS[:2]]
 
 
 def test_rotary_family_cached_equals_uncached():
     """Rotary positions are applied per row inside the cache-aware attention; the cache must not shift them."""
-    arch = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-                           ffn_hidden_size=96, padded_vocab_size=128, max_position_embeddings=64, seq_length=64,
-                           position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
-                           add_bias_linear=False, untie_embeddings_and_output_weights=True)
-    init_parallel(1, "cpu")
-    torch.manual_seed(1)
-    model = build_model(arch, init_method_std=0.2).eval()
+    model = context_model(ROTARY_ARCH, seed=1)
+    assert_uses_the_whole_context(model)
     assert all(m.rotary is not None for m in model.modules() if isinstance(m, SlotCacheAttention))
-    eng = Engine(CachedGPT(model, arch, max_slots=4), VOCAB, EOS).start()
+    eng = Engine(CachedGPT(model, ROTARY_ARCH, max_slots=4), VOCAB, EOS).start()
     try:
-        prompt = [7, 8, 9, 10, 11, 12]
         other = eng.submit([3] * 11, SamplingParams(max_tokens=10, end_id=-1, temperature=0.0))  # a longer row beside
-        assert run(eng, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
-        assert other.wait(60)
+        for prompt in PROMPTS[:2]:
+            assert run(eng, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10)
+        assert other.wait(60) and other.tokens == greedy_uncached(model, [3] * 11, 10)
     finally:
         eng.stop()
 
 
 def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engine):
-    prompts = [[3 + i] * (1 + 3 * i) for i in range(6)]
+    prompts = [[3 + i, 50 - i] * (1 + i) for i in range(6)]
     params = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.9, seed=i, top_k=20) for i in range(6)]
     alone = [run(engine, p, **kw).tokens for p, kw in zip(prompts, params)]
     steps_before = engine.stats.steps
-    gens = [engine.submit(p, SamplingParams(max_tokens=10, end_id=-1, **kw)) for p, kw in zip(prompts, params)]
+    gens = submit_together(engine, prompts, [SamplingParams(max_tokens=10, end_id=-1, **kw) for kw in params])
     assert all(g.wait(60) for g in gens)
     assert [g.tokens for g in gens] == alone
-    assert engine.stats.max_rows_in_step > 1
-    assert engine.stats.steps - steps_before < 6 * 9  # fewer steps than serving them one by one
+    assert engine.stats.max_rows_in_step == 6
+    assert engine.stats.steps - steps_before == 10  # one prefill (the first token of each), then 9 decodes
 
 
-def test_rows_that_move_in_the_cache_keep_their_text():
+def test_rows_that_move_in_the_cache_keep_their_text(model):
     """Rows retiring from the middle of the batch make the cache move others into their rows (``place``)."""
-    init_parallel(1, "cpu")
-    torch.manual_seed(0)
-    model = build_model(ARCH, init_method_std=0.2).eval()  # weights large enough that the context matters
     engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS).start()
     try:
-        prompts = [[4 + i] * (2 + i % 5) for i in range(12)]
+        prompts = [[4 + i, 30 + 2 * i, 7] * (1 + i % 3) for i in range(12)]
         lengths = [3, 17, 6, 12, 2, 9, 15, 4, 11, 7, 16, 5]
         gens = [engine.submit(p, SamplingParams(max_tokens=n, end_id=-1, temperature=0.0))
                 for p, n in zip(prompts, lengths)]
@@ -126,7 +147,7 @@ def test_slots_are_reused_beyond_the_cache_size(engine):
 
 
 def test_kv_cache_sizing():
-    from triton_backend.gpt import fit_slots, kv_bytes_per_slot
+    from triton_backend.model.gpt import fit_slots, kv_bytes_per_slot
 
     init_parallel(1, "cpu")
     per_slot = kv_bytes_per_slot(ARCH, 1, 64, torch.float32)
@@ -138,3 +159,68 @@ def test_kv_cache_sizing():
         fit_slots(64, per_slot, per_slot - 1)
     cache = CachedGPT(build_model(ARCH), ARCH, max_slots=3).cache
     assert cache.nbytes() == 3 * per_slot
+
+
+def test_rotary_positions_follow_the_rope_definition():
+    """The cache-aware rotary must rotate as RoPE is defined (Megatron's non-interleaved form): a wrong frequency
+    or base would still agree between our cached and uncached paths, which share it."""
+    from triton_backend.model.attention import Rotary
+
+    config = context_model(ROTARY_ARCH, seed=1).config
+    for base, percent in ((10000, 1.0), (500, 0.5)):
+        rot = int(16 * percent)
+        inv_freq = 1.0 / base ** (torch.arange(0, rot, 2).float() / rot)
+        t = torch.randn(7, 2, 4, 16, generator=torch.Generator().manual_seed(base))  # [s, b, heads, d]
+        angles = torch.arange(7).float()[:, None] * inv_freq  # [s, rot / 2]
+        cos, sin = (torch.cat([f(angles)] * 2, dim=1)[:, None, None] for f in (torch.cos, torch.sin))
+        x, rest = t[..., :rot], t[..., rot:]
+        rotated = torch.cat([-x[..., rot // 2:], x[..., : rot // 2]], dim=-1)
+        expected = torch.cat([x * cos + rotated * sin, rest], dim=-1)
+        ours = Rotary(config, 16, percent, base)
+        torch.testing.assert_close(ours(t, torch.arange(7)[None].expand(2, -1)), expected)
+        # one token per row, each at its own position, as a decode step calls it
+        torch.testing.assert_close(ours(t[5:6], torch.tensor([[5], [5]])), expected[5:6])
+
+
+def test_load_reports_the_share_of_slots_in_use(model):
+    engine = Engine(CachedGPT(model, ARCH, max_slots=4), VOCAB, EOS).start()
+    try:
+        hold = threading.Event()
+        engine.add_step_hook(lambda: hold.wait(10))
+        gens = submit_together(engine, PROMPTS[:3], [SamplingParams(max_tokens=30, end_id=-1)] * 3)
+        wait_until(lambda: all(g.tokens for g in gens), what="three running sequences")
+        assert engine.load() == {"running": 3, "waiting": 0, "kv_slots_used": 0.75, "cancelled": 0}
+        hold.set()
+        assert all(g.wait(30) for g in gens)
+    finally:
+        engine.stop()
+
+
+def test_requests_still_waiting_when_the_engine_stops_get_an_error(model):
+    engine = Engine(CachedGPT(model, ARCH, max_slots=1), VOCAB, EOS).start()
+    hold = threading.Event()
+    engine.add_step_hook(lambda: hold.wait(10))
+    running = engine.submit(PROMPTS[0], SamplingParams(max_tokens=30, end_id=-1))
+    waiting = engine.submit(PROMPTS[1], SamplingParams(max_tokens=30, end_id=-1))
+    wait_until(lambda: running.tokens, what="a first token")
+    assert engine.load()["waiting"] == 1
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    hold.set()
+    stopper.join(30)
+    for g in (running, waiting):
+        assert g.done and g.error == "the server is shutting down"
+    assert not engine.alive() and engine.fatal is None
+
+
+def test_stats_summary_and_the_stall_watchdog(model):
+    from triton_backend.engine.engine import EngineStats
+
+    stats = EngineStats(steps=4, prefills=1, requests_finished=2, tokens_generated=10, rows_decoded=8,
+                        step_seconds=0.02)
+    assert stats.summary() == "2 requests, 10 tokens in 4 steps (1 with prompts): 2.0 rows and 5.0 ms per step, " \
+                              "0.0 s busy"
+    engine = Engine(CachedGPT(model, ARCH, max_slots=1), VOCAB, EOS)
+    assert not engine.stalled(0.0)  # no step running
+    engine.step_started = time.monotonic() - 5
+    assert engine.stalled(1.0) and not engine.stalled(10.0)

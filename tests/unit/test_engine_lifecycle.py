@@ -6,21 +6,19 @@ import time
 import pytest
 import torch
 
-from preprocessing.control import ControlChannel, ControlClient
 from preprocessing.params import SamplingParams
-from triton_backend.engine import Engine, EngineBusy
-from triton_backend.gpt import CachedGPT, build_model, init_parallel
+from triton_backend.engine.engine import Engine, EngineBusy
+from triton_backend.model.gpt import CachedGPT
+from triton_backend.serving.control import ControlChannel, ControlClient
 
-from .test_engine import ARCH, EOS, VOCAB
+from .models import ARCH, EOS, VOCAB, context_model, wait_until
 
 LONG = SamplingParams(max_tokens=60, end_id=-1)
 
 
 @pytest.fixture(scope="module")
 def gpt():
-    init_parallel(1, "cpu")
-    torch.manual_seed(0)
-    return CachedGPT(build_model(ARCH).eval(), ARCH, max_slots=2)
+    return CachedGPT(context_model(ARCH), ARCH, max_slots=2)
 
 
 @pytest.fixture
@@ -46,8 +44,7 @@ def test_cancel_frees_running_and_waiting_requests(start_engine):
     engine = start_engine()
     running = [engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01)) for _ in range(2)]
     waiting = engine.submit([5, 6, 7], LONG)  # two slots: this one waits
-    while not running[0].tokens:
-        time.sleep(0.005)
+    wait_until(lambda: running[0].tokens, what="a first token")
     for g in [*running, waiting]:
         engine.cancel(g)
     for g in [*running, waiting]:
@@ -98,8 +95,7 @@ def test_control_channel_cancels_by_key_and_reports_load(start_engine, tmp_path)
     try:
         g = engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01))
         channel.register("stream-7", g)
-        while not g.tokens:
-            time.sleep(0.005)
+        wait_until(lambda: g.tokens, what="a first token")
         assert client.load()["running"] == 1
         client.cancel("stream-unknown")  # ignored
         client.cancel("stream-7")
@@ -149,7 +145,7 @@ def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
 def test_a_row_that_breaks_sampling_fails_alone(gpt, start_engine, monkeypatch):
     """When sampling a step raises because of one row, that request fails and the others in the step get exactly
     the tokens they get without it."""
-    import triton_backend.engine as engine_module
+    import triton_backend.engine.engine as engine_module
 
     real_sample = engine_module.sample
     poison = 0.123  # the broken request's temperature
@@ -165,9 +161,70 @@ def test_a_row_that_breaks_sampling_fails_alone(gpt, start_engine, monkeypatch):
     assert alone.wait(10) and alone.error is None
     monkeypatch.setattr(engine_module, "sample", sample)
     engine = start_engine()
-    broken = engine.submit([9, 9], SamplingParams(max_tokens=12, end_id=-1, temperature=poison))
-    other = engine.submit([5, 6, 7], params)
+    with engine._wake:  # one step for all three: the broken row between two others, sampled again one by one
+        other = engine.submit([5, 6, 7], params)
+        broken = engine.submit([9, 9], SamplingParams(max_tokens=12, end_id=-1, temperature=poison))
+        third = engine.submit([5, 6, 7], params)
     assert broken.wait(10) and broken.error.startswith("generation failed: RuntimeError: index -1")
-    assert other.wait(10) and other.error is None
-    assert other.tokens == alone.tokens
+    for g in (other, third):
+        assert g.wait(10) and g.error is None
+        assert g.tokens == alone.tokens
+        assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
     assert engine.load()["running"] == 0
+
+
+def test_an_exception_outside_a_step_ends_the_engine_and_says_why(start_engine):
+    """A step hook that raises (as a broken listener or admission would) must not leave a live-looking engine."""
+    engine = start_engine()
+    boom = RuntimeError("hook failed (injected)")
+    armed = threading.Event()
+
+    def hook():
+        if armed.is_set():
+            raise boom
+
+    engine.add_step_hook(hook)
+    ok = engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1))
+    assert ok.wait(10) and ok.error is None
+    g = engine.submit([5, 6, 7], LONG, listener=slow_listener(0.01))
+    wait_until(lambda: g.tokens, what="a first token")
+    armed.set()
+    assert engine.ended.wait(10)
+    assert engine.fatal is boom and not engine.alive()
+    assert g.wait(10) and g.error == "the engine failed: hook failed (injected)"
+    with pytest.raises(EngineBusy, match="shutting down"):
+        engine.submit([5], SamplingParams(max_tokens=2))
+
+
+def test_a_cancelled_request_whose_listener_raises_ends_the_engine(start_engine):
+    """Listeners of retired requests run between steps (``_end_abandoned``): a failure there is the engine's."""
+    engine = start_engine()
+    calls = []
+
+    def listener(g):
+        calls.append(g.finish_reason)
+        if g.finish_reason == "cancelled":
+            raise ValueError("listener failed (injected)")
+        time.sleep(0.01)
+
+    g = engine.submit([5, 6, 7], LONG, listener=listener)
+    wait_until(lambda: g.tokens, what="a first token")
+    engine.cancel(g)
+    assert engine.ended.wait(10)
+    assert isinstance(engine.fatal, ValueError) and "cancelled" in calls
+
+
+def test_a_unary_request_past_its_timeout_is_cancelled_and_frees_its_slot(start_engine):
+    import numpy as np
+
+    from triton_backend.serving.binding import make_infer
+
+    engine = start_engine()
+    infer = make_infer(engine, timeout_s=0.2)
+    engine.add_step_hook(lambda: time.sleep(0.01))  # 60 tokens take longer than the timeout
+    request = {"INPUT_IDS": np.array([[5, 6, 7]], np.int32), "INPUT_LENGTH": np.array([[3]], np.int32),
+               "MAX_TOKENS": np.array([[60]], np.int32), "END_ID": np.array([[-1]], np.int32)}
+    out = infer([request])[0]
+    assert out["ERROR"][0, 0] == b"no result within 0.2 s"
+    wait_until(lambda: engine.load()["running"] == 0, what="the slot to be freed")
+    assert engine.load()["cancelled"] == 1 and engine.stats.tokens_generated < 60

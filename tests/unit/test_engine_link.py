@@ -6,26 +6,23 @@ nothing in flight may wait for ever.
 """
 
 import socket
-import time
 from multiprocessing.connection import Connection
 
 import pytest
-import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
-from triton_backend.engine import Engine
-from triton_backend.engine_link import EngineHost, RemoteEngine
-from triton_backend.generation import EngineBusy
-from triton_backend.gpt import CachedGPT, build_model, init_parallel
+from triton_backend.engine.engine import Engine
+from triton_backend.engine.generation import EngineBusy
+from triton_backend.model.gpt import CachedGPT
+from triton_backend.serving.engine_link import EngineHost, RemoteEngine
 
+from .models import context_model, wait_until
 from .test_stream_coalescing import ARCH, run_streams
 
 
 @pytest.fixture(scope="module")
 def gpt():
-    init_parallel(1, "cpu")
-    torch.manual_seed(0)
-    return CachedGPT(build_model(ARCH).eval(), ARCH, max_slots=8)
+    return CachedGPT(context_model(ARCH), ARCH, max_slots=8)
 
 
 def new_engine(gpt, tokenizer):
@@ -56,7 +53,11 @@ def test_generations_through_the_link_are_the_engines_own(engine, tiny_tokenizer
     _, remote, _ = link(engine, tiny_tokenizer)
     prompt = tiny_tokenizer.encode("the quick brown fox")
     asked = [params(s, return_log_probs=True) for s in range(4)]
-    asked.append(params(9, max_tokens=60, stop_words=("e",)))  # stops early, on the engine and in the mirror
+    whole = engine.submit(prompt, params(9, max_tokens=60), track_text=True)
+    assert whole.wait(60)
+    stop = whole.tracker.final_text[20:22]  # text this request generates: it stops early, on both sides
+    assert stop.strip()
+    asked.append(params(9, max_tokens=60, stop_words=(stop,)))
     linked = [remote.submit(prompt, p) for p in asked]  # all in flight at once
     assert all(g.wait(60) for g in linked)
     for g, p in zip(linked, asked):
@@ -95,15 +96,10 @@ def test_invalid_requests_are_refused_on_the_serving_side(engine, tiny_tokenizer
 def test_a_cancellation_crosses_the_link_and_frees_the_slot(engine, tiny_tokenizer):
     _, remote, _ = link(engine, tiny_tokenizer)
     g = remote.submit([5, 6, 7], params(1, max_tokens=120))
-    deadline = time.monotonic() + 30
-    while not g.tokens and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: g.tokens, 30, "a first token")
     remote.cancel(g)
     assert g.wait(30) and g.finish_reason == "cancelled" and len(g.tokens) < 120
-    deadline = time.monotonic() + 10
-    while remote.load()["running"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert remote.load()["running"] == remote.load()["waiting"] == 0
+    wait_until(lambda: remote.load()["running"] == remote.load()["waiting"] == 0, 10, "an empty engine")
 
 
 def test_a_draining_engine_refuses_through_the_link(gpt, tiny_tokenizer):
@@ -127,5 +123,38 @@ def test_when_rank_0_is_gone_nothing_waits_for_ever(gpt, tiny_tokenizer):
         assert remote.stopped.wait(10)
         with pytest.raises(EngineBusy, match="shutting down"):
             remote.submit([5, 6], params(0))
+    finally:
+        engine.stop()
+
+
+def stalled_link(engine, **host_args):
+    """A host whose serving process never reads: its socket buffers are tiny, so sending soon blocks."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host = EngineHost(engine, Connection(ours.detach()), **host_args)
+    return host, Connection(theirs.detach())
+
+
+def test_a_serving_process_that_reads_nothing_does_not_hold_the_engine_back(gpt, tiny_tokenizer):
+    engine = new_engine(gpt, tiny_tokenizer)
+    try:
+        host, serving_end = stalled_link(engine)
+        for key in range(4):  # what a serving process would send; the updates it is sent are never read
+            serving_end.send(("submit", key, [5, 6, 7], params(key, max_tokens=100)))
+        wait_until(lambda: engine.stats.requests_finished == 4, 60, "the four requests to finish")
+        assert engine.stats.tokens_generated == 400 and engine.fatal is None
+        assert host._outbox.qsize() > 0  # the updates are waiting for the reader, not the engine
+    finally:
+        engine.stop()
+
+
+def test_when_the_hand_over_stays_full_the_engine_fails_instead_of_waiting_for_ever(gpt, tiny_tokenizer):
+    engine = new_engine(gpt, tiny_tokenizer)
+    try:
+        _, serving_end = stalled_link(engine, handover_steps=4, handover_timeout_s=0.3)
+        serving_end.send(("submit", 0, [5, 6, 7], params(0, max_tokens=100)))
+        assert engine.ended.wait(30)
+        assert isinstance(engine.fatal, TimeoutError) and "has not read" in str(engine.fatal)
     finally:
         engine.stop()

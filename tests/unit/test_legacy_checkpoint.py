@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from triton_backend import legacy_checkpoint
-from triton_backend.checkpoint import CheckpointError, read_architecture
+from triton_backend.checkpoints import CheckpointError, read_architecture
+from triton_backend.checkpoints import legacy as legacy_checkpoint
 
 
 @pytest.mark.parametrize("halves", [False, True])
@@ -56,7 +56,7 @@ def test_missing_args_and_pipeline_shards_are_refused(tmp_path):
 
 
 def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
-    from triton_backend.gpt import build_model, init_parallel
+    from triton_backend.model.gpt import build_model, init_parallel
 
     init_parallel(1, "cpu")
     arch = read_architecture_from(ARGS)
@@ -79,6 +79,6 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
 
 
 def read_architecture_from(args):
-    from triton_backend.architecture import GPTArchitecture
+    from triton_backend.model.architecture import GPTArchitecture
 
     return GPTArchitecture.from_megatron_args(args)

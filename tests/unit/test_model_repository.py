@@ -51,7 +51,7 @@ def test_ensemble_outputs_use_tensorrtllm_names(name):
 
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_every_step_maps_existing_tensors(name):
-    from triton_backend.binding import stream_tensors, tensors
+    from triton_backend.serving.binding import stream_tensors, tensors
 
     generated = {"megatron_gpt": tensors(), "megatron_gpt_stream": stream_tensors()}
     ens = config(name)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tools.ports import free_ports
-from triton_backend.protocol import Leader, follow
+from triton_backend.ranks.protocol import Leader, follow
 
 
 class Recorder:

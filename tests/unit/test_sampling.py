@@ -3,7 +3,7 @@ import math
 import torch
 
 from preprocessing.params import SamplingParams
-from triton_backend.sampling import RowSampler, sample
+from triton_backend.engine.sampling import RowSampler, _apply_penalties, sample
 
 VOCAB = 50
 
@@ -50,19 +50,69 @@ def test_sampling_frequencies_follow_the_softmax():
 
 
 def test_seeded_rows_draw_the_same_tokens_in_any_batch():
-    x = logits(3, seed=5)
-    alone = [sample(x[1:2], [row(seed=42)], VOCAB)[0][0] for _ in range(1)]
-    together = sample(x, [row(seed=7), row(seed=42), row(seed=9, temperature=0.0)], VOCAB)[0][1]
-    assert alone[0] == together
+    """300 seeded draws in a row, alone and with other rows around it (seeded, greedy, truncated): the same tokens."""
+    steps = [logits(4, seed=100 + i) for i in range(300)]
+    alone, batched = row(seed=42), [row(seed=7), row(seed=42), row(seed=9, temperature=0.0), row(seed=3, top_k=5)]
+    for x in steps:
+        token = sample(x[1:2], [alone], VOCAB)[0][0]
+        tokens = sample(x, batched, VOCAB)[0]
+        assert tokens[1] == token
+        alone.accept(token)
+        for r, t in zip(batched, tokens):
+            r.accept(t)
+    assert len(set(alone.generated)) > 10  # really sampled, not a constant
 
 
-def test_min_length_suppresses_end_id():
+def test_different_seeds_draw_different_tokens():
+    x = logits(1, seed=5)
+    firsts = {sample(x, [row(seed=s, temperature=2.0)], VOCAB)[0][0] for s in range(50)}
+    assert len(firsts) > 5
+
+
+def test_min_length_suppresses_end_id_until_reached_then_allows_it():
     x = torch.zeros(1, VOCAB)
     x[0, 2] = 50.0  # end_id overwhelmingly likely
-    r = row(temperature=0.0, min_length=2, end_id=2)
-    assert sample(x, [r], VOCAB)[0][0] != 2
-    r.generated = [5, 6]
-    assert sample(x, [r], VOCAB)[0][0] == 2
+    for min_length in (0, 1, 3):
+        for params in ({"temperature": 0.0}, {"seed": 1}, {"seed": 1, "top_k": 3}):
+            r = row(min_length=min_length, end_id=2, **params)
+            tokens = []
+            while len(tokens) <= min_length:
+                token = sample(x, [r], VOCAB)[0][0]
+                if token == 2:
+                    break
+                tokens.append(token)
+                r.accept(token)
+            assert len(tokens) == min_length, (min_length, params)
+
+
+def test_penalties_change_the_logits_by_their_definition():
+    """Repetition divides positive (multiplies negative) logits of every token seen in prompt or output; presence
+    subtracts once and frequency once per occurrence, for generated tokens only."""
+    x = logits(1, seed=3)[:, :VOCAB]
+    r = row(prompt=(1, 2, 3), repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    r.generated = [7, 7, 9, 7]
+    expected = x.clone()
+    for t in (1, 2, 3, 7, 9):
+        value = float(x[0, t])
+        expected[0, t] = value / 1.3 if value > 0 else value * 1.3
+    expected[0, 7] -= 0.5 + 0.25 * 3
+    expected[0, 9] -= 0.5 + 0.25 * 1
+    got = x.clone()
+    _apply_penalties(got, [r])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    plain = x.clone()
+    _apply_penalties(plain, [row(prompt=(1, 2, 3))])
+    assert torch.equal(plain, x)  # the defaults change nothing
+
+
+def test_negative_presence_and_frequency_penalties_favour_repeats():
+    x = torch.zeros(1, VOCAB)
+    x[0, 8] = 1.0
+    r = row(temperature=0.0, prompt=(1,), presence_penalty=-0.6, frequency_penalty=-0.3)
+    r.generated = [7, 7]  # 7: 0 + 0.6 + 0.6 = 1.2 > 1.0
+    assert sample(x, [r], VOCAB)[0][0] == 7
+    r.generated = [7]  # 7: 0 + 0.6 + 0.3 = 0.9 < 1.0
+    assert sample(x, [r], VOCAB)[0][0] == 8
 
 
 def test_repetition_and_frequency_penalties_push_away_repeated_tokens():
@@ -115,3 +165,65 @@ def test_a_row_sampled_again_draws_the_same_number():
     assert again.uniform() != drawn  # the next token's own draw
     fresh = row(seed=7, temperature=1.0)
     assert sample(x, [fresh], VOCAB)[0] == first
+
+
+def forced(u: float, **kw) -> RowSampler:
+    """A row whose next uniform draw is ``u`` (what its generator would have given), to pin the sampling rule."""
+    r = row(**kw)
+    r._draw = u
+    return r
+
+
+def three_tokens(*probabilities: float) -> torch.Tensor:
+    """Logits over VOCAB whose softmax puts ``probabilities`` on tokens 0, 1, 2 (and nothing elsewhere)."""
+    x = torch.full((1, VOCAB), -1e9)
+    for token, p in enumerate(probabilities):
+        x[0, token] = math.log(p) if p > 0 else -1e9
+    return x
+
+
+def test_temperature_only_sampling_is_the_inverse_cdf_in_vocabulary_order():
+    """Seeded texts stay the same from one release to the next only if the rule does: token i is chosen when the
+    draw falls in [cdf(i-1), cdf(i)) of the vocabulary-ordered distribution."""
+    x = three_tokens(0.1, 0.2, 0.7)
+    for u, token in ((0.0, 0), (0.05, 0), (0.15, 1), (0.29, 1), (0.35, 2), (0.999, 2)):
+        assert sample(x, [forced(u)], VOCAB)[0] == [token], u
+    both = sample(torch.cat([x, x]), [forced(0.15), forced(0.95)], VOCAB)[0]
+    assert both == [1, 2]  # each row with its own draw
+
+
+def test_a_draw_of_zero_never_picks_a_token_without_probability():
+    x = three_tokens(0.0, 0.5, 0.5)
+    assert sample(x, [forced(0.0)], VOCAB)[0] == [1]
+
+
+def test_a_draw_that_rounds_to_the_whole_mass_picks_the_last_token_with_probability():
+    """The rounding guard of the vocabulary-ordered rule: a draw equal to the total mass stops at the last token
+    that has probability, per row, not at the zero-probability tokens after it."""
+    x = torch.cat([three_tokens(0.5, 0.5, 0.0), three_tokens(0.3, 0.3, 0.4)])
+    assert sample(x, [forced(1.0), forced(1.0)], VOCAB)[0] == [1, 2]
+
+
+def test_top_k_top_p_sampling_is_the_inverse_cdf_in_rank_order():
+    x = three_tokens(0.1, 0.2, 0.7)  # ranked: token 2 (0.7), token 1 (0.2), token 0 (0.1)
+    for u, token in ((0.0, 2), (0.65, 2), (0.75, 1), (0.89, 1), (0.95, 0)):
+        assert sample(x, [forced(u, top_k=3)], VOCAB)[0] == [token], u
+    # top_k=2 keeps 0.7 and 0.2, renormalised: token 2 below 0.7 / 0.9 of the mass, token 1 above
+    for u, token in ((0.7, 2), (0.8, 1), (0.95, 1)):
+        assert sample(x, [forced(u, top_k=2)], VOCAB)[0] == [token], u
+    # top_p=0.75 keeps tokens until 0.75 of the mass is ranked above: 0.7 and 0.2 again
+    for u, token in ((0.7, 2), (0.8, 1), (0.95, 1)):
+        assert sample(x, [forced(u, top_p=0.75)], VOCAB)[0] == [token], u
+    assert sample(x, [forced(0.99, top_p=0.5)], VOCAB)[0] == [2]  # the top token is always kept
+    rows = [forced(0.8, top_k=2), forced(0.8, top_k=3), forced(0.95, top_k=3)]
+    assert sample(torch.cat([x, x, x]), rows, VOCAB)[0] == [1, 1, 0]
+
+
+def test_temperature_reshapes_the_distribution_before_the_draw():
+    x = three_tokens(0.1, 0.2, 0.7)
+    # At temperature 2 the probabilities are proportional to sqrt(0.1), sqrt(0.2), sqrt(0.7): 0.193, 0.274, 0.533.
+    for extra in ({}, {"top_k": 3}):
+        first = 0 if not extra else 2
+        cuts = (0.18, 0.20) if not extra else (0.52, 0.55)
+        assert sample(x, [forced(cuts[0], temperature=2.0, **extra)], VOCAB)[0] == [first]
+        assert sample(x, [forced(cuts[1], temperature=2.0, **extra)], VOCAB)[0] != [first]

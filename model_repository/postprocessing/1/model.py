@@ -4,10 +4,10 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from preprocessing.control import ControlClient
-from preprocessing.metrics import LoadGauges, Publisher
 from preprocessing.params import InvalidRequest
 from preprocessing.pipeline import GenerationFailed, Postprocessor
+from triton_backend.serving.control import ControlClient
+from triton_backend.serving.metrics import LoadGauges, Publisher
 
 INPUTS = [
     "OUTPUT_IDS", "OUTPUT_LENGTH", "OUTPUT_LOG_PROBS", "INPUT_IDS", "INPUT_LENGTH", "ERROR", "TEXT_INPUT",
@@ -40,7 +40,7 @@ class TritonPythonModel:
         for request in requests:
             key = pb_utils.get_input_tensor_by_name(request, "CANCEL_KEY")  # streamed responses carry one
             if key is not None and request.is_cancelled():
-                # The client cancelled this stream: stop its generation (see preprocessing/control.py). The
+                # The client cancelled this stream: stop its generation (see control.py in triton_backend/serving). The
                 # response below is answered as usual and Triton drops it. Answering with a CANCELLED error
                 # instead made tritonserver 2.51 keep 6-9 KiB per cancelled stream, for good (measured: see
                 # tests/functional/test_soak.py and the README's soak figures).

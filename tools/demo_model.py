@@ -1,6 +1,6 @@
 """Build the embedded demo model: a sentencepiece tokenizer and a small GPT trained on ``pydoc_data.topics``.
 
-    python -m triton_backend.demo_model --out demo_model
+    python -m tools.demo_model --out demo_model
 
 Deterministic for a given seed; a few minutes on two CPU cores. Writes ``<out>/tokenizer.model`` and a
 Megatron torch_dist checkpoint in ``<out>/checkpoint`` whose ``args`` describe the model.
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from . import checkpoint
-from .architecture import GPTArchitecture
-from .gpt import build_model, init_parallel
+from triton_backend import checkpoints
+from triton_backend.model.architecture import GPTArchitecture
+from triton_backend.model.gpt import build_model, init_parallel
 
 # GPT-2 style: learned absolute positions, LayerNorm, GeLU, tied embeddings. Eight heads so that every
 # tensor-parallel size up to 8 divides the model.
@@ -139,7 +139,7 @@ def main() -> None:
         tensor_model_parallel_size=1, make_vocab_size_divisible_by=128, params_dtype=torch.float32, seed=a.seed,
         train_iters=a.steps, global_batch_size=a.batch, lr=a.lr,
     )
-    checkpoint.save(model, args, a.out / "checkpoint", a.steps)
+    checkpoints.save(model, args, a.out / "checkpoint", a.steps)
     report = {
         "parameters": params, "validation_loss": round(valid_loss, 4), "train_steps": a.steps,
         "tokens_per_step": a.batch * a.seq_length, "build_seconds": round(time.time() - started, 1),

@@ -17,19 +17,11 @@ import re
 
 import torch
 
-from .checkpoint import TRACKER, CheckpointError
+from .layout import TRACKER, CheckpointError, iteration_dir
 
 SHARD_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(_\d{3})?$")
 
-
-def iteration_dir(path: str | pathlib.Path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    tracker = path / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        path = path / ("release" if text == "release" else f"iter_{int(text):07d}")
-    return path
 
 
 def is_legacy(path: str | pathlib.Path) -> bool:

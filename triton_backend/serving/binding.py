@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from preprocessing.metrics import STATS, request_timing, stats_row
 from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
-
-from .generation import EngineBusy
+from triton_backend.engine.generation import EngineBusy
+from triton_backend.serving.metrics import STATS, request_timing, stats_row
 
 if TYPE_CHECKING:  # the serving process runs without torch: it is given an engine_link.RemoteEngine
-    from .engine import Engine
+    from triton_backend.engine.engine import Engine
 
 MODEL_NAME = "megatron_gpt"
 
@@ -34,7 +33,7 @@ class StreamError(Exception):
     postprocessing leaves the ensemble_stream request in flight inside Triton 2.51, for good.
     """
 
-    __module__ = "builtins"  # not printed as triton_backend.binding.StreamError
+    __module__ = "builtins"  # not printed as triton_backend.serving.binding.StreamError
 
     @property
     def __traceback__(self):
@@ -133,10 +132,12 @@ def make_infer(engine: Engine, timeout_s: float = 600.0):
 
     def infer(requests):
         pending = [[_submit_row(engine, r, row) for row in range(len(r["INPUT_IDS"]))] for r in requests]
+        deadline = time.monotonic() + timeout_s  # one for the whole batch, which waits as long as its slowest row
         for rows in pending:
-            for g in rows:
-                if not isinstance(g, str) and not g.wait(timeout_s):
-                    g.error = f"no result within {timeout_s:.0f} s"
+            for i, g in enumerate(rows):
+                if not isinstance(g, str) and not g.wait(max(0.0, deadline - time.monotonic())):
+                    engine.cancel(g)  # the slot must not stay taken by a result nobody will read
+                    rows[i] = f"no result within {timeout_s:g} s"
         return [_outputs(rows) for rows in pending]
 
     return infer
@@ -173,8 +174,8 @@ class _StreamState:
     """What one stream has sent; ``delta`` runs on the thread that calls the engine's listeners (the engine
     thread, or in the server the serving process's link thread), where the generation is consistent."""
 
-    def __init__(self, params, prompt_tokens: int, prefix: str, key: str):
-        self.params, self.prompt_tokens, self.key = params, prompt_tokens, key
+    def __init__(self, params, prompt_tokens: int, prefix: str, key: str, clock=time.monotonic):
+        self.params, self.prompt_tokens, self.key, self.clock = params, prompt_tokens, key, clock
         self.tokens = self.chars = 0
         self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
@@ -185,7 +186,7 @@ class _StreamState:
 
     def due_now(self, g) -> bool:
         """In the listener: whether what changed goes out now (the end never waits)."""
-        return g.done or time.monotonic() >= self.due
+        return g.done or self.clock() >= self.due
 
     def delta(self, g) -> dict | None:
         done = g.done
@@ -275,11 +276,15 @@ def _run_all(callbacks) -> None:
         callback()
 
 
-def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0):
-    """A decoupled ``async def`` generator: many streams in flight on one instance (see FACTS.md).
+def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0, clock=time.monotonic):
+    """A decoupled ``async def`` generator: many streams in flight on one instance.
 
-    ``control`` (a ``preprocessing.control.ControlChannel``) maps each stream's CANCEL_KEY to its generation, so
-    that a client's cancellation reaches the engine. ``responses_per_s`` is the coalescing budget (0: off).
+    PyTriton runs a decoupled model's callable as an async generator on one event loop per instance; only that
+    form keeps every stream of an instance in flight at once (a unary callable is served one request at a time).
+
+    ``control`` (a ``control.ControlChannel``) maps each stream's CANCEL_KEY to its generation, so that a client's
+    cancellation reaches the engine. ``responses_per_s`` is the coalescing budget (0: off), timed by ``clock``
+    (seconds; tests pass one that counts engine steps).
     """
     import asyncio
     import itertools
@@ -310,7 +315,7 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
             prefix = b""
             if not params.exclude_input_in_output and "TEXT_INPUT" in request:
                 prefix = request["TEXT_INPUT"][0][0]
-            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key)
+            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key, clock)
 
             def listener(g):
                 if state.due_now(g) and (d := state.delta(g)) is not None:
@@ -330,7 +335,7 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
                     raise StreamError(d["error"])
                 # The next response waits (see coalesce_wait_s), except the last: the client's next request may
                 # be waiting on it, and its slot would stay empty meanwhile.
-                state.due = time.monotonic() + coalesce_wait_s(live[0], responses_per_s)
+                state.due = clock() + coalesce_wait_s(live[0], responses_per_s)
                 yield [_stream_outputs(d, state)]
                 if d["done"]:
                     return

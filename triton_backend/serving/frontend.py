@@ -1,8 +1,8 @@
 """The serving process: Triton, its Python-backend pipeline and the PyTriton-bound generation models.
 
-Rank 0 starts it (``server.start_frontend``) and joins it to the engine by a socket (``engine_link.py``):
+Rank 0 starts it (``server.ServingProcess``) and joins it to the engine by a socket (``engine_link.py``):
 
-    python -m triton_backend.frontend FD VOCAB_SIZE CONTEXT
+    python -m triton_backend.serving.frontend FD VOCAB_SIZE CONTEXT
 
 It needs no torch: it validates requests, mirrors the engine's generations, detokenizes streams and talks to
 Triton. Rank 0 decides when serving ends (drain on SIGTERM, see ``server.watch``) and then sends ``stop``;
@@ -22,11 +22,11 @@ from multiprocessing.connection import Connection
 
 import psutil
 
-from preprocessing.control import ENV as CONTROL_ENV
-from preprocessing.control import ControlChannel, default_path
+from triton_backend.config import ROOT, ServerConfig
+from triton_backend.serving.control import ENV as CONTROL_ENV
+from triton_backend.serving.control import ControlChannel, default_path
 
 from .binding import MODEL_NAME, STREAM_MODEL_NAME, make_infer, make_stream_infer, stream_tensors, tensors
-from .config import ROOT, ServerConfig
 from .engine_link import RemoteEngine
 
 LOG = logging.getLogger("megatron_triton.frontend")
@@ -47,7 +47,7 @@ def pipeline_env(cfg: ServerConfig, context: int) -> None:
 def serve(cfg: ServerConfig, engine: RemoteEngine) -> None:
     """Run Triton with the pipeline and bind the generation models; return when rank 0 says stop or is gone,
     or Triton failed."""
-    control = ControlChannel(default_path(), engine)  # cancellations in, load out (see preprocessing/control.py)
+    control = ControlChannel(default_path(), engine)  # cancellations in, load out (see control.py)
     os.environ[CONTROL_ENV] = str(control.path)
     # PyTriton's default moves tensors through a shared-memory store run by a multiprocessing manager, a child
     # of this process. A signal to the process group (torchrun's SIGTERM without session.py, a terminal's

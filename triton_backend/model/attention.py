@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from .kv_cache import StepContext
+from triton_backend.cache.kv_cache import StepContext
 
 
 class Rotary:

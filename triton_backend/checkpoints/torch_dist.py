@@ -1,11 +1,9 @@
-"""Megatron checkpoints in the layouts Megatron training writes; this module owns the torch_dist format.
+"""Megatron's torch_dist checkpoint format (``--ckpt-format torch_dist``, the default of Megatron training).
 
     <dir>/latest_checkpointed_iteration.txt
     <dir>/iter_0000300/   .metadata  __0_0.distcp  common.pt (holds ``args``)  metadata.json
 
 ``dist_checkpointing`` reshards on load, so a checkpoint saved at one tensor-parallel size loads at another.
-Legacy per-rank ``model_optim_rng.pt`` checkpoints are read by ``legacy_checkpoint``; ``read_architecture``
-and ``load_weights`` accept both.
 """
 
 from __future__ import annotations
@@ -16,65 +14,29 @@ from unittest import mock
 
 import torch
 
-from .architecture import GPTArchitecture
-
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing, unreadable or does not fit the model built from its args."""
+from .layout import TRACKER, CheckpointError, iteration_dir
 
 
 def resolve(path: str | pathlib.Path) -> pathlib.Path:
     """The torch_dist directory of ``path``: a Megatron save directory (with a tracker file) or the iter dir."""
-    path = pathlib.Path(path)
-    tracker = path / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        name = "release" if text == "release" else f"iter_{int(text):07d}"
-        path = path / name
+    path = iteration_dir(path)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a torch_dist checkpoint (no metadata.json, no {TRACKER})")
     return path
 
 
 def read_args(path: str | pathlib.Path):
-    """The Megatron ``args`` namespace stored in the checkpoint (either format)."""
     from megatron.core import dist_checkpointing
 
-    from . import legacy_checkpoint
-
-    if not pathlib.Path(path).exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if legacy_checkpoint.is_legacy(path):
-        return legacy_checkpoint.read_args(path)
     common = dist_checkpointing.load_common_state_dict(str(resolve(path)))
     if "args" not in common:
         raise CheckpointError(f"{path} stores no training args; cannot tell the model's architecture")
     return common["args"]
 
 
-def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1) -> GPTArchitecture:
-    """The model's architecture from the checkpoint's args, checked against the served TP size."""
-    try:
-        arch = GPTArchitecture.from_megatron_args(read_args(path))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    problem = arch.tensor_parallel_problem(tensor_parallel)
-    if problem:
-        raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")
-    return arch
-
-
-def load_weights(model, path: str | pathlib.Path, arch: GPTArchitecture) -> None:
-    """Load (and reshard) the weights of ``path`` into ``model``, strictly: every tensor must be there."""
+def load_weights(model, path: str | pathlib.Path) -> None:
     from megatron.core import dist_checkpointing
 
-    from . import legacy_checkpoint
-
-    if legacy_checkpoint.is_legacy(path):
-        legacy_checkpoint.load_weights(model, path, arch.swiglu)
-        return
     directory = resolve(path)
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))

@@ -1,7 +1,8 @@
 """Per-row logits processing and sampling: every row of a batch keeps its own parameters and random stream.
 
 Seeded rows draw from their own ``torch.Generator`` (one uniform number per token), so a seeded request
-yields the same tokens whether it runs alone or among others.
+draws the same numbers whether it runs alone or among others (the README says what that guarantees).
+Every tensor here is [rows, vocabulary]: dimension 1 is the vocabulary.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     """
     logits = logits.clone()
     logits[:, vocab_size:] = NEG_INF
-    model_logprobs = torch.log_softmax(logits, dim=-1)
+    model_logprobs = torch.log_softmax(logits, dim=1)
     _apply_penalties(logits, rows)
     for i, row in enumerate(rows):
         if row.end_id >= 0 and len(row.generated) < row.params.min_length:
@@ -70,7 +71,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
             if not head or tuple(row.generated[-len(head):]) == tuple(head):
                 logits[i, last] = NEG_INF
 
-    chosen = logits.argmax(dim=-1)
+    chosen = logits.argmax(dim=1)
     # Rows without top-k/top-p skip the vocabulary sort; the choice depends on the row's own parameters only,
     # so a seeded request draws the same tokens whatever else is in the batch.
     plain = [i for i, row in enumerate(rows) if not row.params.greedy and not _truncates(row.params)]
@@ -91,37 +92,40 @@ def _truncates(params) -> bool:
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Logits over temperature, shifted so that each row's largest is 0 first: a tiny temperature (1e-38 is
     valid) then sends the others to -inf rather than the largest to +inf, whose softmax would be NaN."""
-    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    return (logits - logits.amax(dim=1, keepdim=True)) / temperature
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """One value per row, as a [rows, 1] column on ``like``'s device and in its dtype."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
 
 def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """Temperature only: inverse-CDF sampling in vocabulary order, each row with its own uniform draw."""
-    device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
-    uniform = torch.tensor([r.uniform() for r in rows], device=device, dtype=logits.dtype)[:, None]
-    cdf = torch.softmax(_scaled(logits, temperature), dim=-1).cumsum(dim=-1)
+    temperature = _column([r.params.temperature for r in rows], logits)
+    uniform = _column([r.uniform() for r in rows], logits)
+    cdf = torch.softmax(_scaled(logits, temperature), dim=1).cumsum(dim=1)
     # right=True: the first token whose cumulative mass exceeds the draw, so never a zero-probability one.
     pick = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    last_kept = (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)  # where the mass is complete (rounding guard)
+    last_kept = (cdf < cdf[:, -1:]).sum(dim=1, keepdim=True)  # where the mass is complete (rounding guard)
     return torch.minimum(pick, last_kept)[:, 0]
 
 
 def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """Temperature, top-k and top-p per row, then inverse-CDF sampling with each row's own uniform draw."""
-    device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
-    top_k = torch.tensor([r.params.top_k for r in rows], device=device)[:, None]
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
-    uniform = torch.tensor([r.uniform() for r in rows], device=device)[:, None]
+    temperature = _column([r.params.temperature for r in rows], logits)
+    top_k = _column([r.params.top_k for r in rows], logits)
+    top_p = _column([r.params.top_p for r in rows], logits)
+    uniform = _column([r.uniform() for r in rows], logits)
 
-    ordered, order = _scaled(logits, temperature).sort(dim=-1, descending=True)
-    rank = torch.arange(ordered.shape[-1], device=device)[None]
+    ordered, order = _scaled(logits, temperature).sort(dim=1, descending=True)
+    rank = torch.arange(ordered.shape[1], device=logits.device)[None]
     ordered = ordered.masked_fill((top_k > 0) & (rank >= top_k), NEG_INF)
-    probs = torch.softmax(ordered, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass ranked strictly above each token
+    probs = torch.softmax(ordered, dim=1)
+    before = probs.cumsum(dim=1) - probs  # probability mass ranked strictly above each token
     probs = probs.masked_fill((before >= top_p) & (rank > 0), 0.0)
-    cdf = probs.cumsum(dim=-1)
-    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=ordered.shape[-1] - 1)
-    # A zero-probability token can only be hit at an exact CDF tie; step back to the last kept one.
-    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    cdf = probs.cumsum(dim=1)
+    # The kept tokens are a prefix of the ranking, and the draw is below the total mass (or equal to it after
+    # rounding): the first place whose cumulative mass reaches it is always a kept token, never a zeroed one.
+    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:])
     return order.gather(1, pick)[:, 0]

@@ -6,9 +6,10 @@ import os
 
 import torch
 
+from triton_backend.cache.kv_cache import KVCache, plan
+
 from .architecture import GPTArchitecture
 from .attention import Rotary, SlotCacheAttention
-from .kv_cache import KVCache, plan
 
 
 def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:

@@ -64,7 +64,8 @@ class Engine:
 
     ``gpt`` is a ``CachedGPT`` or, with tensor parallelism, a ``protocol.Leader`` over one: only the engine
     thread runs it, so every collective is issued from one thread in one order. With ``failures_fatal`` a
-    failed step stops the engine (``fatal`` is set): ranks may disagree after it, so the job must end.
+    failed step stops the engine (``fatal`` is set): ranks may disagree after it, so the job must end. An
+    exception anywhere else on the engine thread (a step hook, admission, a listener) always does.
     """
 
     HEARTBEAT_S = 5.0
@@ -94,6 +95,7 @@ class Engine:
         self._stopping = False
         self._closing = False  # draining: no new requests, those in flight go on
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.ended = threading.Event()  # set when the engine thread ends, however it ends
         # Called on the engine thread after every step (and pass of its loop): listeners may collect what
         # changed and hand it on once per step rather than once per token.
         self._step_hooks: list[Callable[[], None]] = []
@@ -153,15 +155,29 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.cpus:
-            os.sched_setaffinity(0, self.cpus)  # this thread only (Linux): see server.engine_cpus
         try:
+            if self.cpus:
+                os.sched_setaffinity(0, self.cpus)  # this thread only (Linux): see server.engine_cpus
             self._serve_steps()
+        except BaseException as err:  # a step hook, admission, a listener: nothing may end this thread silently
+            LOG.exception("the engine thread failed outside a step")
+            self.fatal = err
         finally:
-            self._drain("the server is shutting down" if self.fatal is None else f"the engine failed: {self.fatal}")
-            self._after_step()
-            if hasattr(self.gpt, "shutdown"):
-                self.gpt.shutdown()
+            try:
+                self._drain("the server is shutting down" if self.fatal is None else
+                            f"the engine failed: {self.fatal}")
+                self._after_step()
+                if hasattr(self.gpt, "shutdown"):
+                    self.gpt.shutdown()
+            except BaseException as err:
+                LOG.exception("the engine thread failed while stopping")
+                self.fatal = self.fatal or err
+            finally:
+                self.ended.set()
+
+    def alive(self) -> bool:
+        """False once the engine thread has ended (stopped, or failed: then ``fatal`` says why)."""
+        return not self.ended.is_set()
 
     def _serve_steps(self) -> None:
         while True:

@@ -26,25 +26,33 @@ import dataclasses
 import functools
 import itertools
 import logging
+import queue
 import threading
 import time
 from multiprocessing.connection import Connection
 
 from preprocessing.params import InvalidRequest
-
-from .generation import EngineBusy, Generation, new_generation, validate
+from triton_backend.engine.generation import EngineBusy, Generation, new_generation, validate
 
 LOG = logging.getLogger(__name__)
 
 
 class EngineHost:
-    """Rank 0's end: submits what the serving process sends, and sends back what each engine pass changed."""
+    """Rank 0's end: submits what the serving process sends, and sends back what each engine pass changed.
 
-    def __init__(self, engine, conn: Connection, serving: threading.Event | None = None):
+    The engine thread never writes to the socket itself: a serving process that reads slowly would stall every
+    sequence. It puts each pass's message in a bounded outbox that a sender thread empties. Only when the serving
+    process has not taken ``handover_steps`` messages does the engine wait, and after ``handover_timeout_s`` it
+    fails (the engine's failure ends the job, as a stuck rank does).
+    """
+
+    def __init__(self, engine, conn: Connection, serving: threading.Event | None = None, handover_steps: int = 256,
+                 handover_timeout_s: float = 60.0):
         self.engine, self.conn = engine, conn
         self.serving = serving or threading.Event()  # set once the serving process has Triton up
         self.gone = threading.Event()  # the serving process closed its end (exited or crashed)
-        self._send_lock = threading.Lock()
+        self.handover_timeout_s = handover_timeout_s
+        self._outbox: queue.Queue = queue.Queue(maxsize=handover_steps)
         self._live: dict[int, Generation] = {}  # key -> generation, for cancellations
         self._changed: dict[int, Generation] = {}  # filled by listeners, emptied by ``_flush`` (engine thread)
         self._sent: dict[int, int] = {}  # key -> tokens sent so far (engine thread)
@@ -52,19 +60,35 @@ class EngineHost:
         engine.add_step_hook(self._flush)
         self._thread = threading.Thread(target=self._receive, name="engine-link", daemon=True)
         self._thread.start()
+        self._sender = threading.Thread(target=self._send_outbox, name="engine-link-send", daemon=True)
+        self._sender.start()
 
     def stop_serving(self) -> None:
-        """Ask the serving process to stop Triton and exit."""
-        self._send(("stop",))
+        """Ask the serving process to stop Triton and exit (after the messages before it)."""
+        try:
+            self._send(("stop",))
+        except TimeoutError:
+            LOG.warning("the serving process takes no messages; it will be killed")
 
     def _send(self, message) -> None:
+        """Queue ``message`` for the serving process; raises ``TimeoutError`` when it has stopped taking them."""
         if self.gone.is_set():
             return
         try:
-            with self._send_lock:
+            self._outbox.put(message, timeout=self.handover_timeout_s)
+        except queue.Full:
+            raise TimeoutError(f"the serving process has not read the engine's last {self._outbox.maxsize} "
+                               f"messages in {self.handover_timeout_s:g} s") from None
+
+    def _send_outbox(self) -> None:
+        while True:
+            message = self._outbox.get()
+            if self.gone.is_set():
+                continue  # dropped: nobody reads them, and the engine must not wait for room
+            try:
                 self.conn.send(message)
-        except OSError:  # the serving process is gone; the server's watch loop ends the job
-            self.gone.set()
+            except OSError:  # the serving process is gone; the server's watch loop ends the job
+                self.gone.set()
 
     def _receive(self) -> None:
         while True:
@@ -85,7 +109,10 @@ class EngineHost:
         try:
             generation = self.engine.submit(prompt, params, listener=functools.partial(self._changed_cb, key))
         except (InvalidRequest, EngineBusy) as err:
-            self._send(("refused", key, str(err)))
+            try:
+                self._send(("refused", key, str(err)))
+            except TimeoutError:  # the engine fails on its own next hand-over and ends the job
+                LOG.warning("the serving process takes no messages; a refusal was not sent")
             return
         self._live[key] = generation
         if generation.done:  # finished before it was filed: ``_flush`` may have passed already

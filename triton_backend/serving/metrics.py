@@ -3,7 +3,7 @@
 The generation model runs in PyTriton's process, which has no access to Triton's metrics API. So it sends
 a few numbers along with every response (ENGINE_STATS), which postprocessing turns into latency histograms
 and token counters; postprocessing also polls the engine's load for the gauges (``LoadGauges``, over
-``preprocessing/control.py``), so that they are current even when no response flows.
+``triton_backend/serving/control.py``), so that they are current even when no response flows.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Generate or benchmark in-process, without Triton: the same engine, rank protocol and model rank 0 serves.
 
-    torchrun --standalone --nproc-per-node 2 -m triton_backend.offline --prompt "The for statement"
-    torchrun --standalone --nproc-per-node 1 -m triton_backend.offline --bench --batch 1 8 32
+    torchrun --standalone --nproc-per-node 2 -m tools.offline --prompt "The for statement"
+    torchrun --standalone --nproc-per-node 1 -m tools.offline --bench --batch 1 8 32
 
 Prints one JSON line per prompt (or per benchmark batch size) on rank 0.
 """
@@ -18,11 +18,10 @@ import torch
 
 from preprocessing.params import SamplingParams
 from preprocessing.tokenizer import Tokenizer
-
-from .config import ServerConfig
-from .gpt import init_parallel
-from .protocol import follow, make_group
-from .server import engine_cpus, load_engine, load_gpt
+from triton_backend.config import ServerConfig
+from triton_backend.model.gpt import init_parallel
+from triton_backend.ranks.protocol import follow, make_group
+from triton_backend.server import engine_cpus, load_engine, load_gpt
 
 BENCH_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 

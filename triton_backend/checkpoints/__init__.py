@@ -1,0 +1,45 @@
+"""The checkpoints layer: Megatron checkpoints in both layouts Megatron training writes.
+
+``torch_dist`` (the default since Megatron-core 0.8) and ``legacy`` (``--ckpt-format torch``, one file per
+tensor-parallel rank) each own their format; this module picks the format of a path, builds the architecture
+from the stored training args and checks it against the served tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from triton_backend.model.architecture import GPTArchitecture
+
+from . import legacy, torch_dist
+from .layout import TRACKER, CheckpointError
+from .torch_dist import save
+
+__all__ = ["TRACKER", "CheckpointError", "load_weights", "read_architecture", "read_args", "save"]
+
+
+def read_args(path: str | pathlib.Path):
+    """The Megatron ``args`` namespace stored in the checkpoint (either format)."""
+    if not pathlib.Path(path).exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return legacy.read_args(path) if legacy.is_legacy(path) else torch_dist.read_args(path)
+
+
+def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1) -> GPTArchitecture:
+    """The model's architecture from the checkpoint's args, checked against the served TP size."""
+    try:
+        arch = GPTArchitecture.from_megatron_args(read_args(path))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    problem = arch.tensor_parallel_problem(tensor_parallel)
+    if problem:
+        raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")
+    return arch
+
+
+def load_weights(model, path: str | pathlib.Path, arch: GPTArchitecture) -> None:
+    """Load (and reshard) the weights of ``path`` into ``model``, strictly: every tensor must be there."""
+    if legacy.is_legacy(path):
+        legacy.load_weights(model, path, arch.swiglu)
+    else:
+        torch_dist.load_weights(model, path)
