@@ -19,6 +19,9 @@ ROTARY_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=
                               ffn_hidden_size=96, padded_vocab_size=128, max_position_embeddings=64, seq_length=64,
                               position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                               add_bias_linear=False, untie_embeddings_and_output_weights=True)
+# With a sentencepiece tokenizer of up to 512 pieces (the tests' tiny one has 400), for stop and bad words.
+TEXT_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                            padded_vocab_size=512, max_position_embeddings=128, seq_length=128)
 VOCAB, EOS = 120, 2
 INIT_STD = 0.2
 
@@ -32,12 +35,18 @@ def context_model(arch: GPTArchitecture = ARCH, seed: int = 0):
 
 def greedy_uncached(model, prompt: list[int], n: int, vocab: int = VOCAB) -> list[int]:
     """The reference: the whole sequence through Megatron's plain causal forward at every token, no cache."""
-    ids = list(prompt)
+    return greedy_uncached_with_logprobs(model, prompt, n, vocab)[0]
+
+
+def greedy_uncached_with_logprobs(model, prompt: list[int], n: int, vocab: int = VOCAB):
+    """The reference tokens and each one's log-probability under the model (log-softmax over the vocabulary)."""
+    ids, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0, -1, :vocab]
             ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+            logprobs.append(float(torch.log_softmax(logits.float(), dim=0)[ids[-1]]))
+    return ids[len(prompt):], logprobs
 
 
 def assert_uses_the_whole_context(model, vocab: int = VOCAB) -> None:

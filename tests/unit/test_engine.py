@@ -19,10 +19,12 @@ from .models import (
     ARCH,
     EOS,
     ROTARY_ARCH,
+    TEXT_ARCH,
     VOCAB,
     assert_uses_the_whole_context,
     context_model,
     greedy_uncached,
+    greedy_uncached_with_logprobs,
     wait_until,
 )
 
@@ -53,12 +55,21 @@ def run(engine, prompt, **kw):
     g = engine.submit(prompt, SamplingParams(**{"max_tokens": 10, "end_id": -1, **kw}))
     assert g.wait(60)
     assert g.error is None
+    if g.tokens:
+        assert g.submitted <= g.first_token_at <= g.finished_at
+    else:  # ended at once (its first token was end_id)
+        assert g.first_token_at is None and g.submitted <= g.finished_at
+    assert engine.stats.steps_sampled_again == 0  # no row's sampling failed
     return g
 
 
 def test_cached_greedy_equals_uncached(engine, model):
     for prompt in PROMPTS:  # one at a time: each prompt alone in its prefill, then decoded from the cache
-        assert run(engine, prompt, temperature=0.0).tokens == greedy_uncached(model, prompt, 10), prompt
+        g = run(engine, prompt, temperature=0.0)
+        tokens, logprobs = greedy_uncached_with_logprobs(model, prompt, 10)
+        assert g.tokens == tokens, prompt
+        assert g.logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert engine.stats.tokens_generated == 10 * len(PROMPTS) and engine.stats.requests_finished == len(PROMPTS)
 
 
 def test_packed_greedy_equals_uncached(engine, model):
@@ -96,7 +107,8 @@ def test_rotary_family_cached_equals_uncached():
 
 def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engine):
     prompts = [[3 + i, 50 - i] * (1 + i) for i in range(6)]
-    params = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.9, seed=i, top_k=20) for i in range(6)]
+    params = [dict(temperature=0.0, repetition_penalty=1.2) if i % 2 == 0 else dict(temperature=0.9, seed=i, top_k=20)
+              for i in range(6)]
     alone = [run(engine, p, **kw).tokens for p, kw in zip(prompts, params)]
     steps_before = engine.stats.steps
     gens = submit_together(engine, prompts, [SamplingParams(max_tokens=10, end_id=-1, **kw) for kw in params])
@@ -104,6 +116,8 @@ def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engin
     assert [g.tokens for g in gens] == alone
     assert engine.stats.max_rows_in_step == 6
     assert engine.stats.steps - steps_before == 10  # one prefill (the first token of each), then 9 decodes
+    assert engine.stats.rows_decoded == 6 * 10 + sum(len(g.tokens) for g in gens)  # alone, then together
+    assert engine.stats.steps_sampled_again == 0
 
 
 def test_rows_that_move_in_the_cache_keep_their_text(model):
@@ -220,7 +234,77 @@ def test_stats_summary_and_the_stall_watchdog(model):
                         step_seconds=0.02)
     assert stats.summary() == "2 requests, 10 tokens in 4 steps (1 with prompts): 2.0 rows and 5.0 ms per step, " \
                               "0.0 s busy"
+    one = EngineStats(steps=1, requests_finished=1, tokens_generated=3, rows_decoded=1, step_seconds=0.2)
+    assert one.summary() == "1 requests, 3 tokens in 1 steps (0 with prompts): 1.0 rows and 200.0 ms per step, " \
+                            "0.2 s busy"
+    assert EngineStats().summary().startswith("0 requests, 0 tokens in 0 steps")
     engine = Engine(CachedGPT(model, ARCH, max_slots=1), VOCAB, EOS)
     assert not engine.stalled(0.0)  # no step running
     engine.step_started = time.monotonic() - 5
     assert engine.stalled(1.0) and not engine.stalled(10.0)
+
+
+def test_the_prefill_budget_packs_prompts_up_to_its_token_count(model):
+    """``prefill_tokens`` bounds the prompt tokens of one step: the first prompt always goes, the next ones while
+    the total stays within the budget."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS, prefill_tokens=10).start()
+    try:
+        prompts = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20, 21], [30] * 12]
+        gens = submit_together(engine, prompts, [SamplingParams(max_tokens=4, end_id=-1, temperature=0.0)] * 4)
+        assert all(g.wait(60) and g.error is None for g in gens)
+        # step 1: 5 + 5 = 10 tokens; step 2: the third (the fourth would make 17); step 3: the 12-token one alone
+        assert engine.stats.prefills == 3
+        assert [g.tokens for g in gens] == [greedy_uncached(model, p, 4) for p in prompts]
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def text_engine(tiny_tokenizer):
+    model = context_model(TEXT_ARCH, seed=2)
+    engine = Engine(CachedGPT(model, TEXT_ARCH, max_slots=4), tiny_tokenizer.vocab_size, tiny_tokenizer.eos_id,
+                    tokenizer=tiny_tokenizer).start()
+    yield engine
+    engine.stop()
+
+
+def contains(tokens: list[int], sequence: list[int]) -> bool:
+    n = len(sequence)
+    return any(tokens[i:i + n] == sequence for i in range(len(tokens) - n + 1))
+
+
+def test_stop_words_end_a_generation_on_its_text(text_engine, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("The for statement")
+    whole = run(text_engine, prompt, temperature=0.0, max_tokens=40)
+    text = tiny_tokenizer.decode(whole.tokens)
+    stop = text[12:15]
+    assert stop.strip(), text
+    g = text_engine.submit(prompt, SamplingParams(max_tokens=40, end_id=-1, temperature=0.0, stop_words=(stop,)),
+                           track_text=True)
+    assert g.wait(60) and g.error is None and g.finish_reason == "stop"
+    assert g.tokens == whole.tokens[:len(g.tokens)] and len(g.tokens) < len(whole.tokens)
+    assert g.tracker.final_text == text[:text.index(stop)]
+
+
+def test_bad_words_are_banned_as_written_and_after_a_space(text_engine, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("The for statement")
+    whole = run(text_engine, prompt, temperature=0.0, max_tokens=40)
+    # Text the greedy output holds as tokens (as written, or after a space): banning it must change the output.
+    # (A random model's text is mostly byte pieces, so the candidates are its printable tokens.)
+    pieces = {tiny_tokenizer.decode([t]).strip() for t in whole.tokens}
+    words = sorted(w for w in pieces if w.isprintable() and w
+                   and any(contains(whole.tokens, tiny_tokenizer.encode(v)) for v in (w, " " + w)))
+    assert words, tiny_tokenizer.decode(whole.tokens)
+    for word in words[:3]:
+        g = run(text_engine, prompt, temperature=0.0, max_tokens=40, bad_words=(word,))
+        for variant in (word, " " + word):
+            assert not contains(g.tokens, tiny_tokenizer.encode(variant)), (word, variant)
+        assert g.tokens != whole.tokens
+
+
+def test_track_text_follows_the_text_without_stop_words(text_engine, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("The for statement")
+    assert text_engine.submit(prompt, SamplingParams(max_tokens=2), track_text=False).tracker is None
+    g = text_engine.submit(prompt, SamplingParams(max_tokens=12, end_id=-1, temperature=0.0), track_text=True)
+    assert g.wait(60) and g.tracker is not None
+    assert g.tracker.final_text == tiny_tokenizer.decode_continuation(prompt, g.tokens)

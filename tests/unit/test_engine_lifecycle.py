@@ -137,6 +137,7 @@ def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
     victim = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
     assert victim.wait(10)
     assert victim.error.startswith("generation failed: OutOfMemoryError")
+    assert engine.stats.requests_failed == 1
     after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
     assert after.wait(10) and after.error is None and len(after.tokens) == 10
     assert engine.fatal is None and engine.load()["running"] == 0
@@ -228,3 +229,94 @@ def test_a_unary_request_past_its_timeout_is_cancelled_and_frees_its_slot(start_
     assert out["ERROR"][0, 0] == b"no result within 0.2 s"
     wait_until(lambda: engine.load()["running"] == 0, what="the slot to be freed")
     assert engine.load()["cancelled"] == 1 and engine.stats.tokens_generated < 60
+
+
+def test_a_full_queue_refuses_by_count_and_a_stopping_engine_by_name(start_engine):
+    engine = start_engine(max_queue=2)
+    with engine._wake:  # the engine cannot admit meanwhile: both wait
+        engine.submit([5, 6], SamplingParams(max_tokens=2))
+        engine.submit([5, 6], SamplingParams(max_tokens=2))
+        with pytest.raises(EngineBusy) as err:
+            engine.submit([5, 6], SamplingParams(max_tokens=2))
+    assert str(err.value) == "2 requests are already waiting; retry later"
+    engine.stop()
+    with pytest.raises(EngineBusy) as err:
+        engine.submit([5], SamplingParams(max_tokens=2))
+    assert str(err.value) == "the server is shutting down and takes no new requests"
+
+
+def test_a_waiting_request_cancelled_or_over_age_leaves_the_others_waiting(start_engine):
+    """Two slots, four requests: of the two waiting, one is cancelled and one is not; the other runs in full. Then
+    with an age limit, a waiting request past it gets the error while a short one finishes."""
+    engine = start_engine()
+    hold = threading.Event()
+    engine.add_step_hook(lambda: hold.wait(10))
+    running = [engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1)) for _ in range(2)]
+    cancelled, kept = (engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1)) for _ in range(2))
+    wait_until(lambda: all(g.tokens for g in running), what="two running")
+    engine.cancel(cancelled)
+    hold.set()
+    for g in (*running, cancelled, kept):
+        assert g.wait(10)
+    assert cancelled.finish_reason == "cancelled" and cancelled.tokens == [] and cancelled.finished_at is not None
+    assert kept.error is None and kept.finish_reason == "length" and len(kept.tokens) == 3
+    assert engine.stats.requests_cancelled == 1 and engine.stats.requests_finished == 3
+
+
+def test_the_age_limit_spares_requests_that_finish_in_time(start_engine):
+    engine = start_engine(max_request_s=30)
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))
+    assert g.wait(10) and g.error is None and g.finish_reason == "length"
+
+
+def test_a_request_waiting_past_the_age_limit_gets_the_error(start_engine):
+    engine = start_engine(max_request_s=0.3)
+    engine.add_step_hook(lambda: time.sleep(0.01))
+    hogs = [engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1)) for _ in range(2)]
+    late = engine.submit([5, 6, 7], SamplingParams(max_tokens=2, end_id=-1))  # no slot until the hogs end
+    assert late.wait(10) and late.tokens == []
+    assert late.error == "the request ran longer than the server's limit of 0.3 s" and late.finish_reason is None
+    for g in hogs:
+        assert g.wait(10) and g.finish_reason is None and "longer than" in g.error
+    assert engine.stats.requests_failed == 3
+
+
+def test_drain_returns_as_soon_as_the_last_request_ends(start_engine):
+    """``drain`` is woken by the last retirement, not by its grace period running out."""
+    engine = start_engine()
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))
+    result = {}
+    drainer = threading.Thread(target=lambda: result.setdefault("drained", engine.drain(120)))
+    drainer.start()
+    drainer.join(30)  # a liveness bound far inside the grace: a drain that waited for it would still be here
+    assert result == {"drained": True} and g.done
+
+
+def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start_engine):
+    import os
+
+    class Recording:
+        def __init__(self, inner, fail=False):
+            self.inner, self.fail, self.shut = inner, fail, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def shutdown(self):
+            self.shut += 1
+            if self.fail:
+                raise RuntimeError("shutdown failed (injected)")
+
+    core = min(os.sched_getaffinity(0))
+    model = Recording(gpt)
+    engine = start_engine(model, cpus={core})
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1))
+    assert g.wait(10)
+    assert os.sched_getaffinity(engine._thread.native_id) == {core}
+    engine.stop()
+    assert model.shut == 1 and engine.fatal is None
+    failing = Recording(gpt, fail=True)
+    engine = start_engine(failing)
+    engine.stop()
+    assert failing.shut == 1 and str(engine.fatal) == "shutdown failed (injected)"
+

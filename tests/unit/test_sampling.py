@@ -227,3 +227,15 @@ def test_temperature_reshapes_the_distribution_before_the_draw():
         cuts = (0.18, 0.20) if not extra else (0.52, 0.55)
         assert sample(x, [forced(cuts[0], temperature=2.0, **extra)], VOCAB)[0] == [first]
         assert sample(x, [forced(cuts[1], temperature=2.0, **extra)], VOCAB)[0] != [first]
+
+
+def test_draws_across_the_whole_vocabulary_follow_the_inverse_cdf():
+    """Every token has probability here (no zero tail), so a draw near 1 must reach the last tokens of the order."""
+    x = logits(1, seed=9)[:, :VOCAB]
+    probs = torch.softmax(x[0], dim=0)
+    ranked = probs.argsort(descending=True)
+    for u in (0.001, 0.3, 0.7, 0.99, 0.9999):
+        by_vocabulary = int(torch.searchsorted(probs.cumsum(0), torch.tensor([u]), right=True).clamp(max=VOCAB - 1))
+        by_rank = int(ranked[torch.searchsorted(probs[ranked].cumsum(0), torch.tensor([u])).clamp(max=VOCAB - 1)])
+        assert sample(x, [forced(u)], VOCAB)[0] == [by_vocabulary], u
+        assert sample(x, [forced(u, top_k=VOCAB)], VOCAB)[0] == [by_rank], u

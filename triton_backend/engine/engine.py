@@ -46,6 +46,7 @@ class EngineStats:
     tokens_generated: int = 0
     rows_decoded: int = 0  # sequences advanced, summed over steps: / steps is the mean batch
     step_seconds: float = 0.0  # time spent in steps (prefill and decode), the rest is idle
+    steps_sampled_again: int = 0  # steps whose sampling failed and were sampled row by row (a request's fault)
 
     def summary(self) -> str:
         steps = max(self.steps, 1)
@@ -231,16 +232,17 @@ class Engine:
     def _sample_each(self, rows: list[_Running], logits: torch.Tensor):
         """Sample row by row after the whole step failed: the rows that fail again end with an error, the others
         get the token the step would have given them (their uniform draws are kept, see ``RowSampler``)."""
+        self.stats.steps_sampled_again += 1
         kept, tokens, logprobs = [], [], []
         for i, row in enumerate(rows):
             try:
                 (token,), (logprob,) = sample(logits[i : i + 1], [row.sampler], self.vocab_size)
             except Exception as err:
                 self._retire(row, error=_failure(err))
-                continue
-            kept.append(row)
-            tokens.append(token)
-            logprobs.append(logprob)
+            else:
+                kept.append(row)
+                tokens.append(token)
+                logprobs.append(logprob)
         return kept, tokens, logprobs
 
     def _end_abandoned(self) -> None:
@@ -320,8 +322,8 @@ class Engine:
             positions += range(len(prompt))
             slots += [r.slot] * len(prompt)
             last.append(len(tokens) - 1)
-        device = self.gpt.device
-        logits = self.gpt.forward(*(torch.tensor(x, dtype=torch.long).to(device)
+        device = self.gpt.device  # pragma: no mutate
+        logits = self.gpt.forward(*(torch.tensor(x, dtype=torch.long).to(device)  # pragma: no mutate
                                     for x in (tokens, positions, slots, last)))
         self.stats.steps += 1
         self.stats.prefills += bool(admitted)

@@ -97,7 +97,7 @@ def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """One value per row, as a [rows, 1] column on ``like``'s device and in its dtype."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # pragma: no mutate
 
 
 def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
@@ -119,7 +119,7 @@ def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     uniform = _column([r.uniform() for r in rows], logits)
 
     ordered, order = _scaled(logits, temperature).sort(dim=1, descending=True)
-    rank = torch.arange(ordered.shape[1], device=logits.device)[None]
+    rank = torch.arange(ordered.shape[1], device=logits.device)[None]  # pragma: no mutate
     ordered = ordered.masked_fill((top_k > 0) & (rank >= top_k), NEG_INF)
     probs = torch.softmax(ordered, dim=1)
     before = probs.cumsum(dim=1) - probs  # probability mass ranked strictly above each token

@@ -34,7 +34,8 @@ class Rotary:
         """Rotate ``t`` [s, b, heads, d] whose tokens sit at ``positions`` [b, s]."""
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-        freqs = positions.t()[..., None].float() * self.inv_freq.to(t.device)  # [s, b, rot / 2]
+        inv_freq = self.inv_freq.to(t.device)  # pragma: no mutate
+        freqs = positions.t()[..., None].float() * inv_freq  # [s, b, rot / 2]
         freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [s, b, 1, rot]
         return apply_rotary_pos_emb(t, freqs, config=self.config)
 
@@ -55,7 +56,8 @@ class SlotCacheAttention(MegatronModule):
             if step is not None:
                 positions = step.positions
             else:
-                positions = torch.arange(query.shape[0], device=query.device)[None].expand(query.shape[1], -1)
+                positions = torch.arange(query.shape[0], device=query.device)  # pragma: no mutate
+                positions = positions[None].expand(query.shape[1], -1)
             query, key = self.rotary(query, positions), self.rotary(key, positions)
         if step is not None:
             return self._cached(step, query[:, 0], key[:, 0], value[:, 0])[:, None]
@@ -75,7 +77,7 @@ class SlotCacheAttention(MegatronModule):
         values[step.rows, :, positions] = v
         out = []
         if n:  # one token per sequence, its cache rows 0..n-1 read in place up to the longest
-            key_pos = torch.arange(step.span, device=q.device)
+            key_pos = torch.arange(step.span, device=q.device)  # pragma: no mutate
             mask = (key_pos[None, :] <= positions[:n, None])[:, None, None]  # [n, 1, 1, span]
             o = self._sdpa(q[:n, :, None], keys[:n, :, : step.span], values[:n, :, : step.span], mask=mask)
             out.append(o.flatten(1))
@@ -90,7 +92,7 @@ class SlotCacheAttention(MegatronModule):
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V group serves several query heads
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        # Grouped-query attention: each K/V group serves several query heads, which SDPA maps itself
+        # (``enable_gqa``) instead of a copy of K/V per query head.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
