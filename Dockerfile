@@ -15,6 +15,7 @@ COPY preprocessing/ preprocessing/
 COPY triton_backend/ triton_backend/
 COPY model_repository/ model_repository/
 COPY client/ client/
+COPY tools/ tools/
 COPY docker/ docker/
 
 ENV HOST=0.0.0.0 HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002 DEVICE=cuda

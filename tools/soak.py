@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import GenerationClient  # noqa: E402
-from triton_backend import session  # noqa: E402
+from triton_backend.ranks import session  # noqa: E402
 
 PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition", "The import statement",
            "Assignment statements are used to", "The with statement", "😀 漢字 and\nnewlines"]

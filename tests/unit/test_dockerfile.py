@@ -38,3 +38,12 @@ def test_entrypoint_and_healthcheck_scripts_exist():
         assert path.is_file() and path.stat().st_mode & 0o111
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert "/v2/models/ensemble/ready" in (ROOT / "docker" / "healthcheck.sh").read_text()
+
+
+def test_the_image_holds_every_module_its_entrypoint_runs():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+?)/ ", dockerfile, re.M))
+    modules = re.findall(r"-m ([a-z_.]+)", (ROOT / "docker" / "entrypoint.sh").read_text())
+    assert modules and {m.split(".")[0] for m in modules} <= copied, (modules, copied)
+    for module in modules:
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
