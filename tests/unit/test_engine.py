@@ -308,3 +308,9 @@ def test_track_text_follows_the_text_without_stop_words(text_engine, tiny_tokeni
     g = text_engine.submit(prompt, SamplingParams(max_tokens=12, end_id=-1, temperature=0.0), track_text=True)
     assert g.wait(60) and g.tracker is not None
     assert g.tracker.final_text == tiny_tokenizer.decode_continuation(prompt, g.tokens)
+
+
+def test_a_bad_word_is_banned_as_written_and_after_a_space(text_engine, tiny_tokenizer):
+    banned = text_engine._bad_sequences(("statement", "x"))
+    expected = {tuple(tiny_tokenizer.encode(v)) for v in ("statement", " statement", "x", " x")}
+    assert set(banned) == expected and len(expected) == 4

@@ -171,6 +171,9 @@ def test_a_row_that_breaks_sampling_fails_alone(gpt, start_engine, monkeypatch):
         assert g.wait(10) and g.error is None
         assert g.tokens == alone.tokens
         assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    assert engine.stats.steps_sampled_again == 1
+    again = engine.submit([9, 9], SamplingParams(max_tokens=12, end_id=-1, temperature=poison))
+    assert again.wait(10) and again.error and engine.stats.steps_sampled_again == 2
     assert engine.load()["running"] == 0
 
 
@@ -252,7 +255,7 @@ def test_a_waiting_request_cancelled_or_over_age_leaves_the_others_waiting(start
     hold = threading.Event()
     engine.add_step_hook(lambda: hold.wait(10))
     running = [engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1)) for _ in range(2)]
-    cancelled, kept = (engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1)) for _ in range(2))
+    kept, cancelled = (engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1)) for _ in range(2))
     wait_until(lambda: all(g.tokens for g in running), what="two running")
     engine.cancel(cancelled)
     hold.set()
@@ -320,3 +323,39 @@ def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start
     engine.stop()
     assert failing.shut == 1 and str(engine.fatal) == "shutdown failed (injected)"
 
+
+
+def test_an_engine_built_with_the_defaults_has_no_age_limit_and_the_documented_bounds(gpt):
+    engine = Engine(gpt, VOCAB, EOS)
+    assert (engine.max_queue, engine.prefill_tokens, engine.max_request_s) == (1024, 4096, 0.0)
+    assert engine.failures_fatal is False and engine.cpus is None and engine.tokenizer is None
+
+
+def test_an_idle_engine_beats_its_heart_and_a_failed_beat_ends_it(gpt, start_engine):
+    class Beating:
+        def __init__(self, inner, fail):
+            self.inner, self.fail, self.beats = inner, fail, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def heartbeat(self):
+            self.beats += 1
+            if self.fail:
+                raise TimeoutError("a follower is gone (injected)")
+
+    healthy = Beating(gpt, fail=False)
+    engine = Engine(healthy, VOCAB, EOS)
+    engine.HEARTBEAT_S = 0.02
+    engine.start()
+    try:
+        wait_until(lambda: healthy.beats >= 3, what="three heartbeats")
+        assert engine.alive() and engine.fatal is None
+        assert engine._thread.name == "engine" and engine._thread.daemon
+    finally:
+        engine.stop()
+    broken = Beating(gpt, fail=True)
+    engine = Engine(broken, VOCAB, EOS)
+    engine.HEARTBEAT_S = 0.02
+    engine.start()
+    assert engine.ended.wait(10) and str(engine.fatal) == "a follower is gone (injected)"

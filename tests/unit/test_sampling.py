@@ -239,3 +239,13 @@ def test_draws_across_the_whole_vocabulary_follow_the_inverse_cdf():
         by_rank = int(ranked[torch.searchsorted(probs[ranked].cumsum(0), torch.tensor([u])).clamp(max=VOCAB - 1)])
         assert sample(x, [forced(u)], VOCAB)[0] == [by_vocabulary], u
         assert sample(x, [forced(u, top_k=VOCAB)], VOCAB)[0] == [by_rank], u
+
+
+def test_min_length_holds_back_token_0_too_and_a_penalty_of_2_applies():
+    x = torch.zeros(1, VOCAB)
+    x[0, 0] = 50.0  # end_id 0 overwhelmingly likely
+    assert sample(x, [row(temperature=0.0, end_id=0, min_length=1)], VOCAB)[0] != [0]
+    assert sample(x, [row(temperature=0.0, end_id=0)], VOCAB)[0] == [0]
+    y = torch.zeros(1, VOCAB)
+    y[0, 7], y[0, 8] = 2.0, 1.5
+    assert sample(y, [row(temperature=0.0, prompt=(7,), repetition_penalty=2.0)], VOCAB)[0] == [8]  # 2.0 / 2 < 1.5
