@@ -116,6 +116,24 @@ def test_control_client_without_a_server_answers_none(tmp_path):
         client.close()
 
 
+class Recording:
+    """The real model, plus a ``method`` (``shutdown``, ``heartbeat``) that counts its calls and raises ``error``
+    when ``fail``."""
+
+    def __init__(self, gpt, method: str, error: Exception, fail: bool):
+        self.gpt, self.method, self.error, self.fail, self.calls = gpt, method, error, fail, 0
+
+    def __getattr__(self, name):
+        if name == self.method:
+            return self._call
+        return getattr(self.gpt, name)
+
+    def _call(self):
+        self.calls += 1
+        if self.fail:
+            raise self.error
+
+
 class FailingOnce:
     """The real model, except that one forward raises the way a CUDA out-of-memory does."""
 
@@ -298,31 +316,18 @@ def test_drain_returns_as_soon_as_the_last_request_ends(start_engine):
 def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start_engine):
     import os
 
-    class Recording:
-        def __init__(self, inner, fail=False):
-            self.inner, self.fail, self.shut = inner, fail, 0
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def shutdown(self):
-            self.shut += 1
-            if self.fail:
-                raise RuntimeError("shutdown failed (injected)")
-
     core = min(os.sched_getaffinity(0))
-    model = Recording(gpt)
+    model = Recording(gpt, "shutdown", RuntimeError("shutdown failed (injected)"), fail=False)
     engine = start_engine(model, cpus={core})
     g = engine.submit([5, 6, 7], SamplingParams(max_tokens=3, end_id=-1))
     assert g.wait(10)
     assert os.sched_getaffinity(engine._thread.native_id) == {core}
     engine.stop()
-    assert model.shut == 1 and engine.fatal is None
-    failing = Recording(gpt, fail=True)
+    assert model.calls == 1 and engine.fatal is None
+    failing = Recording(gpt, "shutdown", RuntimeError("shutdown failed (injected)"), fail=True)
     engine = start_engine(failing)
     engine.stop()
-    assert failing.shut == 1 and str(engine.fatal) == "shutdown failed (injected)"
-
+    assert failing.calls == 1 and str(engine.fatal) == "shutdown failed (injected)"
 
 
 def test_an_engine_built_with_the_defaults_has_no_age_limit_and_the_documented_bounds(gpt):
@@ -332,30 +337,36 @@ def test_an_engine_built_with_the_defaults_has_no_age_limit_and_the_documented_b
 
 
 def test_an_idle_engine_beats_its_heart_and_a_failed_beat_ends_it(gpt, start_engine):
-    class Beating:
-        def __init__(self, inner, fail):
-            self.inner, self.fail, self.beats = inner, fail, 0
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def heartbeat(self):
-            self.beats += 1
-            if self.fail:
-                raise TimeoutError("a follower is gone (injected)")
-
-    healthy = Beating(gpt, fail=False)
+    healthy = Recording(gpt, "heartbeat", TimeoutError("a follower is gone (injected)"), fail=False)
     engine = Engine(healthy, VOCAB, EOS)
     engine.HEARTBEAT_S = 0.02
     engine.start()
     try:
-        wait_until(lambda: healthy.beats >= 3, what="three heartbeats")
+        wait_until(lambda: healthy.calls >= 3, what="three heartbeats")
         assert engine.alive() and engine.fatal is None
         assert engine._thread.name == "engine" and engine._thread.daemon
     finally:
         engine.stop()
-    broken = Beating(gpt, fail=True)
+    broken = Recording(gpt, "heartbeat", TimeoutError("a follower is gone (injected)"), fail=True)
     engine = Engine(broken, VOCAB, EOS)
     engine.HEARTBEAT_S = 0.02
     engine.start()
     assert engine.ended.wait(10) and str(engine.fatal) == "a follower is gone (injected)"
+
+
+def test_a_failed_step_fails_every_row_in_it_and_counts_its_time(gpt, start_engine):
+    engine = start_engine(FailingOnce(gpt, fail_on_call=2))
+    started = time.monotonic()
+    with engine._wake:  # both in the step that fails
+        victims = [engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1)) for _ in range(2)]
+    for g in victims:
+        assert g.wait(10) and g.error.startswith("generation failed: OutOfMemoryError")
+    assert engine.stats.requests_failed == 2 and not engine.stalled(0.0)
+    assert 0 < engine.stats.step_seconds <= time.monotonic() - started
+
+
+def test_with_failures_fatal_a_failed_step_ends_the_engine(gpt, start_engine):
+    engine = start_engine(FailingOnce(gpt, fail_on_call=1), failures_fatal=True)
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+    assert g.wait(10) and g.error.startswith("generation failed: OutOfMemoryError")
+    assert engine.ended.wait(10) and isinstance(engine.fatal, torch.OutOfMemoryError)
