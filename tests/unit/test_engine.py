@@ -310,7 +310,7 @@ def test_track_text_follows_the_text_without_stop_words(text_engine, tiny_tokeni
     assert g.tracker.final_text == tiny_tokenizer.decode_continuation(prompt, g.tokens)
 
 
-def test_a_bad_word_is_banned_as_written_and_after_a_space(text_engine, tiny_tokenizer):
+def test_bad_sequences_hold_the_word_as_written_and_after_a_space(text_engine, tiny_tokenizer):
     banned = text_engine._bad_sequences(("statement", "x"))
     expected = {tuple(tiny_tokenizer.encode(v)) for v in ("statement", " statement", "x", " x")}
     assert set(banned) == expected and len(expected) == 4
