@@ -165,7 +165,6 @@ def check_error(message: str, status: str, case: Case, stream: bool = False) -> 
 
 
 def check_result(result, request: dict, final: bool = True) -> None:
-    count("answered" if final else "streamed part")
     text = result.as_numpy("text_output")
     reasons = result.as_numpy("finish_reason")
     assert text is not None and reasons is not None
@@ -197,6 +196,7 @@ def send_unary(url: str, protocol: str, case: Case) -> None:
     finally:
         client.close()
     check_result(result, request)
+    count("answered")
 
 
 def send_stream(url: str, case: Case) -> None:
@@ -220,7 +220,11 @@ def send_stream(url: str, case: Case) -> None:
             final = result.get_response().parameters["triton_final_response"].bool_param
             if result.as_numpy("text_output") is not None:
                 check_result(result, request, final)
+                count("streamed part")
             if final:
+                # The stream ended without an error: answered, whether or not its last response carried text
+                # (an empty final response carries none).
+                count("answered")
                 return
     finally:
         client.stop_stream()
