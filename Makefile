@@ -8,9 +8,9 @@ DEMO := demo_model
 TP ?= 1
 export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
        MAX_BATCH_SIZE MAX_QUEUE MAX_REQUEST_S DRAIN_TIMEOUT_S ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
-       KV_CACHE_MB TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S
+       KV_CACHE_MB PREFIX_CACHING PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S
 
-.PHONY: serve test unit functional lint bench soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -27,6 +27,11 @@ functional: setup demo-model
 
 bench: setup demo-model
 	$(PY) tools/bench.py
+	$(PY) tools/bench_cache.py
+
+# The paged KV cache's figures alone (in-process, `long` preset): capacity, prefix caching, chunked prefill.
+bench-cache: setup
+	$(PY) tools/bench_cache.py
 
 # Long runs, kept out of `make test` (which runs short versions of both).
 SOAK_REQUESTS ?= 5000

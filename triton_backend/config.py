@@ -33,8 +33,11 @@ class ServerConfig:
     model_repository: pathlib.Path = ROOT / "model_repository"
     max_batch_size: int = 64  # Triton's dynamic batcher, per execution of megatron_gpt
     instances: int = 4  # megatron_gpt instances: batches that can be in flight in the engine at once
-    max_slots: int = 64  # sequences running in the engine at once (KV-cache rows), fewer if memory is short
-    kv_cache_mb: int = 0  # KV-cache budget per rank; 0: 80 % of the GPU memory free after the weights
+    max_slots: int = 64  # sequences running in the engine at once (they take KV blocks as they grow)
+    kv_cache_mb: int = 0  # KV-cache budget per rank; 0: 80 % of the GPU memory free after the weights, on CPU
+    # half the memory available after them (shared by the ranks on the machine)
+    prefix_caching: int = 1  # prompts reuse the KV blocks of a prefix an earlier one computed (0: off)
+    prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 256 CPU, 2048 CUDA
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
     max_request_s: int = 600  # a request still running after this is ended with an error (abandoned streams)
@@ -66,8 +69,10 @@ class ServerConfig:
                      "load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("kv_cache_mb", "queue_delay_us", "max_request_s", "drain_timeout_s", "stream_responses_per_s",
-                     "torch_threads", "log_verbose"):
+        if self.prefix_caching not in (0, 1):
+            raise ValueError(f"PREFIX_CACHING must be 0 or 1, got {self.prefix_caching}")
+        for name in ("kv_cache_mb", "prefill_tokens", "queue_delay_us", "max_request_s", "drain_timeout_s",
+                     "stream_responses_per_s", "torch_threads", "log_verbose"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_variable(name)} must be 0 or more, got {getattr(self, name)}")
 

@@ -35,6 +35,12 @@ PRESETS = {
     # About 350M parameters (GPT-2 medium shape) for GPU throughput figures.
     "gpt-350m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
                      max_position_embeddings=2048, seq_length=2048),
+    # Llama-style with a 4,096-token context and little compute per token, so that the KV cache (paging,
+    # prefix caching, chunked prefill) is what a CPU benchmark measures.
+    "long": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
+                 ffn_hidden_size=384, max_position_embeddings=4096, seq_length=4096, position_embedding_type="rope",
+                 normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                 untie_embeddings_and_output_weights=True),
 }
 
 

@@ -25,14 +25,24 @@ import torch
 from triton_backend import checkpoints
 from triton_backend.config import ROOT, ServerConfig
 from triton_backend.engine.engine import Engine
-from triton_backend.model.gpt import CachedGPT, build_model, fit_slots, init_parallel, kv_bytes_per_slot
+from triton_backend.model.gpt import (
+    CacheBudgetError,
+    CachedGPT,
+    build_model,
+    fit_blocks,
+    init_parallel,
+    kv_bytes_per_token,
+)
 from triton_backend.ranks import session
 from triton_backend.ranks.protocol import Leader, follow, make_group
 from triton_backend.serving.engine_link import EngineHost
 from triton_backend.serving.frontend import remove_shared_memory
 
 LOG = logging.getLogger("megatron_triton")
-KV_SHARE_OF_FREE_MEMORY = 0.8  # the rest is left for activations and logits
+KV_SHARE_OF_FREE_MEMORY = 0.8  # CUDA: the rest is left for activations and logits
+# CPU: the serving processes (Triton, its Python backends, PyTriton) start after the cache is allocated and
+# share the same memory, as do the other ranks of the job on this machine.
+KV_SHARE_OF_AVAILABLE_RAM = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,26 +53,29 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
     checkpoints.load_weights(model, cfg.checkpoint, arch)
     model = model.to(cfg.device)
     max_len = min(arch.seq_length, arch.max_position_embeddings)
-    per_slot = kv_bytes_per_slot(arch, cfg.tensor_parallel, max_len, DTYPES[cfg.dtype])
-    slots = fit_slots(cfg.max_slots, per_slot, kv_budget(cfg))
-    if torch.distributed.get_world_size() > 1:  # every rank must hold the same slots
-        agreed = torch.tensor([slots], device=cfg.device)
+    per_token = kv_bytes_per_token(arch, cfg.tensor_parallel, DTYPES[cfg.dtype])
+    block = CachedGPT.BLOCK_SIZE
+    blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, kv_budget(cfg))
+    if torch.distributed.get_world_size() > 1:  # every rank must hold the same blocks
+        agreed = torch.tensor([blocks], device=cfg.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-        slots = int(agreed)
-    if slots < cfg.max_slots:
-        LOG.warning("KV cache holds %d sequences (MAX_SLOTS=%d does not fit)", slots, cfg.max_slots)
-    LOG.info("KV cache: %d sequences x %d tokens, %.1f MiB per rank", slots, max_len, slots * per_slot / 2**20)
-    return CachedGPT(model, arch, max_slots=slots)
+        blocks = int(agreed)
+    LOG.info("KV cache: %d blocks of %d tokens (%d full %d-token contexts), %.1f MiB per rank; %d sequences at "
+             "most (MAX_SLOTS)", blocks, block, blocks * block // max_len, max_len,
+             blocks * block * per_token / 2**20, cfg.max_slots)
+    return CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks)
 
 
-def kv_budget(cfg: ServerConfig) -> int | None:
-    """Bytes the KV cache may take: KV_CACHE_MB, else on CUDA a share of the memory free after the weights."""
+def kv_budget(cfg: ServerConfig) -> int:
+    """Bytes the KV cache may take on this rank: KV_CACHE_MB, else a share of the memory free after the weights
+    (on CPU shared with the job's other ranks on this machine)."""
     if cfg.kv_cache_mb:
         return cfg.kv_cache_mb * 2**20
     if cfg.device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return int(free * KV_SHARE_OF_FREE_MEMORY)
-    return None
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return int(psutil.virtual_memory().available * KV_SHARE_OF_AVAILABLE_RAM / local_ranks)
 
 
 def set_threads(cfg: ServerConfig) -> None:
@@ -90,7 +103,8 @@ def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> 
     tp = cfg.tensor_parallel
     return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
                   max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer,
-                  max_request_s=cfg.max_request_s, cpus=cpus)
+                  max_request_s=cfg.max_request_s, cpus=cpus, prefix_caching=bool(cfg.prefix_caching),
+                  prefill_tokens=cfg.prefill_tokens or (2048 if cfg.device == "cuda" else 256))
 
 
 def engine_cpus(cfg: ServerConfig) -> set[int] | None:
@@ -242,6 +256,9 @@ def main(module: str = "triton_backend.server") -> int:
         return 0
     except (checkpoints.CheckpointError, FileNotFoundError) as err:
         print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
+        return 1
+    except CacheBudgetError as err:
+        print(f"rank {rank}: cannot serve the model: {err}", file=sys.stderr)
         return 1
     finally:
         torch.distributed.destroy_process_group()

@@ -12,7 +12,7 @@ import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
 from triton_backend.engine.engine import Engine
-from triton_backend.model.attention import SlotCacheAttention
+from triton_backend.model.attention import PagedAttention
 from triton_backend.model.gpt import CachedGPT, build_model, init_parallel
 
 from .models import (
@@ -94,7 +94,7 @@ def test_rotary_family_cached_equals_uncached():
     """Rotary positions are applied per row inside the cache-aware attention; the cache must not shift them."""
     model = context_model(ROTARY_ARCH, seed=1)
     assert_uses_the_whole_context(model)
-    assert all(m.rotary is not None for m in model.modules() if isinstance(m, SlotCacheAttention))
+    assert all(m.rotary is not None for m in model.modules() if isinstance(m, PagedAttention))
     eng = Engine(CachedGPT(model, ROTARY_ARCH, max_slots=4), VOCAB, EOS).start()
     try:
         other = eng.submit([3] * 11, SamplingParams(max_tokens=10, end_id=-1, temperature=0.0))  # a longer row beside
@@ -120,17 +120,18 @@ def test_mixed_lengths_and_parameters_batch_together_and_each_gets_its_own(engin
     assert engine.stats.steps_sampled_again == 0
 
 
-def test_rows_that_move_in_the_cache_keep_their_text(model):
-    """Rows retiring from the middle of the batch make the cache move others into their rows (``place``)."""
-    engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS).start()
+def test_sequences_crossing_blocks_and_retiring_mid_batch_keep_their_text(model):
+    """Block-size 4: every sequence spans several blocks, and rows retiring from the middle of the batch hand
+    their blocks to the next ones (the pool's lowest ids first)."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8, block_size=4), VOCAB, EOS).start()
     try:
         prompts = [[4 + i, 30 + 2 * i, 7] * (1 + i % 3) for i in range(12)]
         lengths = [3, 17, 6, 12, 2, 9, 15, 4, 11, 7, 16, 5]
         gens = [engine.submit(p, SamplingParams(max_tokens=n, end_id=-1, temperature=0.0))
                 for p, n in zip(prompts, lengths)]
         assert all(g.wait(60) for g in gens)
-        assert engine.gpt.cache.swaps > 0
         assert [g.tokens for g in gens] == [greedy_uncached(model, p, n) for p, n in zip(prompts, lengths)]
+        assert engine.blocks.in_use() == 0
     finally:
         engine.stop()
 
@@ -157,22 +158,27 @@ def test_slots_are_reused_beyond_the_cache_size(engine):
     gens = [engine.submit([i + 1, i + 2], SamplingParams(max_tokens=3, seed=i)) for i in range(20)]
     assert all(g.wait(60) for g in gens)
     assert all(g.error is None for g in gens)
-    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 0}
+    assert engine.load() == {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_usage": 0.0, "cancelled": 0,
+                             "prefix_queried_tokens": 40, "prefix_hit_tokens": 0}
 
 
 def test_kv_cache_sizing():
-    from triton_backend.model.gpt import fit_slots, kv_bytes_per_slot
+    from triton_backend.model.gpt import fit_blocks, kv_bytes_per_token
 
     init_parallel(1, "cpu")
-    per_slot = kv_bytes_per_slot(ARCH, 1, 64, torch.float32)
-    assert per_slot == 2 * 2 * 4 * 64 * 16 * 4  # K and V, layers, heads, tokens, head dim, float32
-    assert kv_bytes_per_slot(ARCH, 2, 64, torch.bfloat16) == per_slot // 4  # half the heads, half the bytes
-    assert fit_slots(64, per_slot, None) == 64
-    assert fit_slots(64, per_slot, 10 * per_slot + 1) == 10
-    with pytest.raises(ValueError, match="KV_CACHE_MB"):
-        fit_slots(64, per_slot, per_slot - 1)
-    cache = CachedGPT(build_model(ARCH), ARCH, max_slots=3).cache
-    assert cache.nbytes() == 3 * per_slot
+    per_token = kv_bytes_per_token(ARCH, 1, torch.float32)
+    assert per_token == 2 * 2 * 4 * 16 * 4  # K and V, layers, heads, head dim, float32
+    assert kv_bytes_per_token(ARCH, 2, torch.bfloat16) == per_token // 4  # half the heads, half the bytes
+    assert fit_blocks(8, 64, 16, per_token, None) == 8 * 4  # no budget: max_slots full contexts
+    assert fit_blocks(8, 64, 16, per_token, 10 * 16 * per_token + 1) == 10
+    assert fit_blocks(8, 60, 16, per_token, 2**40) == 8 * 4  # never more than max_slots full contexts
+    assert fit_blocks(8, 64, 16, per_token, 4 * 16 * per_token) == 4  # exactly one full context
+    with pytest.raises(ValueError, match=r"needs 0.1 MiB for one sequence of the full 64-token context but only "
+                                         r"0.1 MiB are available: raise KV_CACHE_MB"):
+        fit_blocks(8, 64, 16, per_token, 4 * 16 * per_token - 1)
+    cache = CachedGPT(build_model(ARCH), ARCH, max_slots=3, block_size=16).cache
+    assert cache.nbytes() == 3 * 4 * 16 * per_token and cache.num_blocks == 12
+    assert CachedGPT(build_model(ARCH), ARCH, max_slots=3, num_blocks=5).cache.num_blocks == 5
 
 
 def test_rotary_positions_follow_the_rope_definition():
@@ -196,14 +202,16 @@ def test_rotary_positions_follow_the_rope_definition():
         torch.testing.assert_close(ours(t[5:6], torch.tensor([[5], [5]])), expected[5:6])
 
 
-def test_load_reports_the_share_of_slots_in_use(model):
-    engine = Engine(CachedGPT(model, ARCH, max_slots=4), VOCAB, EOS).start()
+def test_load_reports_the_blocks_in_use(model):
+    engine = Engine(CachedGPT(model, ARCH, max_slots=4, block_size=4), VOCAB, EOS).start()
     try:
         hold = threading.Event()
         engine.add_step_hook(lambda: hold.wait(10))
         gens = submit_together(engine, PROMPTS[:3], [SamplingParams(max_tokens=30, end_id=-1)] * 3)
         wait_until(lambda: all(g.tokens for g in gens), what="three running sequences")
-        assert engine.load() == {"running": 3, "waiting": 0, "kv_slots_used": 0.75, "cancelled": 0}
+        # prompts of 5, 5 and 1 tokens and their first token: 2 + 2 + 1 blocks of 4 (of 4 x 16)
+        assert engine.load() == {"running": 3, "waiting": 0, "kv_blocks_used": 5, "kv_usage": 5 / 64,
+                                 "cancelled": 0, "prefix_queried_tokens": 11, "prefix_hit_tokens": 0}
         hold.set()
         assert all(g.wait(30) for g in gens)
     finally:
@@ -244,16 +252,16 @@ def test_stats_summary_and_the_stall_watchdog(model):
     assert engine.stalled(1.0) and not engine.stalled(10.0)
 
 
-def test_the_prefill_budget_packs_prompts_up_to_its_token_count(model):
-    """``prefill_tokens`` bounds the prompt tokens of one step: the first prompt always goes, the next ones while
-    the total stays within the budget."""
-    engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS, prefill_tokens=10).start()
+def test_the_prefill_budget_splits_prompts_into_chunks(model):
+    """``prefill_tokens`` bounds the prompt tokens of one step; a prompt past what is left of it runs over several
+    steps (chunked prefill), beside the decodes of the others."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8, block_size=4), VOCAB, EOS, prefill_tokens=10).start()
     try:
-        prompts = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20, 21], [30] * 12]
+        prompts = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20, 21], [30, 5, 6, 7] * 3]
         gens = submit_together(engine, prompts, [SamplingParams(max_tokens=4, end_id=-1, temperature=0.0)] * 4)
         assert all(g.wait(60) and g.error is None for g in gens)
-        # step 1: 5 + 5 = 10 tokens; step 2: the third (the fourth would make 17); step 3: the 12-token one alone
-        assert engine.stats.prefills == 3
+        # step 1: 5 + 5; step 2: 5 + the first 5 of the 12-token prompt; step 3: its last 7
+        assert (engine.stats.prefills, engine.stats.prompt_chunks) == (3, 5)
         assert [g.tokens for g in gens] == [greedy_uncached(model, p, 4) for p in prompts]
     finally:
         engine.stop()

@@ -51,7 +51,8 @@ def test_cancel_frees_running_and_waiting_requests(start_engine):
         assert g.wait(10)
         assert g.finish_reason == "cancelled" and g.error is None
         assert len(g.tokens) < LONG.max_tokens
-    assert engine.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 3}
+    assert engine.load() == {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_usage": 0.0, "cancelled": 3,
+                             "prefix_queried_tokens": 6, "prefix_hit_tokens": 0}
     after = engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1))  # the slots are free again
     assert after.wait(10) and after.finish_reason == "length"
 
@@ -100,7 +101,8 @@ def test_control_channel_cancels_by_key_and_reports_load(start_engine, tmp_path)
         client.cancel("stream-unknown")  # ignored
         client.cancel("stream-7")
         assert g.wait(10) and g.finish_reason == "cancelled"
-        assert client.load() == {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 1}
+        assert client.load() == {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_usage": 0.0, "cancelled": 1,
+                                    "prefix_queried_tokens": 3, "prefix_hit_tokens": 0}
     finally:
         client.close()
         channel.close()
@@ -295,7 +297,9 @@ def test_a_request_waiting_past_the_age_limit_gets_the_error(start_engine):
     engine.add_step_hook(lambda: time.sleep(0.01))
     hogs = [engine.submit([5, 6, 7], SamplingParams(max_tokens=60, end_id=-1)) for _ in range(2)]
     late = engine.submit([5, 6, 7], SamplingParams(max_tokens=2, end_id=-1))  # no slot until the hogs end
-    assert late.wait(10) and late.tokens == []
+    # Submitted microseconds after the hogs, it may be a step younger than them when they are ended: then it
+    # runs that one step (one token) before its own age ends it.
+    assert late.wait(10) and len(late.tokens) <= 1
     assert late.error == "the request ran longer than the server's limit of 0.3 s" and late.finish_reason is None
     for g in hogs:
         assert g.wait(10) and g.finish_reason is None and "longer than" in g.error
@@ -332,7 +336,7 @@ def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start
 
 def test_an_engine_built_with_the_defaults_has_no_age_limit_and_the_documented_bounds(gpt):
     engine = Engine(gpt, VOCAB, EOS)
-    assert (engine.max_queue, engine.prefill_tokens, engine.max_request_s) == (1024, 4096, 0.0)
+    assert (engine.max_queue, engine.prefill_tokens, engine.max_request_s) == (1024, 256, 0.0)
     assert engine.failures_fatal is False and engine.cpus is None and engine.tokenizer is None
 
 

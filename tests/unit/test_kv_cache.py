@@ -1,108 +1,95 @@
-"""The slot KV cache and the plan of a packed step, as pure functions over small tensors."""
+"""The paged KV cache: the step plan (where tokens write, which blocks decodes read) and the paged attention
+against plain softmax attention over each sequence's keys."""
 
 import pytest
 import torch
 
-from triton_backend.cache.kv_cache import KVCache, plan
+from triton_backend.cache.kv_cache import PagedKVCache, plan
 
 
-def cache(slots=4, max_len=8, layers=2):
-    return KVCache(layers, slots, max_len, groups=1, head_dim=2, dtype=torch.float32, device="cpu")
+def cache(blocks=16, block_size=4, groups=1, head_dim=2, layers=1, dtype=torch.float32):
+    return PagedKVCache(layers, blocks, block_size, groups, head_dim, dtype, "cpu")
 
 
-def step(c, slots, positions):
-    return plan(c, torch.tensor(slots), torch.tensor(positions))
+def step(c, positions, lengths, tables):
+    return plan(c, torch.tensor(positions), lengths, tables)
 
 
-def fill(c: KVCache) -> None:
-    """Give every physical row of every layer distinct values, so that moved data can be recognised."""
-    for layer, (k, v) in enumerate(zip(c.keys, c.values)):
-        k.copy_(torch.arange(k.numel(), dtype=k.dtype).reshape(k.shape) + 1000 * layer)
-        v.copy_(-k)
-
-
-def test_sizes():
-    c = cache(slots=3, max_len=5, layers=2)
-    assert c.keys[0].shape == (3, 1, 5, 2) and len(c.keys) == len(c.values) == 2
-    assert c.nbytes() == 2 * 2 * 3 * 5 * 2 * 4
-
-
-def test_one_prompt_runs_in_order_from_position_0():
+def test_tokens_write_to_their_block_and_offset():
     c = cache()
-    ctx, run = step(c, [2, 2, 2], [0, 1, 2])
-    assert run is None  # already in running order
-    assert ctx.singles == 0 and ctx.span == 0 and ctx.prompt_index is None
-    assert ctx.rows.tolist() == [c.row_of[2]] * 3
-    assert ctx.positions.tolist() == [[0, 1, 2]]
-    assert c.length[c.row_of[2]] == 3
+    ctx = step(c, [5, 0, 1, 2, 3, 4, 9, 10], [1, 5, 2], [[3, 1], [7, 2], [0, 4, 6]])
+    assert ctx.write_blocks.tolist() == [1, 7, 7, 7, 7, 2, 6, 6]
+    assert ctx.write_offsets.tolist() == [1, 0, 1, 2, 3, 0, 1, 2]
+    assert ctx.decode_index.tolist() == [0]
+    first, second = ctx.prompts
+    assert (first.start, first.length, first.first, first.blocks) == (1, 5, 0, None)  # reads only itself
+    assert (second.start, second.length, second.first) == (6, 2, 9)
+    assert second.blocks.tolist() == [0, 4, 6]  # a later chunk reads every block before it
 
 
-def test_decodes_are_compacted_into_the_first_rows_and_run_first():
+def test_decode_pairs_read_the_pool_in_place_and_gather_only_shared_blocks():
     c = cache()
-    ctx, run = step(c, [3, 1], [4, 6])  # two decodes, in slots whose rows are 3 and 1
-    assert ctx.singles == 2 and ctx.span == 7  # the longest ends after position 6
-    assert sorted(c.row_of[s] for s in (3, 1)) == [0, 1]
-    assert ctx.rows.tolist() == [0, 1]
-    order = run.tolist() if run is not None else [0, 1]
-    assert [[3, 1][i] for i in order] == [c.slot_at[0], c.slot_at[1]]  # tokens run in cache-row order
-    assert ctx.positions.tolist() == [[[4, 6][i] for i in order]]
-    assert c.length[c.row_of[3]] == 5 and c.length[c.row_of[1]] == 7
+    # rows: 0 at position 5 (blocks 3, 1), 1 at position 2 (block 0), 2 at position 6 (blocks 3, 2): block 3 shared
+    ctx = step(c, [5, 2, 6], [1, 1, 1], [[3, 1], [0], [3, 2]])
+    assert ctx.span == 4  # blocks 0..3 as one view
+    assert ctx.pair_rows.tolist() == [1, 0, 2, 0, 2]  # owners of blocks 0..3, then the extra reader of block 3
+    assert ctx.extra_blocks.tolist() == [3]
+    seen = ctx.valid.sum(1).tolist()
+    assert seen == [3, 2, 3, 4, 4]  # up to and with each row's own position
 
 
-def test_decodes_then_prompts_with_a_padded_prompt_batch():
-    c = cache(slots=4)
-    ctx, run = step(c, [0, 1, 1, 2, 3, 3, 3], [5, 0, 1, 9, 0, 1, 2])
-    assert ctx.singles == 2 and ctx.span == 10
-    assert run.tolist() == [0, 3, 1, 2, 4, 5, 6] or run.tolist() == [3, 0, 1, 2, 4, 5, 6]
-    # two prompts (lengths 2 and 3) padded to 3: indices into the prompt part, and which places are real
-    assert ctx.prompt_index.tolist() == [[0, 1, 1], [2, 3, 4]]
-    assert ctx.prompt_valid.tolist() == [[True, True, False], [True, True, True]]
-    assert ctx.rows.tolist()[2:] == [c.row_of[1]] * 2 + [c.row_of[3]] * 3
-    assert c.length[c.row_of[1]] == 2 and c.length[c.row_of[3]] == 3
+def test_a_scattered_pool_is_gathered_instead_of_scanned():
+    c = cache(blocks=400)
+    ctx = step(c, [1], [1], [[300]])
+    assert ctx.span == 0 and ctx.extra_blocks.tolist() == [300] and ctx.pair_rows.tolist() == [0]
 
 
-def test_a_slot_in_two_places_or_a_prompt_not_from_0_is_refused():
-    c = cache()
-    with pytest.raises(ValueError) as err:
-        step(c, [1, 2, 1], [3, 3, 4])
-    assert str(err.value) == "a step holds a slot's tokens in more than one place"
-    with pytest.raises(ValueError) as err:
-        step(c, [1, 1], [1, 2])
-    assert str(err.value) == "a prompt must run whole, from position 0"
-    with pytest.raises(ValueError, match="from position 0"):
-        step(c, [1, 1, 1], [0, 2, 3])
+@pytest.mark.parametrize("bad", [
+    ([0, 2], [2], [[0]]),  # positions not consecutive
+    ([0, 1, 2, 3, 4], [5], [[0]]),  # table too short for position 4
+    ([0], [1], [[99]]),  # a block outside the pool
+    ([0, 1], [1], [[0]]),  # segments do not cover the tokens
+])
+def test_malformed_steps_are_refused(bad):
+    with pytest.raises(ValueError):
+        step(cache(), *bad)
 
 
-def test_a_swap_moves_exactly_the_written_tokens_of_both_rows():
-    c = cache(slots=4, max_len=8)
-    fill(c)
-    before = [k.clone() for k in c.keys + c.values]
-    c.length[:] = [3, 0, 0, 5]
-    c._swap(0, 3)
-    for t, old in zip(c.keys + c.values, before):
-        assert torch.equal(t[0, :, :5], old[3, :, :5]) and torch.equal(t[3, :, :5], old[0, :, :5])
-        assert torch.equal(t[0, :, 5:], old[0, :, 5:]) and torch.equal(t[3, :, 5:], old[3, :, 5:])
-        assert torch.equal(t[1:3], old[1:3])
-    assert c.row_of[0] == 3 and c.row_of[3] == 0 and c.slot_at[0] == 3 and c.slot_at[3] == 0
-    assert c.length == [5, 0, 0, 3] and c.swaps == 1
+def reference(q, keys, values, ends, scale):
+    """softmax(qK^T)V of each row over its own keys 0..end (q [n, heads, d], keys [n][T, groups, d])."""
+    out = []
+    for i, end in enumerate(ends):
+        k, v = keys[i][:end], values[i][:end]
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        w = torch.softmax(torch.einsum("hd,thd->ht", q[i].double(), k.double()) * scale, dim=-1)
+        out.append(torch.einsum("ht,thd->hd", w, v.double()).flatten())
+    return torch.stack(out)
 
 
-def test_place_keeps_rows_that_are_already_in_front_and_records_ends():
-    c = cache(slots=4)
-    assert c.place([0, 1], [4, 2], compact=True) == [0, 1] and c.swaps == 0
-    assert c.length[:2] == [4, 2]
-    rows = c.place([2, 0], [7, 5], compact=True)  # slot 2 moves into row 1 (slot 1's), slot 0 stays
-    assert sorted(rows) == [0, 1] and c.row_of[0] == 0 and c.row_of[2] == 1 and c.row_of[1] == 2
-    assert c.swaps == 1 and c.length[1] == 7 and c.length[0] == 5
-    assert c.place([3], [1], compact=False) == [3] and c.swaps == 1  # a prompt is not moved
+@pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2)])
+def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups):
+    """Three sequences share their first block; one table is scattered. The result must be plain attention over
+    each sequence's own keys, whatever blocks hold them."""
+    from triton_backend.model.attention import PagedAttention
 
-
-def test_the_cache_has_the_model_dtype():
-    c = KVCache(2, 2, 4, groups=1, head_dim=2, dtype=torch.bfloat16, device="cpu")
-    assert all(t.dtype == torch.bfloat16 for t in c.keys + c.values)
-
-
-def test_every_swap_is_counted():
-    c = cache(slots=4)
-    c.place([2, 3], [1, 1], compact=True)
-    assert c.swaps == 2 and sorted(c.row_of[s] for s in (2, 3)) == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    d, bs = 8, 4
+    c = cache(blocks=12, block_size=bs, groups=groups, head_dim=d)
+    c.keys[0].normal_(generator=g)
+    c.values[0].normal_(generator=g)
+    tables = [[5, 1, 2], [5, 7], [5, 0, 9, 3]]
+    positions = [9, 6, 14]
+    ctx = step(c, positions, [1, 1, 1], tables)
+    q = torch.randn(3, heads, d, generator=g)
+    k, v = torch.randn(3, groups, d, generator=g), torch.randn(3, groups, d, generator=g)
+    attn = PagedAttention.__new__(PagedAttention)
+    attn.layer_index, attn.softmax_scale = 0, None
+    torch.nn.Module.__init__(attn)
+    ours = attn._cached(ctx, q, k, v)
+    seqs = [(torch.cat([c.keys[0][b].transpose(0, 1) for b in t]), torch.cat([c.values[0][b].transpose(0, 1)
+                                                                              for b in t])) for t in tables]
+    for i, p in enumerate(positions):  # the step wrote each token's own key where the sequence reads it
+        torch.testing.assert_close(seqs[i][0][p], k[i])
+    expected = reference(q, [s[0] for s in seqs], [s[1] for s in seqs], [p + 1 for p in positions], d ** -0.5)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)

@@ -20,14 +20,17 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def forward(self, tokens, positions, slots, last):
-        self.calls.append([t.clone() for t in (tokens, positions, slots, last)])
-        return torch.zeros(len(last), 8)
+    def forward(self, *step):
+        self.calls.append([t.clone() for t in step])
+        return torch.zeros(len(step[2]), 8)
 
 
-STEPS = [  # packed: tokens, positions, slots, indices of the tokens whose logits are wanted
-    (torch.tensor([5, 2**40, 7]), torch.tensor([0, 1, 2]), torch.tensor([3, 3, 3]), torch.tensor([2])),
-    (torch.tensor([9, 2**62, 4, 4]), torch.tensor([3, 250, 0, 1]), torch.tensor([3, 0, 1, 1]), torch.tensor([0, 1, 3])),
+STEPS = [  # packed: tokens, positions, indices of the tokens whose logits are wanted, tokens per sequence,
+    # the block tables one after another, and each table's length
+    (torch.tensor([5, 2**40, 7]), torch.tensor([0, 1, 2]), torch.tensor([2]), torch.tensor([3]), torch.tensor([3]),
+     torch.tensor([1])),
+    (torch.tensor([9, 2**62, 4, 4]), torch.tensor([3, 250, 0, 1]), torch.tensor([0, 1, 3]), torch.tensor([1, 1, 2]),
+     torch.tensor([3, 0, 7, 2**50, 1]), torch.tensor([1, 3, 1])),
 ]
 
 
@@ -62,4 +65,4 @@ def test_followers_run_the_same_int64_steps_and_stop_on_shutdown():
     for rank in range(3):
         calls, dtypes = results[rank]
         assert calls == expected, f"rank {rank}"
-        assert dtypes == ["torch.int64"] * 4  # ids beyond float32's exact range survive
+        assert dtypes == ["torch.int64"] * 6  # ids beyond float32's exact range survive

@@ -1,8 +1,11 @@
 """Continuous-batching generation engine (rank 0).
 
-Every step admits waiting requests into free KV-cache slots (prefill), then advances every running sequence
-by one token (decode), and retires the ones that finished. Requests therefore join and leave the running
-batch at token granularity, whatever their prompt lengths and sampling parameters.
+Every step advances each running sequence by one token (decode), runs the next chunk of the prompts being
+read (chunked prefill, within a per-step token budget), admits waiting requests while KV blocks and the
+budget allow, and retires the sequences that finished. Requests therefore join and leave the running batch at
+token granularity, whatever their prompt lengths and sampling parameters. A prompt starts from the blocks an
+earlier one with the same beginning left in the cache (prefix caching). When the blocks run out, the newest
+sequence is preempted: its blocks go back, and it is read again (prompt and tokens so far) when there is room.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import threading
@@ -19,9 +23,11 @@ from collections.abc import Callable
 import torch
 
 from preprocessing.params import SamplingParams
+from triton_backend.cache.blocks import BlockPool
 
 from .generation import EngineBusy, Generation, new_generation, validate
 from .sampling import RowSampler, sample
+from .sequence import Sequence
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "Generation"]
 
@@ -29,10 +35,10 @@ LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Running:
-    generation: Generation
-    slot: int
-    sampler: RowSampler
+class _Chunk:
+    row: Sequence
+    length: int  # tokens this step runs for the row
+    sample: bool  # the chunk ends the row's pending tokens: its last logits give the next token
 
 
 @dataclasses.dataclass
@@ -47,6 +53,9 @@ class EngineStats:
     rows_decoded: int = 0  # sequences advanced, summed over steps: / steps is the mean batch
     step_seconds: float = 0.0  # time spent in steps (prefill and decode), the rest is idle
     steps_sampled_again: int = 0  # steps whose sampling failed and were sampled row by row (a request's fault)
+    prompt_chunks: int = 0  # parts of prompts run in a step (a prompt over the step budget runs in several)
+    preemptions: int = 0  # sequences sent back to wait because the KV blocks ran out
+    peak_running: int = 0  # most sequences in the running batch at once
 
     def summary(self) -> str:
         steps = max(self.steps, 1)
@@ -71,9 +80,9 @@ class Engine:
 
     HEARTBEAT_S = 5.0
 
-    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 4096,
+    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 256,
                  failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0,
-                 cpus: set[int] | None = None):
+                 cpus: set[int] | None = None, prefix_caching: bool = True, reserve_context: bool = False):
         self.gpt = gpt
         self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
         self.failures_fatal = failures_fatal
@@ -86,12 +95,18 @@ class Engine:
         # A request older than this is ended with an error (0: no limit): the backstop for clients that went
         # away without a cancellation reaching the engine (an HTTP stream whose connection dropped).
         self.max_request_s = max_request_s
-        self.prefill_tokens = prefill_tokens
+        self.prefill_tokens = prefill_tokens  # prompt tokens per step: longer prompts run over several steps
+        self.token_cost_in_keys = 2 * gpt.arch.hidden_size  # see ``_chunk``
+        self.blocks = BlockPool(gpt.cache.num_blocks, gpt.cache.block_size, prefix_caching)
+        self.max_slots = gpt.max_slots
+        # The slot layout this cache replaced, kept as the benchmarks' baseline (tools/bench_cache.py): every
+        # sequence takes blocks for the whole context when it is admitted.
+        self.reserve_context = reserve_context
         self.cpus = cpus  # cores the engine thread runs on (None: wherever the OS puts it)
         self.stats = EngineStats()
         self._waiting: collections.deque[Generation] = collections.deque()
-        self._running: list[_Running] = []
-        self._free_slots = list(range(gpt.cache.max_slots))[::-1]  # popped from the end: slot 0 first
+        self._running: list[Sequence] = []  # in the order they were admitted
+        self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
         self._wake = threading.Condition()
         self._stopping = False
         self._closing = False  # draining: no new requests, those in flight go on
@@ -116,7 +131,7 @@ class Engine:
         """Refuse new requests and wait up to ``grace_s`` for those in flight; True when none is left."""
         with self._wake:
             self._closing = True
-            return self._wake.wait_for(lambda: self.fatal is not None or not (self._waiting or self._running),
+            return self._wake.wait_for(lambda: self.fatal is not None or not self._busy(),
                                        grace_s)
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -148,11 +163,14 @@ class Engine:
                 self._wake.notify()
 
     def load(self) -> dict:
-        """Running and waiting sequences, the share of KV-cache slots in use, requests cancelled so far."""
+        """Running and waiting sequences, the share of KV blocks held, requests cancelled so far, the prefix
+        cache's looked-up and found prompt tokens."""
         with self._wake:
-            running, waiting = len(self._running), len(self._waiting)
-        return {"running": running, "waiting": waiting, "kv_slots_used": running / self.gpt.cache.max_slots,
-                "cancelled": self.stats.requests_cancelled}
+            running, waiting = len(self._running), len(self._waiting) + len(self._preempted)
+            used = self.blocks.in_use()
+        return {"running": running, "waiting": waiting, "kv_blocks_used": used,
+                "kv_usage": used / self.blocks.num_blocks, "cancelled": self.stats.requests_cancelled,
+                "prefix_queried_tokens": self.blocks.queried_tokens, "prefix_hit_tokens": self.blocks.hit_tokens}
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -194,15 +212,13 @@ class Engine:
     def _serve_once(self) -> bool:
         """Wait for work, retire abandoned requests, admit and run one step; False when the engine must stop."""
         with self._wake:
-            if not (self._stopping or self._waiting or self._running):
+            if not (self._stopping or self._busy()):
                 self._wake.wait(self.HEARTBEAT_S)
             if self._stopping:
                 return False
             self._end_abandoned()
-            if not (self._waiting or self._running):
-                idle = True
-            else:
-                idle, admitted = False, self._admit()
+            chunks = self._schedule() if self._busy() else []
+            idle = not chunks
         if idle:
             if hasattr(self.gpt, "heartbeat"):
                 try:
@@ -214,12 +230,12 @@ class Engine:
             return True
         self.step_started = time.monotonic()
         try:
-            self._step(admitted)
+            self._step(chunks)
         except Exception as err:  # a failed step fails its rows, and the server only when it must
             LOG.exception("engine step failed")
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
-            for row in {id(r): r for r in admitted + self._running}.values():
+            for row in list(self._running):
                 self._retire(row, error=_failure(err))
             if self.failures_fatal:
                 self.fatal = err
@@ -229,7 +245,7 @@ class Engine:
             self.step_started = None
         return True
 
-    def _sample_each(self, rows: list[_Running], logits: torch.Tensor):
+    def _sample_each(self, rows: list[Sequence], logits: torch.Tensor):
         """Sample row by row after the whole step failed: the rows that fail again end with an error, the others
         get the token the step would have given them (their uniform draws are kept, see ``RowSampler``)."""
         self.stats.steps_sampled_again += 1
@@ -263,9 +279,9 @@ class Engine:
                 g.finish_reason, g.error = ("cancelled", None) if g.cancelled else (None, over_age)
                 self._finish(g)
             self._waiting = kept
-            if not (self._running or self._waiting):
+            if not self._busy():
                 self._wake.notify_all()  # for ``drain``
-        for row in [r for r in self._running if abandoned(r.generation)]:
+        for row in [r for r in [*self._running, *self._preempted] if abandoned(r.generation)]:
             cancelled = row.generation.cancelled
             self._retire(row, reason="cancelled" if cancelled else None, error=None if cancelled else over_age,
                          locked=True)
@@ -275,8 +291,11 @@ class Engine:
         started = self.step_started
         return started is not None and time.monotonic() - started > limit_s
 
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._running or self._preempted)
+
     def _drain(self, message: str) -> None:
-        for row in list(self._running):
+        for row in [*self._running, *self._preempted]:
             self._retire(row, error=message)
         with self._wake:
             self._stopping = True
@@ -286,52 +305,119 @@ class Engine:
             generation._done.set()
             generation._notify()
 
-    def _admit(self) -> list[_Running]:
-        """Move waiting requests into free slots, within the prefill token budget (called under the lock)."""
-        admitted, budget = [], self.prefill_tokens
-        while self._waiting and self._free_slots:
-            budget -= len(self._waiting[0].prompt)  # prompts are packed: the budget is their total length
-            if admitted and budget < 0:
+    def _schedule(self) -> list[_Chunk]:
+        """What the next step runs (called under the lock): the next token of every decoding sequence, then the
+        next chunks of prompts being read, then new sequences (resumed ones first) while the step's prompt
+        budget, ``max_slots`` and the KV blocks allow. Blocks for all of it are taken here; when they run out,
+        the newest sequences are preempted."""
+        while True:
+            decoding = [r for r in self._running if r.pending() == 1]
+            if self._reserve(decoding, [1] * len(decoding)):
                 break
-            generation = self._waiting.popleft()
-            p = generation.params
-            end_id = self.eos_id if p.end_id is None else p.end_id
-            seed = p.seed if p.seed is not None else secrets.randbits(63)
-            sampler = RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words))
-            admitted.append(_Running(generation, self._free_slots.pop(), sampler))
-        self._running.extend(admitted)  # counted as running from here on (load, drain), prefilled next
-        return admitted
+        chunks = [_Chunk(r, 1, True) for r in decoding]
+        budget = self.prefill_tokens
+        for row in [r for r in self._running if r.pending() > 1]:
+            n = self._grow(row, self._chunk(row, budget))
+            if n:
+                chunks.append(_Chunk(row, n, n == row.pending()))
+                budget -= n
+        while budget > 0 and len(self._running) < self.max_slots and (self._preempted or self._waiting):
+            resumed = bool(self._preempted)
+            row = self._preempted[0] if resumed else self._new_row(self._waiting[0])
+            row.start_from_cache(self.blocks)
+            n = self._grow(row, self._chunk(row, budget))
+            if not n:
+                row.release(self.blocks)
+                break
+            if not resumed:
+                self.blocks.count_lookup(len(row.generation.prompt), row.computed)
+            (self._preempted if resumed else self._waiting).popleft()
+            self._running.append(row)  # counted as running from here on (load, drain)
+            chunks.append(_Chunk(row, n, n == row.pending()))
+            budget -= n
+        if not chunks and self._running:  # prompts that hold every block and none can go on: make room
+            self._preempt(self._running[-1])
+            return self._schedule()
+        self.stats.peak_running = max(self.stats.peak_running, len(self._running))
+        return chunks
+
+    def _new_row(self, generation: Generation) -> Sequence:
+        p = generation.params
+        end_id = self.eos_id if p.end_id is None else p.end_id
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        return Sequence(generation, RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words)))
+
+    def _chunk(self, row: Sequence, budget: int) -> int:
+        """Prompt tokens of ``row`` to run this step: at most ``budget``, and fewer deep into a long prompt, so that
+        no chunk costs more than a first chunk of ``prefill_tokens`` (a step with a chunk stays a few decode
+        steps long, whatever the prompt's length; ``tools/bench_cache.py``, chunked).
+
+        Cost model: a chunk of n tokens after c others costs n (c + n + K) (query, key) pairs' worth, K the cost of
+        a token's projections and MLP in pairs. Counting multiply-adds, K would be 6 h (``h`` the hidden size:
+        12 h^2 per token, 2 h per pair); measured on CPU, where masked attention runs on SDPA's unfused path, a
+        pair costs three times that, so K = 2 h (``tools/bench_cache.py`` chunked: deep chunks then cost what
+        the first one does).
+        """
+        computed, n = row.computed, min(row.pending(), budget)
+        k = self.token_cost_in_keys
+        limit = self.prefill_tokens * (self.prefill_tokens + k)
+        if n * (computed + n + k) > limit:
+            b = computed + k
+            n = max(1, (math.isqrt(b * b + 4 * limit) - b) // 2)
+        return n
+
+    def _grow(self, row: Sequence, n: int) -> int:
+        return row.grow(self.blocks, n, reserve=self.context if self.reserve_context else 0)
+
+    def _reserve(self, rows: list[Sequence], counts: list[int]) -> bool:
+        """Blocks for the decode tokens of ``rows``; False when one was preempted for lack of them (start over)."""
+        for row, n in zip(rows, counts):
+            if self._grow(row, n) < n:
+                self._preempt(self._running[-1])
+                return False
+        return True
+
+    def _preempt(self, row: Sequence) -> None:
+        """Send ``row`` back to wait: its blocks go back (its full ones stay findable), its tokens are kept and
+        read again when it resumes, its sampling state too."""
+        row.release(self.blocks)
+        self._running.remove(row)
+        self._preempted.appendleft(row)
+        self.stats.preemptions += 1
 
     def _bad_sequences(self, bad_words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """Token sequences of each bad word, as written and after a space (how it appears mid-text)."""
         sequences = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w)}
         return tuple(s for s in sequences if s)
 
-    def _step(self, admitted: list[_Running]) -> None:
-        """One forward pass: the next token of every running sequence and the whole prompt of each admitted one,
-        packed into one row (``kv_cache.plan``), so admitting requests does not cost a pass of its own."""
-        fresh = {id(r) for r in admitted}
-        decoding = [r for r in self._running if id(r) not in fresh]
-        tokens = [r.sampler.generated[-1] for r in decoding]
-        positions = [len(r.generation.prompt) + len(r.sampler.generated) - 1 for r in decoding]
-        slots = [r.slot for r in decoding]
-        last = list(range(len(decoding)))
-        for r in admitted:
-            prompt = r.generation.prompt
-            tokens += prompt
-            positions += range(len(prompt))
-            slots += [r.slot] * len(prompt)
-            last.append(len(tokens) - 1)
+    def _step(self, chunks: list[_Chunk]) -> None:
+        """One forward pass over every chunk, packed into one row (``kv_cache.plan``), then the next token of each
+        sequence whose pending tokens it finished."""
+        tokens, positions, lengths, tables, table_lengths, last = [], [], [], [], [], []
+        for c in chunks:
+            r = c.row
+            tokens += r.tokens(r.computed, r.computed + c.length)
+            positions += range(r.computed, r.computed + c.length)
+            lengths.append(c.length)
+            tables += r.blocks
+            table_lengths.append(len(r.blocks))
+            if c.sample:
+                last.append(len(tokens) - 1)
         device = self.gpt.device  # pragma: no mutate
         logits = self.gpt.forward(*(torch.tensor(x, dtype=torch.long).to(device)  # pragma: no mutate
-                                    for x in (tokens, positions, slots, last)))
+                                    for x in (tokens, positions, last, lengths, tables, table_lengths)))
+        for c in chunks:
+            c.row.computed += c.length
+            c.row.publish(self.blocks)
         self.stats.steps += 1
-        self.stats.prefills += bool(admitted)
+        prompts = sum(c.length > 1 or not c.row.sampler.generated for c in chunks)
+        self.stats.prefills += bool(prompts)
+        self.stats.prompt_chunks += prompts
         self.stats.rows_decoded += len(last)
         self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(last))
-        self._advance(decoding + admitted, logits)
+        self._advance([c.row for c in chunks if c.sample], logits)
 
-    def _advance(self, rows: list[_Running], logits: torch.Tensor) -> None:
+    def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         try:
             tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
         except Exception:  # one request's parameters broke sampling: that request alone must fail
@@ -355,7 +441,7 @@ class Engine:
             else:
                 g._notify()
 
-    def _retire(self, row: _Running, reason: str | None = None, error: str | None = None,
+    def _retire(self, row: Sequence, reason: str | None = None, error: str | None = None,
                 locked: bool = False) -> None:
         if locked:
             self._free(row)
@@ -366,12 +452,13 @@ class Engine:
         g.finish_reason, g.error, g.finished_at = reason, error, time.monotonic()
         self._finish(g)
 
-    def _free(self, row: _Running) -> None:
+    def _free(self, row: Sequence) -> None:
         if row in self._running:
             self._running.remove(row)
-        if row.slot not in self._free_slots:
-            self._free_slots.append(row.slot)
-        if not (self._running or self._waiting):
+        if row in self._preempted:
+            self._preempted.remove(row)
+        row.release(self.blocks)
+        if not self._busy():
             self._wake.notify_all()  # for ``drain``
 
     def _finish(self, g: Generation) -> None:

@@ -1,11 +1,15 @@
-"""Core attention over a slot KV cache, replacing Megatron's ``DotProductAttention`` in the layer spec.
+"""Core attention over the paged KV cache, replacing Megatron's ``DotProductAttention`` in the layer spec.
 
 Why our own module: the stock ``DotProductAttention`` calls ``torch.cuda`` (so it cannot run on CPU) and
 Megatron's ``StaticInferenceContext`` keeps one sequence offset for the whole batch, while continuous
 batching needs every row at its own length. Megatron's ``SelfAttention`` still computes Q, K, V and the
 output projection with its tensor-parallel layers; only the softmax(QK^T)V part and the cache live here.
-A cached step is packed (``kv_cache.StepContext``): decode tokens read their cache rows in place, whole
-prompts attend causally within themselves.
+A cached step is packed (``kv_cache.StepContext``): decode tokens read their blocks in place, prompt chunks
+attend causally to their own sequence.
+
+Why not a paged-attention kernel (vLLM's, flash-attention's ``block_table``): none runs on CPU, and this
+project's tests run there; the decode path below reads the pool's blocks as one view and gathers only the
+queries, so it needs no kernel of its own. A CUDA kernel can take its place behind the same ``StepContext``.
 
 Rotary position embeddings are applied here too (the model is built without its own rotary module): GPTModel
 would rotate every row by positions 0..s-1, but each cached row continues at its own position.
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from triton_backend.cache.kv_cache import StepContext
+from triton_backend.cache.kv_cache import PromptChunk, StepContext
 
 
 class Rotary:
@@ -40,7 +44,7 @@ class Rotary:
         return apply_rotary_pos_emb(t, freqs, config=self.config)
 
 
-class SlotCacheAttention(MegatronModule):
+class PagedAttention(MegatronModule):
     """softmax(QK^T)V with grouped-query support; reads and writes the KV cache when a step is set."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None, softmax_scale=None, **_):
@@ -70,26 +74,62 @@ class SlotCacheAttention(MegatronModule):
 
     def _cached(self, step: StepContext, q, k, v):
         """Attention for the packed tokens ``q``/``k``/``v`` ([N, heads, d]) of a step; returns [N, heads * d]."""
-        cache, n, layer = step.cache, step.singles, self.layer_index
-        keys, values = cache.keys[layer], cache.values[layer]
-        positions = step.positions[0]
-        keys[step.rows, :, positions] = k  # the indexed dims come first: the target view is [N, groups, d]
-        values[step.rows, :, positions] = v
-        out = []
-        if n:  # one token per sequence, its cache rows 0..n-1 read in place up to the longest
-            key_pos = torch.arange(step.span, device=q.device)  # pragma: no mutate
-            mask = (key_pos[None, :] <= positions[:n, None])[:, None, None]  # [n, 1, 1, span]
-            o = self._sdpa(q[:n, :, None], keys[:n, :, : step.span], values[:n, :, : step.span], mask=mask)
-            out.append(o.flatten(1))
-        if len(q) > n:  # whole prompts: causal attention within each, nothing cached before them
-            qp, kp, vp = q[n:], k[n:], v[n:]
-            if step.prompt_index is None:
-                o = self._sdpa(*(t.transpose(0, 1)[None] for t in (qp, kp, vp)), causal=True)[0].transpose(0, 1)
-            else:  # [prompts, longest, heads, d], right-padded
-                o = self._sdpa(*(t[step.prompt_index].transpose(1, 2) for t in (qp, kp, vp)), causal=True)
-                o = o.transpose(1, 2)[step.prompt_valid]
-            out.append(o.flatten(1))
-        return torch.cat(out) if len(out) > 1 else out[0]
+        keys, values = step.cache.keys[self.layer_index], step.cache.values[self.layer_index]
+        keys[step.write_blocks, :, step.write_offsets] = k  # indexed dims first: the target view is [N, groups, d]
+        values[step.write_blocks, :, step.write_offsets] = v
+        if step.decode_index is not None and not step.prompts:
+            return self._decode(step, q, keys, values)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        if step.decode_index is not None:
+            out[step.decode_index] = self._decode(step, q[step.decode_index], keys, values)
+        for chunk in step.prompts:
+            out[chunk.start:chunk.start + chunk.length] = self._prompt(chunk, q, k, v, keys, values)
+        return out
+
+    def _prompt(self, chunk: PromptChunk, q, k, v, keys, values):
+        """A prompt chunk: causal within itself, after every cached key of its sequence before it."""
+        part = slice(chunk.start, chunk.start + chunk.length)
+        qs = q[part].transpose(0, 1)[None]  # [1, heads, L, d]
+        if chunk.blocks is None:  # from position 0: its own keys are all it reads
+            ks, vs = (t[part].transpose(0, 1)[None] for t in (k, v))
+            return self._sdpa(qs, ks, vs, causal=True)[0].transpose(0, 1).flatten(1)
+        end = chunk.first + chunk.length
+        ks, vs = (t[chunk.blocks].transpose(0, 1).flatten(1, 2)[None, :, :end] for t in (keys, values))
+        key_pos = torch.arange(end, device=q.device)  # pragma: no mutate
+        mask = key_pos[None, :] <= chunk.first + torch.arange(chunk.length, device=q.device)[:, None]
+        return self._sdpa(qs, ks, vs, mask=mask)[0].transpose(0, 1).flatten(1)
+
+    def _decode(self, step: StepContext, q, keys, values):
+        """One token per sequence: softmax over the (row, block) pairs of ``step`` ([n, heads, d] -> [n, heads*d]).
+
+        Scores are computed per pair ([groups, heads per group, block]) and the softmax is taken per row across
+        its pairs (a running max and sum, as flash attention does across tiles), so no row's keys are ever
+        copied into a contiguous sequence. Scores and sums are float32 whatever the cache's dtype.
+        """
+        n, h, d = q.shape
+        g = keys.shape[1]
+        qg = q.view(n, g, h // g, d)
+        parts = []  # (pair keys, pair values, decode rows), pairs in ``step.pair_rows`` order
+        if step.span:
+            parts.append((keys[: step.span], values[: step.span], step.pair_rows[: step.span]))
+        if step.extra_blocks is not None:
+            parts.append((keys[step.extra_blocks], values[step.extra_blocks], step.pair_rows[step.span:]))
+        scale = self.softmax_scale if self.softmax_scale is not None else d ** -0.5
+        scores = torch.cat([torch.matmul(qg[rows], kp.transpose(-1, -2)) for kp, _, rows in parts]).float()
+        scores = (scores * scale).masked_fill_(~step.valid[:, None, None, :], float("-inf"))  # [P, g, r, bs]
+        rows = step.pair_rows
+        best = scores.amax(-1)  # [P, g, r]
+        row_max = best.new_full((n, *best.shape[1:]), float("-inf"))
+        row_max.scatter_reduce_(0, rows[:, None, None].expand_as(best), best, "amax")
+        weights = torch.exp(scores - row_max[rows][..., None])
+        total = best.new_zeros(row_max.shape).index_add_(0, rows, weights.sum(-1))
+        out = best.new_zeros((n, g, h // g, d))
+        start = 0
+        for _, vp, part_rows in parts:
+            w = weights[start:start + len(part_rows)].to(vp.dtype)
+            out.index_add_(0, part_rows, torch.matmul(w, vp).float())
+            start += len(part_rows)
+        return (out / total[..., None]).to(q.dtype).reshape(n, h * d)
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
         # Grouped-query attention: each K/V group serves several query heads, which SDPA maps itself

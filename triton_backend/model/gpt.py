@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from triton_backend.cache.kv_cache import KVCache, plan
+from triton_backend.cache.kv_cache import PagedKVCache, plan
 
 from .architecture import GPTArchitecture
-from .attention import Rotary, SlotCacheAttention
+from .attention import PagedAttention, Rotary
 
 
 def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:
@@ -48,7 +48,7 @@ def layer_spec(arch: GPTArchitecture):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization=arch.normalization)
-    spec.submodules.self_attention.submodules.core_attention = SlotCacheAttention
+    spec.submodules.self_attention.submodules.core_attention = PagedAttention
     return spec
 
 
@@ -67,7 +67,7 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
-        # Rotary embeddings hold no weights; SlotCacheAttention applies them at each row's own positions.
+        # Rotary embeddings hold no weights; PagedAttention applies them at each row's own positions.
         position_embedding_type="none" if rope else arch.position_embedding_type,
         parallel_output=True,  # logits stay vocab-parallel; CachedGPT gathers only the rows it needs
     )
@@ -75,37 +75,51 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
         rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base)
         for module in model.modules():
-            if isinstance(module, SlotCacheAttention):
+            if isinstance(module, PagedAttention):
                 module.rotary = rotary
     return model
 
 
-def kv_bytes_per_slot(arch: GPTArchitecture, tensor_parallel: int, max_len: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes one sequence of ``max_len`` tokens needs on one tensor-parallel rank."""
+def kv_bytes_per_token(arch: GPTArchitecture, tensor_parallel: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes on one tensor-parallel rank (keys and values of every layer)."""
     groups = (arch.num_query_groups or arch.num_attention_heads) // tensor_parallel
     head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
-    return 2 * arch.num_layers * groups * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * groups * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def fit_slots(requested: int, per_slot: int, budget_bytes: int | None) -> int:
-    """Sequences the KV cache can hold: ``requested``, fewer if the budget is smaller (never zero)."""
+class CacheBudgetError(ValueError):
+    """The KV cache cannot hold one full-context sequence in the memory it may take."""
+
+
+def fit_blocks(max_slots: int, max_len: int, block_size: int, per_token: int, budget_bytes: int | None) -> int:
+    """KV blocks for the budget: enough for ``max_slots`` full-context sequences at most (more would never be
+    used), and at least one full-context sequence (or a ``ValueError`` naming the numbers)."""
+    per_block = per_token * block_size
+    context_blocks = -(-max_len // block_size)
+    wanted = max_slots * context_blocks
     if budget_bytes is None:
-        return requested
-    fit = budget_bytes // per_slot
-    if fit < 1:
-        raise ValueError(f"the KV cache needs {per_slot / 2**20:.0f} MiB per sequence but only "
-                         f"{budget_bytes / 2**20:.0f} MiB are available: lower the context or raise KV_CACHE_MB")
-    return min(requested, fit)
+        return wanted
+    fit = budget_bytes // per_block
+    if fit < context_blocks:
+        raise CacheBudgetError(
+            f"the KV cache needs {context_blocks * per_block / 2**20:.1f} MiB for one sequence of the full "
+            f"{max_len}-token context but only {budget_bytes / 2**20:.1f} MiB are available: raise KV_CACHE_MB or "
+            f"free memory")
+    return min(wanted, fit)
 
 
 class CachedGPT:
-    """A GPTModel plus its KV cache: ``forward`` runs tokens of some slots and returns last-token logits.
+    """A GPTModel plus its paged KV cache: ``forward`` runs a packed step and returns the logits it asks for.
 
-    Every tensor-parallel rank runs ``forward`` with the same inputs (see ``protocol``); each returns the full
-    logits.
+    ``max_slots`` bounds the sequences the engine runs at once; ``num_blocks`` (default: enough for
+    ``max_slots`` full-context sequences) of ``block_size`` tokens is the cache. Every tensor-parallel rank runs
+    ``forward`` with the same inputs (see ``protocol``); each returns the full logits.
     """
 
-    def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None):
+    BLOCK_SIZE = 32  # tokens per KV block (see docs/architecture.md, "KV cache")
+
+    def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None,
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
         self.model = model.eval()
         self.arch = arch
         param = next(model.parameters())
@@ -114,31 +128,50 @@ class CachedGPT:
         groups = (arch.num_query_groups or arch.num_attention_heads) // tp
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
         self.max_len = min(max_len or arch.seq_length, arch.max_position_embeddings)
-        self.cache = KVCache(arch.num_layers, max_slots, self.max_len, groups, head_dim, param.dtype, param.device)
-        self.attention = [m for m in model.modules() if isinstance(m, SlotCacheAttention)]
+        self.max_slots = max_slots
+        num_blocks = num_blocks or max_slots * -(-self.max_len // block_size)
+        self.cache = PagedKVCache(arch.num_layers, num_blocks, block_size, groups, head_dim, param.dtype,
+                                  param.device)
+        self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        if not hasattr(model.decoder, "wanted_rows"):
+            model.decoder.wanted_rows = None
+            model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
+                tables: torch.Tensor, table_lengths: torch.Tensor):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
 
-        ``tokens``, ``positions`` and ``slots`` are [N]: token i continues the sequence in slot ``slots[i]`` at
-        ``positions[i]``; a slot's tokens are consecutive, and several of them are a whole prompt (see
-        ``kv_cache.plan``).
+        ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
+        table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``).
         """
-        step, run = plan(self.cache, slots, positions)
-        if run is not None:
-            tokens = tokens[run]
-            last = run.argsort()[last]  # where each packed index now runs
+        table_list, start = tables.tolist(), 0
+        split = []
+        for n in table_lengths.tolist():
+            split.append(table_list[start:start + n])
+            start += n
+        step = plan(self.cache, positions, lengths.tolist(), split)
         for module in self.attention:
             module.step = step
+        self.model.decoder.wanted_rows = last
         try:
-            logits = self.model(tokens[None], step.positions, None)[0]  # [N, vocab / tp]
+            logits = self.model(tokens[None], step.positions, None)[0]  # [len(last), vocab / tp]
         finally:
             for module in self.attention:
                 module.step = None
-        return gather_vocab(logits[last].float().contiguous(), self.tp)
+            self.model.decoder.wanted_rows = None
+        return gather_vocab(logits.float().contiguous(), self.tp)
+
+
+def _keep_wanted_rows(decoder, _inputs, hidden):
+    """Forward hook on GPTModel's decoder: only the tokens whose logits a step wants reach the output layer.
+    GPTModel projects every token onto the vocabulary otherwise, and a 512-token prompt chunk would pay for 512
+    rows of logits to use one (Megatron's own way, ``materialize_only_last_token_logits``, needs its
+    inference context)."""
+    rows = decoder.wanted_rows
+    return hidden if rows is None else hidden[rows]
 
 
 def gather_vocab(logits: torch.Tensor, tp: int) -> torch.Tensor:

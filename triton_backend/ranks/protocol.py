@@ -1,8 +1,10 @@
 """The rank protocol: rank 0 leads, ranks 1..N-1 follow, and every rank runs the same step function.
 
-Each step is two broadcasts from rank 0 over the world group: a fixed header ``[command, tokens, rows]`` and,
-for STEP, one int64 payload with the packed token ids, positions and KV-cache slots and the indices of the
-tokens whose logits are wanted (ids and positions never travel as floats). Followers run ``CachedGPT.forward``
+Each step is two broadcasts from rank 0 over the world group: a fixed header ``[command, tokens, rows,
+sequences, table entries]`` and, for STEP, one int64 payload with the packed token ids and positions, the
+indices of the tokens whose logits are wanted, each sequence's token count and its KV block table (ids and
+positions never travel as floats). Rank 0's engine alone decides which blocks hold what; the tables it sends
+make every rank write and read the same places. Followers run ``CachedGPT.forward``
 on exactly those tensors, so their tensor-parallel collectives line up with rank 0's. Rank 0 validates a
 request fully before anything is broadcast; followers only ever see well-formed steps. HEARTBEAT keeps idle
 followers inside the collective timeout; SHUTDOWN ends them.
@@ -51,18 +53,27 @@ class Leader:
     def cache(self):
         return self.gpt.cache
 
-    def _send(self, command: Command, tokens: int = 0, rows: int = 0, payload: torch.Tensor | None = None) -> None:
+    @property
+    def max_slots(self) -> int:
+        return self.gpt.max_slots
+
+    @property
+    def arch(self):
+        return self.gpt.arch
+
+    def _send(self, command: Command, sizes: tuple[int, ...] = (0, 0, 0, 0), payload: torch.Tensor | None = None):
         if not self.followers:
             return
-        header = torch.tensor([command, tokens, rows], dtype=torch.int64, device=self.device)
+        header = torch.tensor([command, *sizes], dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0, group=self.group)
         if payload is not None:
             dist.broadcast(payload, src=0, group=self.group)
 
-    def forward(self, tokens, positions, slots, last):
-        payload = torch.cat([tokens, positions, slots, last]).to(torch.int64)
-        self._send(Command.STEP, len(tokens), len(last), payload)
-        return self.gpt.forward(tokens, positions, slots, last)
+    def forward(self, tokens, positions, last, lengths, tables, table_lengths):
+        step = (tokens, positions, last, lengths, tables, table_lengths)
+        payload = torch.cat(step).to(torch.int64)
+        self._send(Command.STEP, (len(tokens), len(last), len(lengths), len(tables)), payload)
+        return self.gpt.forward(*step)
 
     def heartbeat(self) -> None:
         self._send(Command.HEARTBEAT)
@@ -76,16 +87,16 @@ class Leader:
 
 def follow(gpt, group=None) -> None:
     """A follower's whole life: execute rank 0's steps until SHUTDOWN (or a collective error, which raises)."""
-    header = torch.empty(3, dtype=torch.int64, device=gpt.device)
+    header = torch.empty(5, dtype=torch.int64, device=gpt.device)
     while True:
         dist.broadcast(header, src=0, group=group)
-        command, n, rows = (int(x) for x in header.tolist())
+        command, n, rows, sequences, entries = (int(x) for x in header.tolist())
         if command == Command.SHUTDOWN:
             return
         if command == Command.HEARTBEAT:
             continue
         if command != Command.STEP:
             raise RuntimeError(f"unknown command {command} from rank 0")
-        payload = torch.empty(3 * n + rows, dtype=torch.int64, device=gpt.device)
+        payload = torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=gpt.device)
         dist.broadcast(payload, src=0, group=group)
-        gpt.forward(*payload.split([n, n, n, rows]))
+        gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]))

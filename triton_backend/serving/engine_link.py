@@ -159,7 +159,8 @@ class RemoteEngine:
         self._live: dict[int, RemoteGeneration] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._load = {"running": 0, "waiting": 0, "kv_slots_used": 0.0, "cancelled": 0}
+        self._load = {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_usage": 0.0, "cancelled": 0,
+                      "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
         self._step_hooks = []
         self._thread = threading.Thread(target=self._receive, name="engine-link", daemon=True)
         self._thread.start()

@@ -62,24 +62,35 @@ class Publisher:
 
 
 class LoadGauges:
-    """The engine's running and waiting sequences, KV-cache use and cancellations, from ``Engine.load()``."""
+    """The engine's running and waiting sequences, KV-cache use, cancellations and prefix-cache lookups, from
+    ``Engine.load()``."""
 
     def __init__(self, pb_utils):
         family = pb_utils.MetricFamily
         self._families = [
             family("llm_running_sequences", "Sequences in the engine's running batch", family.GAUGE),
-            family("llm_waiting_sequences", "Sequences waiting for a KV-cache slot", family.GAUGE),
-            family("llm_kv_cache_usage_ratio", "Share of KV-cache slots in use", family.GAUGE),
+            family("llm_waiting_sequences", "Sequences waiting for KV blocks or a place in the batch (preempted "
+                   "ones too)", family.GAUGE),
+            family("llm_kv_cache_usage_ratio", "Share of KV-cache blocks held by sequences", family.GAUGE),
+            family("llm_kv_cache_blocks_in_use", "KV-cache blocks held by sequences", family.GAUGE),
             family("llm_requests_cancelled_total", "Requests the engine stopped because the client cancelled",
                    family.COUNTER),
+            family("llm_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache",
+                   family.COUNTER),
+            family("llm_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not computed)",
+                   family.COUNTER),
         ]
-        self.running, self.waiting, self.kv, self.cancelled = (f.Metric(labels={}) for f in self._families)
-        self._cancelled_seen = 0
+        (self.running, self.waiting, self.kv, self.blocks, self.cancelled, self.queried,
+         self.hits) = (f.Metric(labels={}) for f in self._families)
+        self._seen = {"cancelled": 0, "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
 
     def set(self, load: dict) -> None:
         self.running.set(float(load["running"]))
         self.waiting.set(float(load["waiting"]))
-        self.kv.set(float(load["kv_slots_used"]))
-        if load["cancelled"] > self._cancelled_seen:  # the engine counts; the counter follows
-            self.cancelled.increment(float(load["cancelled"] - self._cancelled_seen))
-            self._cancelled_seen = load["cancelled"]
+        self.kv.set(float(load["kv_usage"]))
+        self.blocks.set(float(load["kv_blocks_used"]))
+        for name, counter in (("cancelled", self.cancelled), ("prefix_queried_tokens", self.queried),
+                              ("prefix_hit_tokens", self.hits)):
+            if load[name] > self._seen[name]:  # the engine counts; the counter follows
+                counter.increment(float(load[name] - self._seen[name]))
+                self._seen[name] = load[name]
