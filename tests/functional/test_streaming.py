@@ -160,6 +160,38 @@ def test_llm_metrics_on_the_metrics_port(server):
     assert wait_for(lambda: idle(llm_metrics(server))), llm_metrics(server)  # the gauges return to zero
 
 
+def test_a_repeated_prompt_is_read_from_the_prefix_cache(server):
+    """The second time, every full 32-token block of the prompt but the one holding its last token comes from the
+    cache (it must still be computed for its logits); the text is the same, and /metrics counts both."""
+    prompt = " ".join(["Generators yield their values one at a time, lazily, to whoever iterates them."] * 5)
+    before = settled_metrics(server)  # the load counters follow the engine every 0.5 s: none may be in transit
+    with GenerationClient(server.grpc, "grpc") as c:
+        first = c.generate(prompt, max_tokens=8, temperature=0.0, end_id=-1)
+        second = c.generate(prompt, max_tokens=8, temperature=0.0, end_id=-1)
+    n = first.num_input_tokens
+    assert n > 64 and second.text == first.text
+
+    def counted() -> bool:
+        after = llm_metrics(server)
+        return (after["llm_prefix_cache_queried_tokens_total"] - before["llm_prefix_cache_queried_tokens_total"]
+                == 2 * n and after["llm_prefix_cache_hit_tokens_total"] - before["llm_prefix_cache_hit_tokens_total"]
+                == (n - 1) // 32 * 32)
+    assert wait_for(counted), (n, {k: v - before[k] for k, v in llm_metrics(server).items() if "prefix" in k})
+
+
+def settled_metrics(server, timeout_s: float = 30.0) -> dict:
+    """The metrics once two reads a gauge refresh and more apart agree."""
+    deadline = time.monotonic() + timeout_s
+    last = llm_metrics(server)
+    while time.monotonic() < deadline:
+        time.sleep(1.1)
+        now = llm_metrics(server)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the metrics kept changing for {timeout_s} s: {last}")
+
+
 def idle(metrics: dict) -> bool:
     return metrics["llm_running_sequences"] == metrics["llm_waiting_sequences"] == 0 == \
         metrics["llm_kv_cache_usage_ratio"]

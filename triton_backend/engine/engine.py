@@ -98,6 +98,9 @@ class Engine:
         self.prefill_tokens = prefill_tokens  # prompt tokens per step: longer prompts run over several steps
         self.token_cost_in_keys = 2 * gpt.arch.hidden_size  # see ``_chunk``
         self.blocks = BlockPool(gpt.cache.num_blocks, gpt.cache.block_size, prefix_caching)
+        if self.blocks.num_blocks < self.blocks.blocks_for(self.context):  # preemption could never make room
+            raise ValueError(f"a KV cache of {self.blocks.num_blocks} blocks cannot hold one {self.context}-token "
+                             f"sequence")
         self.max_slots = gpt.max_slots
         # The slot layout this cache replaced, kept as the benchmarks' baseline (tools/bench_cache.py): every
         # sequence takes blocks for the whole context when it is admitted.
