@@ -12,7 +12,8 @@ def cache(blocks=16, block_size=4, groups=1, head_dim=2, layers=1, dtype=torch.f
 
 
 def step(c, positions, lengths, tables):
-    return plan(c, torch.tensor(positions), lengths, tables)
+    flat = [b for t in tables for b in t]
+    return plan(c, torch.tensor(positions), lengths, flat, [len(t) for t in tables])
 
 
 def test_tokens_write_to_their_block_and_offset():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 
@@ -60,6 +61,7 @@ class StepContext:
     extra_blocks: torch.Tensor | None  # [extra]
     valid: torch.Tensor | None  # [span + extra, block_size]
     prompts: list[PromptChunk]
+    bias: torch.Tensor | None = None  # [span + extra, 1, 1, block_size]: 0 where ``valid``, else -inf
 
 
 # Read in place while the pool's used range is at most this many times the blocks the decodes read (plus a
@@ -67,63 +69,64 @@ class StepContext:
 SPAN_SLACK = 2
 
 
-def plan(cache: PagedKVCache, positions: torch.Tensor, lengths: list[int], tables: list[list[int]]) -> StepContext:
+def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths) -> StepContext:
     """The step for packed tokens at ``positions`` ([N]), in segments of ``lengths`` (one per sequence, in
-    packed order), sequence i's blocks being ``tables[i]``. A segment of one token is a decode (it may also be
-    a one-token prompt); a longer one a prompt chunk. Raises ``ValueError`` on a malformed step."""
+    packed order); sequence i's block table is the next ``table_lengths[i]`` entries of ``tables``. A segment of
+    one token is a decode (it may also be a one-token prompt); a longer one a prompt chunk. Raises
+    ``ValueError`` on a malformed step. Vectorised with numpy: at 64 rows a loop over tokens and blocks cost
+    more than the attention it plans."""
     bs, device = cache.block_size, positions.device
-    position_list = positions.tolist()
-    if sum(lengths) != len(position_list) or len(lengths) != len(tables):
+    pos = positions.cpu().numpy().astype(np.int64)
+    lengths, tables, table_lengths = (np.asarray(x, dtype=np.int64).reshape(-1)
+                                      for x in (lengths, tables, table_lengths))
+    if lengths.sum() != len(pos) or len(table_lengths) != len(lengths) or table_lengths.sum() != len(tables) \
+            or (lengths < 1).any():
         raise ValueError("a step's segments do not cover its tokens")
-    write_blocks, write_offsets = [], []
-    decodes: list[tuple[int, int, list[int]]] = []  # packed index, position, blocks
-    prompts: list[PromptChunk] = []
-    start = 0
-    for length, table in zip(lengths, tables):
-        first = position_list[start]
-        if length < 1 or position_list[start:start + length] != list(range(first, first + length)):
-            raise ValueError("a segment's tokens must be consecutive positions")
-        if len(table) * bs < first + length or any(not 0 <= b < cache.num_blocks for b in table):
-            raise ValueError("a segment's block table does not hold its positions")
-        for p in range(first, first + length):
-            write_blocks.append(table[p // bs])
-            write_offsets.append(p % bs)
-        if length == 1:
-            decodes.append((start, first, table))
-        else:
-            used = table[: -(-(first + length) // bs)]
-            prompts.append(PromptChunk(start, length, first,
-                                       torch.tensor(used, device=device) if first else None))
-        start += length
-    step = StepContext(cache, positions[None], torch.tensor(write_blocks, device=device),
-                       torch.tensor(write_offsets, device=device), None, 0, None, None, None, prompts)
-    if decodes:
-        _plan_decodes(step, decodes, bs, device)
+    seg = np.repeat(np.arange(len(lengths)), lengths)  # segment of each token
+    starts = np.cumsum(lengths) - lengths
+    first = pos[starts]
+    if (pos - first[seg] != np.arange(len(pos)) - starts[seg]).any():
+        raise ValueError("a segment's tokens must be consecutive positions")
+    table_starts = np.cumsum(table_lengths) - table_lengths
+    if (pos // bs >= table_lengths[seg]).any() or (tables < 0).any() or (tables >= cache.num_blocks).any():
+        raise ValueError("a segment's block table does not hold its positions")
+    write_blocks = tables[table_starts[seg] + pos // bs]
+    prompts = []
+    for i in np.flatnonzero(lengths > 1).tolist():
+        used = tables[table_starts[i]:table_starts[i] + -(-(first[i] + lengths[i]) // bs)]
+        prompts.append(PromptChunk(int(starts[i]), int(lengths[i]), int(first[i]),
+                                   torch.from_numpy(used).to(device) if first[i] else None))
+    step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),
+                       torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)
+    decodes = np.flatnonzero(lengths == 1)
+    if len(decodes):
+        _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
     return step
 
 
-def _plan_decodes(step: StepContext, decodes: list[tuple[int, int, list[int]]], bs: int, device) -> None:
-    owner: dict[int, tuple[int, int]] = {}  # block -> (decode row, valid places), its first reader
-    extra: list[tuple[int, int, int]] = []  # (decode row, block, valid places) of the other readers
-    for row, (_, position, table) in enumerate(decodes):
-        end = position + 1
-        for i, block in enumerate(table[: -(-end // bs)]):
-            seen = min(bs, end - i * bs)
-            if block in owner:
-                extra.append((row, block, seen))
-            else:
-                owner[block] = (row, seen)
-    span = max(owner) + 1
-    if span > SPAN_SLACK * len(owner) + 64:  # the used ids are scattered: gather every pair instead
-        extra = [(row, block, seen) for block, (row, seen) in owner.items()] + extra
-        owner, span = {}, 0
-    rows, seen = [0] * span, [0] * span
-    for block, (row, n) in owner.items():
-        rows[block], seen[block] = row, n
-    rows += [r for r, _, _ in extra]
-    seen += [n for _, _, n in extra]
-    step.decode_index = torch.tensor([i for i, _, _ in decodes], device=device)
+def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: int, device) -> None:
+    """Each decode row reads blocks 0 .. position // bs of its table: the first reader of a block reads it in
+    place (pairs 0 .. span-1 are the pool's blocks in order), any later one gets an extra, gathered pair."""
+    counts = position // bs + 1
+    pair_row = np.repeat(np.arange(len(index)), counts)
+    j = np.arange(len(pair_row)) - np.repeat(np.cumsum(counts) - counts, counts)  # block number in its table
+    pair_block = tables[np.repeat(table_start, counts) + j]
+    pair_seen = np.minimum(bs, position[pair_row] + 1 - j * bs)  # key places the row may see in that block
+    blocks, first_reader = np.unique(pair_block, return_index=True)
+    primary = np.zeros(len(pair_row), dtype=bool)
+    primary[first_reader] = True
+    span = int(blocks[-1]) + 1
+    if span > SPAN_SLACK * len(blocks) + 64:  # the used ids are scattered: gather every pair instead
+        primary[:], span = False, 0
+    rows, seen = np.zeros(span, dtype=np.int64), np.zeros(span, dtype=np.int64)
+    rows[pair_block[primary]] = pair_row[primary]
+    seen[pair_block[primary]] = pair_seen[primary]
+    extra = ~primary
+    step.decode_index = torch.from_numpy(index).to(device)
     step.span = span
-    step.pair_rows = torch.tensor(rows, device=device)
-    step.extra_blocks = torch.tensor([b for _, b, _ in extra], device=device) if extra else None
-    step.valid = torch.arange(bs, device=device)[None, :] < torch.tensor(seen, device=device)[:, None]
+    step.pair_rows = torch.from_numpy(np.concatenate([rows, pair_row[extra]])).to(device)
+    step.extra_blocks = torch.from_numpy(pair_block[extra]).to(device) if extra.any() else None
+    seen_all = torch.from_numpy(np.concatenate([seen, pair_seen[extra]])).to(device)
+    step.valid = torch.arange(bs, device=device)[None, :] < seen_all[:, None]
+    # added to the scores: -inf where a pair may not look (a block nobody decoding holds: everywhere)
+    step.bias = torch.zeros(step.valid.shape, device=device).masked_fill_(~step.valid, float("-inf"))[:, None, None]

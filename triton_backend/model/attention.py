@@ -115,8 +115,9 @@ class PagedAttention(MegatronModule):
         if step.extra_blocks is not None:
             parts.append((keys[step.extra_blocks], values[step.extra_blocks], step.pair_rows[step.span:]))
         scale = self.softmax_scale if self.softmax_scale is not None else d ** -0.5
-        scores = torch.cat([torch.matmul(qg[rows], kp.transpose(-1, -2)) for kp, _, rows in parts]).float()
-        scores = (scores * scale).masked_fill_(~step.valid[:, None, None, :], float("-inf"))  # [P, g, r, bs]
+        scores = [torch.matmul(qg[rows], kp.transpose(-1, -2)) for kp, _, rows in parts]
+        scores = (torch.cat(scores) if len(scores) > 1 else scores[0]).float()
+        scores = torch.addcmul(step.bias, scores, scores.new_tensor(scale))  # [P, g, r, bs], -inf where unseen
         rows = step.pair_rows
         best = scores.amax(-1)  # [P, g, r]
         row_max = best.new_full((n, *best.shape[1:]), float("-inf"))

@@ -147,12 +147,7 @@ class CachedGPT:
         ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
         table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``).
         """
-        table_list, start = tables.tolist(), 0
-        split = []
-        for n in table_lengths.tolist():
-            split.append(table_list[start:start + n])
-            start += n
-        step = plan(self.cache, positions, lengths.tolist(), split)
+        step = plan(self.cache, positions, lengths.cpu().numpy(), tables.cpu().numpy(), table_lengths.cpu().numpy())
         for module in self.attention:
             module.step = step
         self.model.decoder.wanted_rows = last
