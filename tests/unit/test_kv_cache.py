@@ -43,6 +43,9 @@ def test_a_scattered_pool_is_gathered_instead_of_scanned():
     c = cache(blocks=400)
     ctx = step(c, [1], [1], [[300]])
     assert ctx.span == 0 and ctx.extra_blocks.tolist() == [300] and ctx.pair_rows.tolist() == [0]
+    # the edge: a range of 2 x the blocks read + 64 is still scanned, one more block is not
+    assert step(c, [1], [1], [[65]]).span == 66
+    assert step(c, [1], [1], [[66]]).span == 0
 
 
 @pytest.mark.parametrize("bad", [

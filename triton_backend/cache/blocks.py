@@ -77,8 +77,8 @@ class BlockPool:
     def hold(self, blocks: list[int]) -> None:
         """Take a reference on cached blocks (a prompt's prefix hit)."""
         for b in blocks:
-            if self._refs[b] == 0:
-                self._idle.pop(b, None)
+            if self._refs[b] == 0:  # keyed and unheld: idle
+                del self._idle[b]
             self._refs[b] += 1
 
     def take(self, n: int) -> list[int]:

