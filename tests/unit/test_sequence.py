@@ -50,6 +50,8 @@ def test_reserving_takes_the_whole_context_at_once_or_nothing():
     assert seq.grow(pool, 1, reserve=16) == 1 and len(seq.blocks) == 4  # already holds it
     other = sequence()
     assert other.grow(pool, 1, reserve=16) == 0 and other.blocks == [] and pool.available() == 1
+    exact = BlockPool(4, 4)  # exactly one context's blocks: taken
+    assert sequence().grow(exact, 1, reserve=16) == 1 and exact.available() == 0
 
 
 def test_publishing_over_several_steps_chains_the_keys_as_one_pass_would():
