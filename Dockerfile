@@ -15,11 +15,12 @@ COPY preprocessing/ preprocessing/
 COPY triton_backend/ triton_backend/
 COPY model_repository/ model_repository/
 COPY client/ client/
+COPY api/ api/
 COPY tools/ tools/
 COPY docker/ docker/
 
 ENV HOST=0.0.0.0 HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002 DEVICE=cuda
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 # Ready means the whole pipeline can serve: the ensemble, not just the Triton process.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["/opt/megatron-triton/docker/healthcheck.sh"]

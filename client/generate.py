@@ -1,4 +1,4 @@
-"""One client for both of Triton's protocols, speaking the ensemble's tensors (the README's tables)."""
+"""One client for both of Triton's protocols, speaking the ensemble's tensors (docs/triton.md's tables)."""
 
 from __future__ import annotations
 

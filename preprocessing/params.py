@@ -1,6 +1,6 @@
 """The request surface: one dataclass whose fields, defaults and rules drive validation everywhere.
 
-The ensemble's scalar inputs (the README's tensor table), the tensors preprocessing hands to ``megatron_gpt``
+The ensemble's scalar inputs (docs/triton.md's tensor table), the tensors preprocessing hands to ``megatron_gpt``
 and the checks rank 0 runs before anything reaches the model all come from ``SamplingParams``, so names
 and rules cannot drift between the client, the preprocessing model and the engine.
 """
@@ -78,7 +78,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def check(self, vocab_size: int, prompt_tokens: int, context: int) -> None:
-        """Raise ``InvalidRequest`` naming the first field that breaks its rule (the README's tensor table)."""
+        """Raise ``InvalidRequest`` naming the first field that breaks its rule (docs/triton.md's tensor table)."""
         finite = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         for name in finite:
             value = getattr(self, name)

@@ -112,7 +112,7 @@ class Postprocessor:
             asked = [_flag(values, "RETURN_LOG_PROBS", row, False) for row in range(len(out_ids))]
             counts = out_len * np.array(asked, dtype=np.int32)[:, None]
         texts = np.empty((len(out_ids), 1), dtype=object)
-        # Log-probs not asked for come back empty (the README's output table); asked-for ones trimmed to the
+        # Log-probs not asked for come back empty (docs/triton.md's output table); asked-for ones trimmed to the
         # longest row.
         width = int(counts.max()) if len(counts) else 0
         logprobs = np.zeros((len(out_ids), width), np.float32)

@@ -48,6 +48,11 @@ class ServerConfig:
     pin_engine: int = 1  # CPU, TP=1: the engine thread gets cores of its own, the rest of the server the others
     torch_threads: int = 0  # CPU threads per rank for torch; 0: half the cores on CPU (Triton needs the rest)
     admin_token: str = ""  # token for model-control endpoints; random when empty
+    api: int = 1  # the OpenAI- and Megatron-compatible HTTP API beside Triton (0: off)
+    api_port: int = 9000
+    api_key: str = ""  # when set, API requests need "Authorization: Bearer <key>"
+    chat_template: str = ""  # a Jinja file for /v1/chat/completions; empty: the default (docs/api.md)
+    model_name: str = ""  # the model id the API lists and expects; empty: "megatron-gpt"
     log_verbose: int = 0
 
     def __post_init__(self):
@@ -59,12 +64,15 @@ class ServerConfig:
         self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"DTYPE must be float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("http_port", "grpc_port", "metrics_port"):
+        for name in self.port_fields():
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{_variable(name)} must be a TCP port, got {getattr(self, name)}")
-        ports = [self.http_port, self.grpc_port, self.metrics_port]
-        if len(set(ports)) < 3:
-            raise ValueError(f"HTTP_PORT, GRPC_PORT and METRICS_PORT must differ, got {ports}")
+        ports = [getattr(self, name) for name in self.port_fields()]
+        if len(set(ports)) < len(ports):
+            names = ", ".join(_variable(name) for name in self.port_fields())
+            raise ValueError(f"{names} must differ, got {ports}")
+        if self.api not in (0, 1):
+            raise ValueError(f"API must be 0 or 1, got {self.api}")
         for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue", "collective_timeout_s",
                      "load_timeout_s"):
             if getattr(self, name) < 1:
@@ -76,6 +84,10 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{_variable(name)} must be 0 or more, got {getattr(self, name)}")
 
+    def port_fields(self) -> list[str]:
+        """The ports this job listens on (the API's only when it runs)."""
+        return ["http_port", "grpc_port", "metrics_port"] + (["api_port"] if self.api else [])
+
     def busy_ports(self) -> list[str]:
         """The port variables whose port cannot be bound on HOST now (another server holds it).
 
@@ -84,7 +96,7 @@ class ServerConfig:
         """
         busy = []
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        for name in ("http_port", "grpc_port", "metrics_port"):
+        for name in self.port_fields():
             port = getattr(self, name)
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 # As tritonserver binds: a port left in TIME_WAIT by a previous server counts as free.

@@ -27,6 +27,7 @@ class Server:
     metrics: str
     process: subprocess.Popen
     log: pathlib.Path
+    api: str | None = None  # the HTTP API's host:port, when it runs (API=1, the default)
 
     def get(self, path: str, port_url: str | None = None, timeout: float = 5.0):
         with urllib.request.urlopen(f"http://{port_url or self.http}{path}", timeout=timeout) as r:
@@ -43,23 +44,25 @@ class Server:
 
 def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env) -> Server:
     """Start ``torchrun -m module`` (the server, or a test's wrapper of it) with ``env`` and wait until ready."""
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, api = free_ports(4)
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "server.log"
     environ = {**os.environ, "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
-               "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
+               "API_PORT": str(api), "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     process = subprocess.Popen(
         [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", module],
         cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log)
+    server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log,
+                    f"127.0.0.1:{api}" if environ.get("API", "1") == "1" else None)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
         try:
-            if all(server.get(f"/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("ensemble", "ensemble_stream")):
+            if all(server.get(f"/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("ensemble", "ensemble_stream")) \
+                    and (server.api is None or server.get("/health", server.api, timeout=2)[0] == 200):
                 return server
         except OSError:
             pass

@@ -8,12 +8,17 @@ from triton_backend.config import ServerConfig
 
 
 def test_variables_are_read_and_bad_values_named():
-    cfg = ServerConfig.from_env({"TP": "2", "HTTP_PORT": "9000", "DEVICE": "cpu", "MAX_SLOTS": "8"})
-    assert (cfg.tensor_parallel, cfg.http_port, cfg.max_slots) == (2, 9000, 8)
+    cfg = ServerConfig.from_env({"TP": "2", "HTTP_PORT": "9100", "DEVICE": "cpu", "MAX_SLOTS": "8"})
+    assert (cfg.tensor_parallel, cfg.http_port, cfg.max_slots) == (2, 9100, 8)
     with pytest.raises(ValueError, match="HTTP_PORT must be a TCP port"):
         ServerConfig.from_env({"HTTP_PORT": "70000", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="must differ"):
-        ServerConfig.from_env({"HTTP_PORT": "9000", "GRPC_PORT": "9000", "DEVICE": "cpu"})
+        ServerConfig.from_env({"HTTP_PORT": "9100", "GRPC_PORT": "9100", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="API_PORT must differ|must differ, got \\[8000, 8001, 8002, 8000\\]"):
+        ServerConfig.from_env({"API_PORT": "8000", "DEVICE": "cpu"})
+    assert ServerConfig.from_env({"API_PORT": "8000", "API": "0", "DEVICE": "cpu"}).api == 0
+    with pytest.raises(ValueError, match="API must be 0 or 1, got 2"):
+        ServerConfig.from_env({"API": "2", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="MAX_SLOTS must be at least 1"):
         ServerConfig.from_env({"MAX_SLOTS": "0", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="TP must be at least 1"):
@@ -35,8 +40,12 @@ def test_busy_ports_names_only_the_taken_port():
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 free.append(s.getsockname()[1])
-        cfg = ServerConfig(host="127.0.0.1", http_port=free[0], grpc_port=taken, metrics_port=free[1], device="cpu")
+        cfg = ServerConfig(host="127.0.0.1", http_port=free[0], grpc_port=taken, metrics_port=free[1], device="cpu",
+                           api=0)
         assert cfg.busy_ports() == [f"GRPC_PORT {taken}"]
+        with_api = ServerConfig(host="127.0.0.1", http_port=free[0], grpc_port=free[1], metrics_port=9100,
+                                api_port=taken, device="cpu")
+        assert with_api.busy_ports() == [f"API_PORT {taken}"]
     assert cfg.busy_ports() == []
 
 

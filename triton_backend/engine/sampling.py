@@ -1,7 +1,7 @@
 """Per-row logits processing and sampling: every row of a batch keeps its own parameters and random stream.
 
 Seeded rows draw from their own ``torch.Generator`` (one uniform number per token), so a seeded request
-draws the same numbers whether it runs alone or among others (the README says what that guarantees).
+draws the same numbers whether it runs alone or among others (docs/triton.md says what that guarantees).
 Every tensor here is [rows, vocabulary]: dimension 1 is the vocabulary.
 """
 

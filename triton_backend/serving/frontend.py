@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -122,14 +123,39 @@ def _serve(cfg: ServerConfig, engine: RemoteEngine, control: ControlChannel) -> 
                 LOG.info("serving on http :%d, grpc :%d, metrics :%d", cfg.http_port, cfg.grpc_port,
                          cfg.metrics_port)
                 engine.serving()
+                api = start_api(cfg, engine.context) if cfg.api else None
                 try:
                     while triton.is_alive() and not engine.stopped.wait(0.5):
-                        pass
+                        if api is not None and api.poll() is not None:
+                            LOG.error("the HTTP API exited with %s; Triton goes on serving", api.returncode)
+                            api = None
                 finally:
                     children = psutil.Process().children(recursive=True)
+                    stop_api(api)
                 return
         finally:
             reap(children)
+
+
+def start_api(cfg: ServerConfig, context: int) -> subprocess.Popen:
+    """The HTTP API (``python -m api``), a client of this Triton over gRPC, on API_PORT."""
+    env = {**os.environ, "HOST": cfg.host, "GRPC_PORT": str(cfg.grpc_port), "API_PORT": str(cfg.api_port),
+           "TOKENIZER": str(cfg.tokenizer.resolve()), "MEGATRON_TRITON_CONTEXT": str(context),
+           "MAX_REQUEST_S": str(cfg.max_request_s)}
+    LOG.info("HTTP API (OpenAI, Megatron) on :%d", cfg.api_port)
+    return subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env)
+
+
+def stop_api(api: subprocess.Popen | None, timeout_s: float = 5.0) -> None:
+    """Rank 0 has drained the engine by now: what the API still holds has its answer or its error."""
+    if api is None or api.poll() is not None:
+        return
+    api.terminate()
+    try:
+        api.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        api.kill()
+        api.wait()
 
 
 def reap(processes: list[psutil.Process]) -> None:

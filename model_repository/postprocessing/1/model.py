@@ -43,7 +43,7 @@ class TritonPythonModel:
                 # The client cancelled this stream: stop its generation (see control.py in triton_backend/serving). The
                 # response below is answered as usual and Triton drops it. Answering with a CANCELLED error
                 # instead made tritonserver 2.51 keep 6-9 KiB per cancelled stream, for good (measured: see
-                # tests/functional/test_soak.py and the README's soak figures).
+                # tests/functional/test_soak.py and docs/measured.md's soak figures).
                 self.control.cancel(key.as_numpy().reshape(-1)[0].decode())
             values = {}
             for name in INPUTS:

@@ -1,0 +1,206 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: OpenAI's shapes onto the ensembles, one request per choice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .errors import OPENAI_FIELDS, ApiError
+from .openai_schema import MAX_SEED, ChatRequest, CompletionRequest, unsupported
+from .triton import Output, TritonError
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+@router.post("/completions", include_in_schema=False)
+async def completions(body: CompletionRequest, request: Request):
+    state = request.app.state
+    _check_common(body, state)
+    if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], str):
+        raise ApiError(400, "token-id prompts are not supported yet: send the prompt as text", "prompt")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if body.max_tokens == 0:
+        raise ApiError(400, "max_tokens must be at least 1 (scoring without generating is not supported yet)",
+                       "max_tokens")
+    params = _params(body, body.max_tokens)
+    if body.echo:
+        params["exclude_input_in_output"] = False
+    shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
+    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS)
+
+
+@router.post("/v1/chat/completions")
+@router.post("/chat/completions", include_in_schema=False)
+async def chat_completions(body: ChatRequest, request: Request):
+    state = request.app.state
+    _check_common(body, state)
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ApiError(400, "set max_completion_tokens or max_tokens, not both", "max_tokens")
+    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                 else "".join(part.text for part in m.content)} for m in body.messages]
+    try:
+        prompt = state.template.render(messages)
+    except ValueError as err:
+        raise ApiError(400, str(err), "messages") from None
+    prompt_tokens = len(state.tokenizer.encode(prompt))
+    room = state.settings.context - prompt_tokens
+    if room < 1:
+        raise ApiError(400, f"the messages take {prompt_tokens} tokens, the model's whole context is "
+                            f"{state.settings.context}", "messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens or room
+    fields = {**OPENAI_FIELDS, "text_input": "messages",
+              "max_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
+    shape = _Shape("chatcmpl", "chat.completion", state.settings.model_name, chat=True)
+    return await _respond(state.link, [prompt], _params(body, max_tokens), body, shape, fields)
+
+
+def _check_common(body, state) -> None:
+    if body.model != state.settings.model_name:
+        raise ApiError(404, f"the model '{body.model}' does not exist; this server serves "
+                            f"'{state.settings.model_name}'", "model", "model_not_found")
+    name = unsupported(body)
+    if name:
+        raise ApiError(400, f"'{name}' is not supported by this server", name)
+
+
+def _params(body, max_tokens: int) -> dict:
+    """The ensemble's inputs for these sampling fields (None: the ensemble's default)."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,  # OpenAI's default, not greedy
+        "top_p": body.top_p,
+        "top_k": None if body.top_k in (None, -1) else body.top_k,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "min_length": body.min_tokens or None,
+        "end_id": -1 if body.ignore_eos else None,
+        "seed": body.seed,
+        "stop_words": stop or None,
+        "bad_words": body.bad_words or None,
+    }
+
+
+class _Shape:
+    """How one endpoint's responses and chunks look."""
+
+    def __init__(self, prefix: str, kind: str, model: str, chat: bool):
+        self.id, self.kind, self.model, self.chat = f"{prefix}-{uuid.uuid4().hex}", kind, model, chat
+        self.created = int(time.time())
+
+    def envelope(self, choices: list, usage: dict | None, chunk: bool = False) -> dict:
+        out = {"id": self.id, "object": self.kind + (".chunk" if chunk and self.chat else ""),
+               "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None or not chunk:
+            out["usage"] = usage
+        return out
+
+    def choice(self, index: int, text: str, finish_reason: str | None, delta: bool = False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+        return {"index": index, "delta" if delta else "message": message, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+def _requests(prompts: list[str], params: dict, n: int) -> list[tuple[int, str, dict]]:
+    """One ensemble request per choice: prompt i's choices are n*i .. n*i+n-1, seeded seed, seed+1, ..."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            seed = params["seed"]
+            out.append((i * n + j, prompt, {**params, "seed": None if seed is None else (seed + j) % (MAX_SEED + 1)}))
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _respond(link, prompts, params, body, shape: _Shape, fields: dict):
+    requests = _requests(prompts, params, body.n)
+    if body.stream:
+        return await _stream(link, requests, body, shape, fields)
+    try:
+        outputs = await asyncio.gather(*(link.generate(prompt, p) for _, prompt, p in requests))
+    except TritonError as err:
+        raise ApiError.from_triton(err, fields) from None
+    choices = [shape.choice(index, out.text, out.finish_reason) for (index, _, _), out in zip(requests, outputs)]
+    # Each prompt counts once however many choices it has, as OpenAI counts it.
+    prompt_tokens = sum(out.prompt_tokens for (index, _, _), out in zip(requests, outputs) if index % body.n == 0)
+    return JSONResponse(shape.envelope(choices, _usage(prompt_tokens, sum(o.completion_tokens for o in outputs))))
+
+
+async def _stream(link, requests, body, shape: _Shape, fields: dict):
+    """Server-sent events. Each request's first response is awaited before answering, so a request Triton
+    refuses gets its 400 rather than a stream that carries an error."""
+    streams = [link.stream(prompt, p) for _, prompt, p in requests]
+    try:
+        firsts = await asyncio.gather(*(anext(s) for s in streams))
+    except TritonError as err:
+        await asyncio.gather(*(s.aclose() for s in streams))
+        raise ApiError.from_triton(err, fields) from None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = _events(streams, firsts, [index for index, _, _ in requests], body.n, shape, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+async def _events(streams, firsts: list[Output], indexes: list[int], n: int, shape: _Shape,
+                  include_usage: bool) -> AsyncIterator[str]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int) -> None:
+        try:
+            await queue.put((k, firsts[k]))
+            if not firsts[k].finish_reason:
+                async for out in streams[k]:
+                    await queue.put((k, out))
+        except TritonError as err:
+            await queue.put((k, err))
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.create_task(pump(k)) for k in range(len(streams))]
+    prompt_tokens, completion = [0] * len(streams), [0] * len(streams)
+    try:
+        if shape.chat:  # OpenAI's first chat chunk names the role
+            for index in indexes:
+                yield _sse(shape.envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], None, chunk=True))
+        open_streams = len(streams)
+        while open_streams:
+            k, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, TritonError):
+                error = ApiError.from_triton(item, {})
+                yield _sse({"error": {"message": error.message, "type": error.kind,
+                                      "param": error.param, "code": error.code}})
+                continue
+            prompt_tokens[k], completion[k] = item.prompt_tokens, item.completion_tokens
+            if item.text or item.finish_reason:
+                choice = shape.choice(indexes[k], item.text, item.finish_reason or None, delta=True)
+                yield _sse(shape.envelope([choice], None, chunk=True))
+        if include_usage:
+            prompts = sum(t for k, t in enumerate(prompt_tokens) if indexes[k] % n == 0)
+            yield _sse(shape.envelope([], _usage(prompts, sum(completion)), chunk=True))
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

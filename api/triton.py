@@ -1,0 +1,107 @@
+"""The API's only way to the model: the two ensembles, over Triton's asyncio gRPC client."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import AsyncIterator
+
+import numpy as np
+import tritonclient.grpc.aio as tc
+
+from client.generate import request_inputs
+
+OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
+           "output_log_probs"]
+_FIELD = re.compile(r"invalid input '(\w+)'")
+
+
+@dataclasses.dataclass
+class Output:
+    """One response of an ensemble: all of it (unary) or the new part (a stream's delta)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    log_probs: list[float]
+
+
+class TritonError(RuntimeError):
+    """Triton refused or failed a request. ``field`` is the ensemble input it names, when it names one."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.message, self.status = message, status or ""
+        found = _FIELD.search(message)
+        self.field = found.group(1) if found else None
+
+    @property
+    def client_error(self) -> bool:
+        """The request broke a rule (HTTP 400), as opposed to the server failing or shutting down."""
+        return self.field is not None or "INVALID_ARGUMENT" in self.status
+
+    @property
+    def unavailable(self) -> bool:
+        return any(s in self.message for s in ("shutting down", "queue is full", "UNAVAILABLE")) or \
+            "UNAVAILABLE" in self.status
+
+
+class TritonLink:
+    def __init__(self, url: str, timeout_s: float):
+        self.url, self.timeout_s = url, timeout_s
+        self._client = tc.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return await self._client.is_model_ready("ensemble") and \
+                await self._client.is_model_ready("ensemble_stream")
+        except Exception:  # tritonclient raises its own exception for a refused connection
+            return False
+
+    async def generate(self, prompt: str, params: dict) -> Output:
+        try:
+            result = await self._client.infer("ensemble", request_inputs(tc, prompt, **params),
+                                              outputs=[tc.InferRequestedOutput(n) for n in OUTPUTS],
+                                              client_timeout=self.timeout_s)
+        except tc.InferenceServerException as err:
+            raise TritonError(err.message() or str(err), str(err.status())) from None
+        return _output(result.as_numpy)
+
+    async def stream(self, prompt: str, params: dict) -> AsyncIterator[Output]:
+        """The deltas of one streamed generation; leaving early cancels it (its KV blocks are freed)."""
+        request = {"model_name": "ensemble_stream", "inputs": request_inputs(tc, prompt, stream=True, **params),
+                   "outputs": [tc.InferRequestedOutput(n) for n in OUTPUTS]}
+
+        async def one_request():
+            yield request
+
+        responses = self._client.stream_infer(one_request(), stream_timeout=self.timeout_s)
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise TritonError(error.message(), str(error.status()))
+                output = _output(result.as_numpy)
+                finished = bool(output.finish_reason)
+                yield output
+                if finished:
+                    return
+            raise TritonError("the stream ended without a final response")
+        finally:
+            if not finished:
+                responses.cancel()
+
+
+def _output(value) -> Output:
+    log_probs = value("output_log_probs")
+    return Output(
+        text=value("text_output")[0][0].decode("utf-8"),
+        finish_reason=value("finish_reason")[0][0].decode("utf-8"),
+        prompt_tokens=int(value("num_input_tokens")[0][0]),
+        completion_tokens=int(value("num_output_tokens")[0][0]),
+        log_probs=[] if log_probs is None else np.asarray(log_probs[0], dtype=float).tolist(),
+    )

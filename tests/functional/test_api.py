@@ -1,0 +1,294 @@
+"""The HTTP API against the real server, through the clients users have: the `openai` package (sync, async,
+streaming), Megatron's CLI protocol (`PUT /api`) and vLLM's tokenizer endpoints; every answer checked against
+the ensemble's own for the same request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+
+from client import GenerationClient
+from tools.ports import free_ports
+
+from .conftest import ROOT
+
+PROMPT = "The for statement is used to"
+MODEL = "megatron-gpt"
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return openai.OpenAI(base_url=f"http://{server.api}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ensemble(server):
+    with GenerationClient(server.grpc, "grpc") as c:
+        yield c
+
+
+def test_completions_give_the_ensembles_text_and_counts(api, ensemble):
+    prompts = [PROMPT, "A class definition"]
+    r = api.completions.create(model=MODEL, prompt=prompts, max_tokens=12, temperature=0)
+    expected = [ensemble.generate(p, max_tokens=12, temperature=0.0) for p in prompts]
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [e.text for e in expected]
+    assert [c.finish_reason for c in r.choices] == [e.finish_reason for e in expected]
+    assert r.usage.prompt_tokens == sum(e.num_input_tokens for e in expected)
+    assert r.usage.completion_tokens == sum(e.num_output_tokens for e in expected)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+
+
+def test_sampling_fields_reach_the_ensemble(api, ensemble):
+    """Seeded sampling with every field set: the same text as the ensemble's for the same inputs, and n
+    choices seeded seed, seed + 1, ..."""
+    fields = dict(temperature=0.9, top_p=0.95, seed=11)
+    extra = dict(top_k=40, repetition_penalty=1.1, min_tokens=3, ignore_eos=True)
+    r = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, presence_penalty=0.5,
+                               frequency_penalty=0.25, stop=["zzz"], extra_body=extra, **fields)
+    same = dict(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.1, min_length=3, end_id=-1,
+                presence_penalty=0.5, frequency_penalty=0.25, stop_words=["zzz"])
+    expected = [ensemble.generate(PROMPT, max_tokens=8, seed=11 + j, **same).text for j in range(2)]
+    assert [c.text for c in r.choices] == expected
+    assert expected[0] != expected[1]
+
+
+def test_echo_returns_the_prompt_first(api, ensemble):
+    r = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True)
+    assert r.choices[0].text == PROMPT + ensemble.generate(PROMPT, max_tokens=6, temperature=0.0).text
+
+
+def test_a_stream_concatenates_to_the_unary_text(api, server):
+    unary = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0)
+    chunks = list(api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) > 1 and "".join(texts) == unary.choices[0].text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == unary.choices[0].finish_reason and not any(finals[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == unary.usage.model_dump()
+    # The wire format itself: server-sent events ending in [DONE].
+    with requests.post(f"http://{server.api}/v1/completions", stream=True, timeout=60,
+                       json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "stream": True}) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in raw.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_chat_renders_the_template_and_streams_the_same_text(api, server):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a class?"}]
+    r = api.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=12, temperature=0)
+    rendered = "system: Answer briefly.\nuser: What is a class?\nassistant:"
+    plain = api.completions.create(model=MODEL, prompt=rendered, max_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == plain.choices[0].text
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    counted = requests.post(f"http://{server.api}/tokenize", json={"messages": messages}, timeout=30).json()
+    assert counted["count"] == r.usage.prompt_tokens
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=12,
+                                              temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_concurrent_async_requests_each_get_their_own_text(server, api):
+    prompts = [f"{PROMPT} {word}" for word in ("print", "loop", "class", "def", "import", "return")]
+    expected = [api.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0).choices[0].text
+                for p in prompts]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"http://{server.api}/v1", api_key="unused", max_retries=0)
+        async with client:
+            replies = await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=10,
+                                                                       temperature=0) for p in prompts))
+        return [r.choices[0].text for r in replies]
+
+    assert asyncio.run(run()) == expected
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"max_tokens": 5000}, 400, "max_tokens"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"temperature": "hot"}, 400, "temperature"),
+    ({"best_of": 3}, 400, "best_of"),
+    ({"logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    ({"no_such_field": 1}, 400, "no_such_field"),
+    ({"stop": ["x"] * 65}, 400, "stop"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"n": 0}, 400, "n"),
+    ({"model": "gpt-4"}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, param):
+    reply = requests.post(f"http://{server.api}/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **body})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and param in error["message"] or status == 404
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_the_openai_client_raises_the_servers_error(api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5000)
+    assert caught.value.body["param"] == "max_tokens" and "context" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+
+
+def megatron(server, body):
+    """As Megatron's text_generation_cli.py sends it."""
+    return requests.put(f"http://{server.api}/api", data=json.dumps(body), timeout=120,
+                        headers={"Content-Type": "application/json; charset=UTF-8"})
+
+
+def test_megatron_put_api_returns_prompt_and_generation(server, ensemble):
+    reply = megatron(server, {"prompts": [PROMPT, "A class"], "tokens_to_generate": 10, "top_k": 1})
+    assert reply.status_code == 200, reply.text
+    expected = [p + ensemble.generate(p, max_tokens=10, top_k=1).text for p in (PROMPT, "A class")]
+    assert reply.json()["text"] == expected
+    seeded = megatron(server, {"prompts": [PROMPT], "tokens_to_generate": 8, "random_seed": 5})
+    assert seeded.json()["text"] == [PROMPT + ensemble.generate(PROMPT, max_tokens=8, seed=5).text]
+
+
+def test_megatron_stop_on_eol_keeps_the_newline_as_megatron_does(server):
+    text = megatron(server, {"prompts": ["A"], "tokens_to_generate": 60, "top_k": 1}).json()["text"][0]
+    assert "\n" in text[1:], "the greedy continuation should hold a newline for this test to mean anything"
+    stopped = megatron(server, {"prompts": ["A"], "tokens_to_generate": 60, "top_k": 1, "stop_on_eol": True})
+    cut = text.index("\n", 1) + 1
+    assert stopped.json()["text"] == [text[:cut]]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "prompts argument required"),
+    ({"prompts": "one"}, "prompts is not a list of strings"),
+    ({"prompts": []}, "prompts is empty"),
+    ({"prompts": ["a"] * 129}, "Maximum number of prompts is 128"),
+    ({"prompts": ["a"], "max_len": 5}, "max_len is no longer used.  Replace with tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": "5"}, "tokens_to_generate must be an integer greater than 0"),
+    ({"prompts": ["a"], "tokens_to_generate": -1}, "tokens_to_generate must be an integer greater than or equal to 0"),
+    ({"prompts": ["a"], "tokens_to_generate": 0}, "tokens_to_generate=0 implies logprobs should be True"),
+    ({"prompts": ["a"], "temperature": 0}, "temperature must be a positive number less than or equal to 100.0"),
+    ({"prompts": ["a"], "top_k": 1001}, "top_k must be equal to or greater than 0 and less than or equal to 1000"),
+    ({"prompts": ["a"], "top_p": 1}, "top_p must be a positive float less than or equal to 1.0"),
+    ({"prompts": ["a"], "top_p": 0.5, "top_k": 5}, "cannot set both top-k and top-p samplings."),
+    ({"prompts": [""]}, "Empty prompts require add_BOS=true"),
+    ({"prompts": ["a"], "random_seed": "x"}, "random_seed must be integer"),
+    ({"prompts": ["a"], "beam_width": 2}, "Beam search is no longer supported."),
+    ({"prompts": ["a"], "tokens_to_generate": 100000}, "tokens_to_generate"),
+])
+def test_megatron_validation_messages(server, body, message):
+    reply = megatron(server, body)
+    assert reply.status_code == 400 and message in reply.json()["message"], reply.text
+
+
+def test_tokenizer_endpoints_use_the_servers_tokenizer(server, ensemble):
+    base = f"http://{server.api}"
+    tokens = requests.post(f"{base}/tokenize", json={"prompt": PROMPT}, timeout=30).json()
+    assert tokens["count"] == len(tokens["tokens"]) == ensemble.generate(PROMPT, max_tokens=1).num_input_tokens
+    assert requests.post(f"{base}/detokenize", json={"tokens": tokens["tokens"]}, timeout=30).json() == \
+        {"prompt": PROMPT}
+    info = requests.get(f"{base}/tokenizer_info", timeout=30).json()
+    assert info["max_model_len"] == tokens["max_model_len"] > 0 and info["eos_token"]
+    bad = requests.post(f"{base}/detokenize", json={"tokens": [10**9]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_health_and_models(server):
+    assert requests.get(f"http://{server.api}/health", timeout=30).status_code == 200
+    models = requests.get(f"http://{server.api}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert requests.get(f"http://{server.api}/v1/models/other", timeout=30).status_code == 404
+
+
+def test_an_api_key_guards_every_route_but_health(server):
+    """A second API process in front of the same Triton (it is only a gRPC client), with API_KEY set."""
+    (port,) = free_ports(1)
+    env = {**os.environ, "API_PORT": str(port), "HOST": "127.0.0.1", "API_KEY": "s3cret",
+           "TRITON_GRPC_URL": server.grpc, "MEGATRON_TRITON_CONTEXT": "256",
+           "TOKENIZER": str(ROOT / "demo_model" / "tokenizer.model")}
+    process = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "the API did not start"
+            time.sleep(0.3)
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+        refused = requests.post(f"{base}/v1/completions", json=body, timeout=30)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        assert requests.put(f"{base}/api", json={"prompts": ["a"]}, timeout=30).status_code == 401
+        assert requests.post(f"{base}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert keyed.completions.create(**body).choices[0].text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).completions.create(**body)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_a_client_that_drops_a_stream_frees_its_sequence(server, api):
+    """Closing the connection mid-stream cancels the generation in the engine; the server goes on serving."""
+    from .test_streaming import idle, settled_metrics
+
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    for _ in range(3):
+        with requests.post(f"http://{server.api}/v1/completions", json=body, stream=True, timeout=60) as raw:
+            first = next(line for line in raw.iter_lines() if line)
+            assert first.startswith(b"data: {")
+    assert idle(settled_metrics(server))
+    assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).choices[0].text is not None
+
+
+JSON_VALUES = [None, True, 0, -1, 3.5, 1e300, "", "x" * 5000, "\udcff", [], [1, "a"], {}, {"a": 1}]
+
+
+def test_fuzzed_bodies_get_a_named_4xx_or_an_answer(server):
+    """Every field of both OpenAI endpoints and of PUT /api, set to values of every JSON type: each reply is
+    an answer or a 4xx in its protocol's shape (never a 5xx), and the server keeps serving."""
+    import random
+
+    rng = random.Random(0)
+    completion = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    megatron_body = {"prompts": [PROMPT], "tokens_to_generate": 3}
+    fields = {"/v1/completions": (completion, ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                                               "echo", "logprobs", "stream", "stream_options", "top_k",
+                                               "min_tokens", "ignore_eos", "bad_words", "presence_penalty"]),
+              "/v1/chat/completions": (chat, ["messages", "max_completion_tokens", "temperature", "stop",
+                                              "logprobs", "top_logprobs", "n", "seed"]),
+              "/api": (megatron_body, ["prompts", "tokens_to_generate", "temperature", "top_k", "top_p",
+                                       "random_seed", "stop_on_eol", "add_BOS", "logprobs"])}
+    cases = []
+    for path, (base, names) in fields.items():
+        for name in names:
+            for value in rng.sample(JSON_VALUES, 5):
+                cases.append((path, {**base, name: value}))
+    cases += [("/v1/completions", b"{not json"), ("/v1/completions", b"\xff\xfe\x00"), ("/api", b"[1, 2]"),
+              ("/v1/completions", b""), ("/v1/completions", {**completion, "stop": ["a"] * 1000}),
+              ("/api", {"prompts": ["a"] * 5000})]
+    for path, body in cases:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8", "surrogatepass")
+        method = requests.put if path == "/api" else requests.post
+        reply = method(f"http://{server.api}{path}", data=data, timeout=120,
+                       headers={"Content-Type": "application/json"})
+        assert reply.status_code < 500, (path, body, reply.status_code, reply.text)
+        if reply.status_code >= 400:
+            shaped = reply.json()["message"] if path == "/api" else reply.json()["error"]["message"]
+            assert shaped, (path, body, reply.text)
+    assert requests.get(f"http://{server.api}/health", timeout=30).status_code == 200
