@@ -49,6 +49,7 @@ SCALARS: dict[str, Scalar] = {
 }
 
 MAX_SEED = 2**64 - 1
+MAX_TOP_LOG_PROBS = 20  # alternatives per position, as OpenAI allows
 
 # String-list inputs ([-1] per request): ensemble name -> (most words, longest word in characters).
 WORD_LISTS: dict[str, tuple[int, int]] = {"stop_words": (64, 256), "bad_words": (256, 256)}
@@ -72,6 +73,9 @@ class SamplingParams:
     exclude_input_in_output: bool = True
     stop_words: tuple[str, ...] = ()
     bad_words: tuple[str, ...] = ()
+    # Scoring and alternatives (the engine computes them; the ensembles do not carry them yet)
+    return_prompt_log_probs: bool = False  # the log-prob of every prompt token after the first
+    top_log_probs: int = 0  # the most likely tokens and their log-probs at every position returned
 
     @property
     def greedy(self) -> bool:
@@ -86,15 +90,18 @@ class SamplingParams:
                 raise InvalidRequest(name, value, "must be a finite number")
         if prompt_tokens < 1:
             raise InvalidRequest("text_input", "", "must not be empty")
-        if prompt_tokens >= context:
+        scoring = self.return_prompt_log_probs  # may generate nothing: the prompt may fill the context
+        if prompt_tokens > context or (prompt_tokens == context and not scoring):
             raise InvalidRequest(
                 "text_input", f"<{prompt_tokens} tokens>", f"the prompt must be shorter than the model context "
                 f"({context} tokens) to leave room for at least one generated token")
-        room = context - prompt_tokens
-        if not 1 <= self.max_tokens <= room:
+        room, least = context - prompt_tokens, 0 if scoring else 1
+        if not least <= self.max_tokens <= room:
             raise InvalidRequest(
-                "max_tokens", self.max_tokens, f"must be between 1 and {room} (context {context} minus the "
+                "max_tokens", self.max_tokens, f"must be between {least} and {room} (context {context} minus the "
                 f"{prompt_tokens}-token prompt)")
+        if not 0 <= self.top_log_probs <= MAX_TOP_LOG_PROBS:
+            raise InvalidRequest("top_log_probs", self.top_log_probs, f"must be between 0 and {MAX_TOP_LOG_PROBS}")
         if not 0 <= self.min_length <= self.max_tokens:
             raise InvalidRequest("min_length", self.min_length, f"must be between 0 and max_tokens ({self.max_tokens})")
         if self.end_id is not None and not -1 <= self.end_id < vocab_size:

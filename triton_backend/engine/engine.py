@@ -26,7 +26,7 @@ from preprocessing.params import SamplingParams
 from triton_backend.cache.blocks import BlockPool
 
 from .generation import EngineBusy, Generation, new_generation, validate
-from .sampling import RowSampler, sample
+from .sampling import RowSampler, alternatives, model_log_probs, sample
 from .sequence import Sequence
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "Generation"]
@@ -395,15 +395,23 @@ class Engine:
 
     def _step(self, chunks: list[_Chunk]) -> None:
         """One forward pass over every chunk, packed into one row (``kv_cache.plan``), then the next token of each
-        sequence whose pending tokens it finished."""
+        sequence whose pending tokens it finished, and the log-probs of the prompt positions being scored."""
         tokens, positions, lengths, tables, table_lengths, last = [], [], [], [], [], []
+        scored: list[tuple[Sequence, int, int]] = []  # (row, first position, count) whose logits are wanted
         for c in chunks:
             r = c.row
+            start = len(tokens)
             tokens += r.tokens(r.computed, r.computed + c.length)
             positions += range(r.computed, r.computed + c.length)
             lengths.append(c.length)
             tables += r.blocks
             table_lengths.append(len(r.blocks))
+            if r.scoring():  # position q's logits give prompt token q + 1's log-prob
+                first = len(r.generation.prompt_logprobs)
+                count = min(r.computed + c.length, len(r.generation.prompt) - 1) - first
+                if count > 0:
+                    scored.append((r, len(last), count))
+                    last += range(start + first - r.computed, start + first - r.computed + count)
             if c.sample:
                 last.append(len(tokens) - 1)
         device = self.gpt.device  # pragma: no mutate
@@ -416,11 +424,41 @@ class Engine:
         prompts = sum(c.length > 1 or not c.row.sampler.generated for c in chunks)
         self.stats.prefills += bool(prompts)
         self.stats.prompt_chunks += prompts
-        self.stats.rows_decoded += len(last)
-        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(last))
+        sampled = len(last) - sum(count for _, _, count in scored)
+        self.stats.rows_decoded += sampled
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, sampled)
+        if scored:
+            self._score(scored, logits)
+            keep = torch.ones(len(last), dtype=torch.bool)
+            for _, at, count in scored:
+                keep[at:at + count] = False
+            logits = logits[keep.to(logits.device)]  # pragma: no mutate
         self._advance([c.row for c in chunks if c.sample], logits)
 
+    def _score(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        """Record the log-prob (and the alternatives, when asked) of the prompt tokens these logits predict."""
+        for row, at, count in scored:
+            g = row.generation
+            first = len(g.prompt_logprobs)
+            log_probs = model_log_probs(logits[at:at + count], self.vocab_size)
+            targets = torch.tensor(g.prompt[first + 1:first + 1 + count], device=log_probs.device)
+            g.prompt_logprobs += log_probs.gather(1, targets[:, None])[:, 0].tolist()
+            if g.params.top_log_probs:
+                g.prompt_top += alternatives(log_probs, [g.params.top_log_probs] * count)
+
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        if any(r.generation.params.max_tokens == 0 for r in rows):  # scored only: nothing to generate
+            keep = [i for i, r in enumerate(rows) if r.generation.params.max_tokens > 0]
+            for r in rows:
+                if r.generation.params.max_tokens == 0:
+                    self._retire(r, reason="length")
+            rows, logits = [rows[i] for i in keep], logits[keep]
+            if not rows:
+                return
+        asking = [i for i, r in enumerate(rows) if r.generation.params.top_log_probs]
+        counts = [rows[i].generation.params.top_log_probs for i in asking]
+        found = alternatives(model_log_probs(logits[asking], self.vocab_size), counts)
+        tops = {id(rows[i]): top for i, top in zip(asking, found)}
         try:
             tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
         except Exception:  # one request's parameters broke sampling: that request alone must fail
@@ -436,6 +474,8 @@ class Engine:
             if g.first_token_at is None:
                 g.first_token_at = time.monotonic()
             g.logprobs.append(logprob)
+            if g.params.top_log_probs:
+                g.top.append(tops[id(row)])
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
                 self._retire(row, reason="stop")

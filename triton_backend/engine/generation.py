@@ -27,6 +27,12 @@ class Generation:
     params: SamplingParams
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    # Scoring and alternatives, when asked (``return_prompt_log_probs``, ``top_log_probs``): the log-prob of
+    # each prompt token after the first, and the (ids, log-probs) of the most likely tokens at each prompt
+    # position after the first and at each generated position.
+    prompt_logprobs: list[float] = dataclasses.field(default_factory=list)
+    prompt_top: list[tuple[list[int], list[float]]] = dataclasses.field(default_factory=list)
+    top: list[tuple[list[int], list[float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)

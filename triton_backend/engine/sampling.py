@@ -85,6 +85,23 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     return tokens, logprobs
 
 
+def model_log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The model's own log-probabilities over the real vocabulary (before temperature, penalties and
+    truncation), as ``sample`` reports them; Megatron's padding ids get -inf."""
+    logits = logits.clone()
+    logits[:, vocab_size:] = NEG_INF
+    return torch.log_softmax(logits, dim=1)
+
+
+def alternatives(log_probs: torch.Tensor, counts: list[int]) -> list[tuple[list[int], list[float]]]:
+    """Row i's ``counts[i]`` most likely tokens and their log-probs, most likely first (one ``topk`` for all)."""
+    if not counts:
+        return []
+    values, ids = log_probs.topk(max(counts), dim=1)
+    values, ids = values.tolist(), ids.tolist()
+    return [(ids[i][:k], values[i][:k]) for i, k in enumerate(counts)]
+
+
 def _truncates(params) -> bool:
     return params.top_k > 0 or params.top_p < 1
 

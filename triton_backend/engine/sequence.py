@@ -34,8 +34,15 @@ class Sequence:
         """Tokens to run before the next one can be sampled (1 for a decoding sequence)."""
         return len(self.generation.prompt) + len(self.sampler.generated) - self.computed
 
+    def scoring(self) -> bool:
+        """Whether prompt positions remain whose log-probs it must compute (so none may come from the cache)."""
+        g = self.generation
+        return g.params.return_prompt_log_probs and len(g.prompt_logprobs) < len(g.prompt) - 1
+
     def start_from_cache(self, pool: BlockPool) -> None:
-        """Take the cached blocks its tokens start with (none without prefix caching)."""
+        """Take the cached blocks its tokens start with (none without prefix caching, none while scoring)."""
+        if self.scoring():
+            return
         blocks, keys = pool.match(self.tokens())
         pool.hold(blocks)
         self.blocks, self.computed, self.published = blocks, len(blocks) * pool.block_size, len(blocks)
