@@ -18,8 +18,7 @@ from .triton import TritonError
 router = APIRouter()
 MAX_PROMPTS = 128
 # Fields this server cannot honour yet: refused by name when set to anything but their neutral value.
-NOT_YET = {"logprobs": False, "add_BOS": False, "prevent_newline_after_colon": False, "top_p_decay": 0.0,
-           "top_p_bound": 0.0}
+NOT_YET = {"add_BOS": False, "prevent_newline_after_colon": False, "top_p_decay": 0.0, "top_p_bound": 0.0}
 
 
 class MegatronError(ApiError):
@@ -109,7 +108,9 @@ def parse(body) -> tuple[list[str], dict]:
         if body.get(name, neutral) != neutral:
             raise MegatronError(f"{name} is not supported by this server yet")
     stop = "\n\n" if stop_on_double_eol else "\n" if stop_on_eol else None
+    # Log-probs are always asked for the generated tokens: their texts make the response's segments.
     params = {"max_tokens": tokens, "temperature": float(temperature), "top_k": top_k,
+              "return_log_probs": True, "return_prompt_log_probs": logprobs,
               "top_p": top_p if top_p > 0.0 else None, "seed": None if seed == -1 else seed,
               "exclude_input_in_output": False,
               # Megatron: with a stop on newlines, the end-of-document token no longer ends a generation
@@ -132,4 +133,13 @@ async def generate(request: Request):
     stop = (params["stop_words"] or [""])[0]
     # Megatron keeps the newline that stopped a generation; the ensemble leaves a stop word out.
     texts = [out.text + (stop if stop and out.finish_reason == "stop" else "") for out in outputs]
-    return JSONResponse({"text": texts, "segments": None, "logprobs": None, "tokens": None})
+    tokenizer = request.app.state.tokenizer
+    segments = [(out.prompt_texts or _pieces(tokenizer, prompt)) + out.tokens for prompt, out in zip(prompts, outputs)]
+    logprobs = [out.prompt_log_probs + out.log_probs for out in outputs] if params["return_prompt_log_probs"] else None
+    return JSONResponse({"text": texts, "segments": segments, "logprobs": logprobs, "tokens": None})
+
+
+def _pieces(tokenizer, text: str) -> list[str]:
+    """The text of each token of ``text`` as the model reads it (what the ensemble returns as prompt_tokens)."""
+    ids = tokenizer.encode(text)
+    return [tokenizer.decode_continuation(ids[:i], [ids[i]]) for i in range(len(ids))]

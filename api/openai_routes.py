@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from . import logprobs
 from .errors import OPENAI_FIELDS, ApiError
 from .openai_schema import MAX_SEED, ChatRequest, CompletionRequest, unsupported
 from .triton import Output, TritonError
@@ -26,10 +27,12 @@ async def completions(body: CompletionRequest, request: Request):
     if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], str):
         raise ApiError(400, "token-id prompts are not supported yet: send the prompt as text", "prompt")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if body.max_tokens == 0:
-        raise ApiError(400, "max_tokens must be at least 1 (scoring without generating is not supported yet)",
-                       "max_tokens")
+    scoring = body.echo and body.logprobs is not None  # the prompt's own log-probs: how harnesses score text
+    if body.max_tokens == 0 and not scoring:
+        raise ApiError(400, "max_tokens may be 0 only with echo and logprobs (scoring the prompt)", "max_tokens")
     params = _params(body, body.max_tokens)
+    if body.logprobs is not None:
+        params |= {"return_log_probs": True, "top_log_probs": body.logprobs, "return_prompt_log_probs": scoring}
     if body.echo:
         params["exclude_input_in_output"] = False
     shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
@@ -43,6 +46,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     _check_common(body, state)
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise ApiError(400, "set max_completion_tokens or max_tokens, not both", "max_tokens")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                  else "".join(part.text for part in m.content)} for m in body.messages]
     try:
@@ -58,7 +63,10 @@ async def chat_completions(body: ChatRequest, request: Request):
     fields = {**OPENAI_FIELDS, "text_input": "messages",
               "max_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
     shape = _Shape("chatcmpl", "chat.completion", state.settings.model_name, chat=True)
-    return await _respond(state.link, [prompt], _params(body, max_tokens), body, shape, fields)
+    params = _params(body, max_tokens)
+    if body.logprobs:
+        params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
+    return await _respond(state.link, [prompt], params, body, shape, fields)
 
 
 def _check_common(body, state) -> None:
@@ -103,12 +111,22 @@ class _Shape:
             out["usage"] = usage
         return out
 
-    def choice(self, index: int, text: str, finish_reason: str | None, delta: bool = False) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, delta: bool = False,
+               scores: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text, "logprobs": scores, "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-        return {"index": index, "delta" if delta else "message": message, "logprobs": None,
+        return {"index": index, "delta" if delta else "message": message, "logprobs": scores,
                 "finish_reason": finish_reason}
+
+    def scores(self, out: Output, body, offset: int, first: bool) -> tuple[dict | None, int]:
+        """This response's log-probs in the endpoint's shape (None when not asked) and the text offset after
+        it (completions count offsets into the text returned, the echoed prompt included)."""
+        if not (body.logprobs if self.chat else body.logprobs is not None):
+            return None, offset
+        if self.chat:
+            return logprobs.chat(out), offset
+        return logprobs.completion(out, offset, prompt=first and body.echo)
 
 
 def _requests(prompts: list[str], params: dict, n: int) -> list[tuple[int, str, dict]]:
@@ -134,7 +152,8 @@ async def _respond(link, prompts, params, body, shape: _Shape, fields: dict):
         outputs = await asyncio.gather(*(link.generate(prompt, p) for _, prompt, p in requests))
     except TritonError as err:
         raise ApiError.from_triton(err, fields) from None
-    choices = [shape.choice(index, out.text, out.finish_reason) for (index, _, _), out in zip(requests, outputs)]
+    choices = [shape.choice(index, out.text, out.finish_reason, scores=shape.scores(out, body, 0, True)[0])
+               for (index, _, _), out in zip(requests, outputs)]
     # Each prompt counts once however many choices it has, as OpenAI counts it.
     prompt_tokens = sum(out.prompt_tokens for (index, _, _), out in zip(requests, outputs) if index % body.n == 0)
     return JSONResponse(shape.envelope(choices, _usage(prompt_tokens, sum(o.completion_tokens for o in outputs))))
@@ -150,11 +169,11 @@ async def _stream(link, requests, body, shape: _Shape, fields: dict):
         await asyncio.gather(*(s.aclose() for s in streams))
         raise ApiError.from_triton(err, fields) from None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _events(streams, firsts, [index for index, _, _ in requests], body.n, shape, include_usage)
+    events = _events(streams, firsts, [index for index, _, _ in requests], body, shape, include_usage)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
-async def _events(streams, firsts: list[Output], indexes: list[int], n: int, shape: _Shape,
+async def _events(streams, firsts: list[Output], indexes: list[int], body, shape: _Shape,
                   include_usage: bool) -> AsyncIterator[str]:
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -171,6 +190,7 @@ async def _events(streams, firsts: list[Output], indexes: list[int], n: int, sha
 
     tasks = [asyncio.create_task(pump(k)) for k in range(len(streams))]
     prompt_tokens, completion = [0] * len(streams), [0] * len(streams)
+    offsets, started = [0] * len(streams), [False] * len(streams)
     try:
         if shape.chat:  # OpenAI's first chat chunk names the role
             for index in indexes:
@@ -188,11 +208,13 @@ async def _events(streams, firsts: list[Output], indexes: list[int], n: int, sha
                                       "param": error.param, "code": error.code}})
                 continue
             prompt_tokens[k], completion[k] = item.prompt_tokens, item.completion_tokens
-            if item.text or item.finish_reason:
-                choice = shape.choice(indexes[k], item.text, item.finish_reason or None, delta=True)
+            scores, offsets[k] = shape.scores(item, body, offsets[k], not started[k])
+            started[k] = True
+            if item.text or item.finish_reason or item.tokens or item.prompt_texts:
+                choice = shape.choice(indexes[k], item.text, item.finish_reason or None, delta=True, scores=scores)
                 yield _sse(shape.envelope([choice], None, chunk=True))
         if include_usage:
-            prompts = sum(t for k, t in enumerate(prompt_tokens) if indexes[k] % n == 0)
+            prompts = sum(t for k, t in enumerate(prompt_tokens) if indexes[k] % body.n == 0)
             yield _sse(shape.envelope([], _usage(prompts, sum(completion)), chunk=True))
         yield "data: [DONE]\n\n"
     finally:

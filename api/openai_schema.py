@@ -88,8 +88,7 @@ class ChatRequest(_Sampling):
 
 def unsupported(request: _Sampling) -> str | None:
     """The first field set to something this server cannot do yet (its name), or None."""
-    neutral = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "logprobs": (None, False),
-               "top_logprobs": (None,)}
+    neutral = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,)}
     for name, allowed in neutral.items():
         if name in type(request).model_fields and getattr(request, name) not in allowed:
             return name

@@ -12,7 +12,8 @@ import tritonclient.grpc.aio as tc
 from client.generate import request_inputs
 
 OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
-           "output_log_probs"]
+           "output_log_probs", "output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs",
+           "output_top_tokens", "prompt_top_log_probs", "prompt_top_tokens"]
 _FIELD = re.compile(r"invalid input '(\w+)'")
 
 
@@ -25,6 +26,13 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     log_probs: list[float]
+    # Scoring and alternatives, when asked (else empty): each token's text, the prompt's log-probs (after its
+    # first token) and, per position, the alternatives as (text, log-prob), most likely first.
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    prompt_texts: list[str] = dataclasses.field(default_factory=list)
+    prompt_log_probs: list[float] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
+    prompt_top: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
 
 
 class TritonError(RuntimeError):
@@ -97,11 +105,29 @@ class TritonLink:
 
 
 def _output(value) -> Output:
-    log_probs = value("output_log_probs")
+    def floats(name: str) -> list[float]:
+        found = value(name)
+        return [] if found is None else np.asarray(found[0], dtype=float).tolist()
+
+    def texts(name: str) -> list[str]:
+        found = value(name)
+        return [] if found is None else [t.decode("utf-8") for t in found[0]]
+
+    def alternatives(prefix: str) -> list[list[tuple[str, float]]]:
+        values, names = value(f"{prefix}_top_log_probs"), value(f"{prefix}_top_tokens")
+        if values is None or names is None:
+            return []
+        return [[(t.decode("utf-8"), float(v)) for t, v in zip(ts, vs) if t] for ts, vs in zip(names[0], values[0])]
+
     return Output(
         text=value("text_output")[0][0].decode("utf-8"),
         finish_reason=value("finish_reason")[0][0].decode("utf-8"),
         prompt_tokens=int(value("num_input_tokens")[0][0]),
         completion_tokens=int(value("num_output_tokens")[0][0]),
-        log_probs=[] if log_probs is None else np.asarray(log_probs[0], dtype=float).tolist(),
+        log_probs=floats("output_log_probs"),
+        tokens=texts("output_tokens"),
+        prompt_texts=texts("prompt_tokens"),
+        prompt_log_probs=floats("prompt_log_probs"),
+        top=alternatives("output"),
+        prompt_top=alternatives("prompt"),
     )

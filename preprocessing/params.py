@@ -46,6 +46,8 @@ SCALARS: dict[str, Scalar] = {
     "seed": Scalar("TYPE_UINT64", np.uint64),
     "return_log_probs": Scalar("TYPE_BOOL", np.bool_),
     "exclude_input_in_output": Scalar("TYPE_BOOL", np.bool_),
+    "return_prompt_log_probs": Scalar("TYPE_BOOL", np.bool_),
+    "top_log_probs": Scalar("TYPE_INT32", np.int32),
 }
 
 MAX_SEED = 2**64 - 1
@@ -73,7 +75,7 @@ class SamplingParams:
     exclude_input_in_output: bool = True
     stop_words: tuple[str, ...] = ()
     bad_words: tuple[str, ...] = ()
-    # Scoring and alternatives (the engine computes them; the ensembles do not carry them yet)
+    # Scoring and alternatives (DESIGN.md "Scoring and alternatives")
     return_prompt_log_probs: bool = False  # the log-prob of every prompt token after the first
     top_log_probs: int = 0  # the most likely tokens and their log-probs at every position returned
 

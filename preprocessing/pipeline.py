@@ -6,6 +6,7 @@ here is unit-tested without Triton.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -130,4 +131,40 @@ class Postprocessor:
             if not _flag(values, "EXCLUDE_INPUT_IN_OUTPUT", row, True):
                 text = _text(values["TEXT_INPUT"][row][0], "text_input") + text
             texts[row, 0] = text.encode("utf-8")
-        return {"TEXT_OUTPUT": texts, "OUT_OUTPUT_LOG_PROBS": logprobs}
+        return {"TEXT_OUTPUT": texts, "OUT_OUTPUT_LOG_PROBS": logprobs, **score_tensors(values.get("SCORES"),
+                                                                                       len(out_ids))}
+
+
+def score_tensors(scores, rows: int) -> dict[str, np.ndarray]:
+    """The scoring outputs (DESIGN.md "Scoring and alternatives") from megatron_gpt's SCORES, one JSON object
+    per row (empty when nothing was asked): per-position lists, right-padded across the rows of a batch
+    (empty strings, zero log-probs)."""
+    parsed = [json.loads(s[0]) if scores is not None and s[0] else {} for s in (scores if scores is not None
+                                                                              else [[b""]] * rows)]
+
+    def flat(key: str, dtype, fill):
+        width = max([len(p.get(key, [])) for p in parsed] + [0])
+        out = np.full((rows, width), fill, dtype=dtype)
+        for row, p in enumerate(parsed):
+            values = p.get(key, [])
+            out[row, : len(values)] = [v.encode("utf-8") for v in values] if dtype is object else values
+        return out
+
+    def nested(key: str):
+        """[rows, positions, alternatives] texts and log-probs from [[texts, values], ...] per position."""
+        positions = max([len(p.get(key, [])) for p in parsed] + [0])
+        k = max([len(t) for p in parsed for t, _ in p.get(key, [])] + [0])
+        texts = np.full((rows, positions, k), b"", dtype=object)
+        values = np.zeros((rows, positions, k), np.float32)
+        for row, p in enumerate(parsed):
+            for i, (t, v) in enumerate(p.get(key, [])):
+                texts[row, i, : len(t)] = [x.encode("utf-8") for x in t]
+                values[row, i, : len(v)] = v
+        return values, texts
+
+    output_top, output_top_texts = nested("output_top")
+    prompt_top, prompt_top_texts = nested("prompt_top")
+    return {"OUTPUT_TOKENS": flat("output_tokens", object, b""), "PROMPT_TOKENS": flat("prompt_tokens", object, b""),
+            "PROMPT_LOG_PROBS": flat("prompt_log_probs", np.float32, 0.0),
+            "OUTPUT_TOP_LOG_PROBS": output_top, "OUTPUT_TOP_TOKENS": output_top_texts,
+            "PROMPT_TOP_LOG_PROBS": prompt_top, "PROMPT_TOP_TOKENS": prompt_top_texts}

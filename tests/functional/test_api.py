@@ -121,6 +121,8 @@ def test_concurrent_async_requests_each_get_their_own_text(server, api):
     ({"temperature": -1}, 400, "temperature"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"best_of": 3}, 400, "best_of"),
+    ({"logprobs": 21}, 400, "logprobs"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
     ({"logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ({"no_such_field": 1}, 400, "no_such_field"),
     ({"stop": ["x"] * 65}, 400, "stop"),
@@ -177,6 +179,7 @@ def test_megatron_stop_on_eol_keeps_the_newline_as_megatron_does(server):
     ({"prompts": ["a"], "tokens_to_generate": "5"}, "tokens_to_generate must be an integer greater than 0"),
     ({"prompts": ["a"], "tokens_to_generate": -1}, "tokens_to_generate must be an integer greater than or equal to 0"),
     ({"prompts": ["a"], "tokens_to_generate": 0}, "tokens_to_generate=0 implies logprobs should be True"),
+    ({"prompts": ["a"], "logprobs": "yes"}, "logprobs must be a boolean value"),
     ({"prompts": ["a"], "temperature": 0}, "temperature must be a positive number less than or equal to 100.0"),
     ({"prompts": ["a"], "top_k": 1001}, "top_k must be equal to or greater than 0 and less than or equal to 1000"),
     ({"prompts": ["a"], "top_p": 1}, "top_p must be a positive float less than or equal to 1.0"),
@@ -292,3 +295,87 @@ def test_fuzzed_bodies_get_a_named_4xx_or_an_answer(server):
             shaped = reply.json()["message"] if path == "/api" else reply.json()["error"]["message"]
             assert shaped, (path, body, reply.text)
     assert requests.get(f"http://{server.api}/health", timeout=30).status_code == 200
+
+
+def ensemble_scores(server, prompt: str, **params) -> dict:
+    """The ensemble's own answer over Triton's HTTP generate endpoint (JSON), with the scoring outputs."""
+    reply = requests.post(f"http://{server.http}/v2/models/ensemble/generate", timeout=120,
+                          json={"text_input": prompt, **params})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_the_ensemble_scores_prompts_and_lists_alternatives(server):
+    full = ensemble_scores(server, PROMPT, max_tokens=5, temperature=0, end_id=-1, return_log_probs=True,
+                           return_prompt_log_probs=True, top_log_probs=3)
+    n = full["num_input_tokens"]
+    assert "".join(full["prompt_tokens"]) == PROMPT and len(full["prompt_tokens"]) == n
+    assert "".join(full["output_tokens"]) == full["text_output"] and len(full["output_tokens"]) == 5
+    assert len(full["prompt_log_probs"]) == n - 1 and all(v <= 0 for v in full["prompt_log_probs"])
+    # greedy: each generated token is its position's most likely one, with the same log-prob
+    tops = [full["output_top_tokens"][i * 3:(i + 1) * 3] for i in range(5)]
+    values = [full["output_top_log_probs"][i * 3:(i + 1) * 3] for i in range(5)]
+    assert [t[0] for t in tops] == full["output_tokens"]
+    assert [v[0] for v in values] == pytest.approx(full["output_log_probs"], abs=1e-5)
+    assert all(v == sorted(v, reverse=True) for v in values)
+    # a prompt token's log-prob is at most its position's best alternative's
+    best = full["prompt_top_log_probs"][::3]
+    assert len(best) == n - 1 and all(lp <= b + 1e-6 for lp, b in zip(full["prompt_log_probs"], best))
+    scored = ensemble_scores(server, PROMPT, max_tokens=0, return_prompt_log_probs=True)
+    assert scored["text_output"] == "" and scored["num_output_tokens"] == 0 and scored["finish_reason"] == "length"
+    assert scored["prompt_log_probs"] == pytest.approx(full["prompt_log_probs"], abs=1e-5)
+    plain = ensemble_scores(server, PROMPT, max_tokens=2)
+    assert plain["prompt_log_probs"] == plain["output_tokens"] == plain["output_top_log_probs"] == []
+    refused = requests.post(f"http://{server.http}/v2/models/ensemble/generate", timeout=60,
+                            json={"text_input": PROMPT, "max_tokens": 2, "top_log_probs": 21})
+    assert refused.status_code == 400 and "top_log_probs" in refused.json()["error"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_harnesses_ask(api, server):
+    """lm-evaluation-harness's loglikelihood: echo + logprobs + max_tokens 0 (or 1), then the prompt's tokens and
+    log-probs (the first null) in the choice; the same values as the ensemble's and as a stream's."""
+    expected = ensemble_scores(server, PROMPT, max_tokens=0, return_prompt_log_probs=True)
+    r = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == PROMPT and lp.tokens == expected["prompt_tokens"]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected["prompt_log_probs"], abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(token in top for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]))
+    one = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    streamed = [c.choices[0].logprobs for c in api.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2, temperature=0, stream=True) if c.choices]
+    tokens = [t for chunk in streamed if chunk for t in chunk.tokens]
+    values = [v for chunk in streamed if chunk for v in chunk.token_logprobs]
+    offsets = [o for chunk in streamed if chunk for o in chunk.text_offset]
+    assert tokens == one.choices[0].logprobs.tokens and offsets == one.choices[0].logprobs.text_offset
+    assert values[0] is None and values[1:] == pytest.approx(one.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
+    assert "".join(tokens) == one.choices[0].text
+
+
+def test_chat_logprobs_follow_openais_shape(api):
+    messages = [{"role": "user", "content": "What is a class?"}]
+    r = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                    top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == r.choices[0].message.content and len(content) == 4
+    for c in content:
+        assert [t.token for t in c.top_logprobs][0] == c.token and c.top_logprobs[0].logprob == c.logprob
+        assert bytes(c.bytes) == c.token.encode() and len(c.top_logprobs) == 2
+    plain = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, top_logprobs=2)
+
+
+def test_megatron_scores_with_tokens_to_generate_0(server):
+    scored = megatron(server, {"prompts": [PROMPT, "A class"], "tokens_to_generate": 0, "logprobs": True}).json()
+    assert scored["text"] == [PROMPT, "A class"]
+    assert ["".join(s) for s in scored["segments"]] == scored["text"]
+    expected = ensemble_scores(server, PROMPT, max_tokens=0, return_prompt_log_probs=True)["prompt_log_probs"]
+    assert scored["logprobs"][0] == pytest.approx(expected, abs=1e-5)
+    assert [len(lp) for lp in scored["logprobs"]] == [len(s) - 1 for s in scored["segments"]]
+    generated = megatron(server, {"prompts": [PROMPT], "tokens_to_generate": 4, "top_k": 1, "logprobs": True}).json()
+    assert "".join(generated["segments"][0]) == generated["text"][0]
+    assert len(generated["logprobs"][0]) == len(generated["segments"][0]) - 1
+    assert generated["logprobs"][0][:len(expected)] == pytest.approx(expected, abs=1e-5)

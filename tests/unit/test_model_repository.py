@@ -45,8 +45,13 @@ def test_ensemble_inputs_are_the_request_surface(name):
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_outputs_use_tensorrtllm_names(name):
     names = [t.name for t in config(name).output]
-    assert names == ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
-                     "output_log_probs"]
+    assert names[:6] == ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
+                         "output_log_probs"]
+    # then DESIGN.md's scoring outputs, the alternatives two-dimensional per request
+    dims = {t.name: list(t.dims) for t in config(name).output[6:]}
+    assert dims == {"output_tokens": [-1], "prompt_tokens": [-1], "prompt_log_probs": [-1],
+                    "output_top_log_probs": [-1, -1], "output_top_tokens": [-1, -1],
+                    "prompt_top_log_probs": [-1, -1], "prompt_top_tokens": [-1, -1]}
 
 
 @pytest.mark.parametrize("name", ENSEMBLES)

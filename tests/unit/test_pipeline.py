@@ -68,3 +68,35 @@ def test_postprocessing_raises_the_model_error(tiny_tokenizer):
     with pytest.raises(GenerationFailed) as err:
         Postprocessor(tiny_tokenizer)(values)
     assert not err.value.invalid
+
+
+def test_scores_carry_each_tokens_text_and_pad_across_rows(tiny_tokenizer):
+    """The serving side's SCORES (texts read in place) become postprocessing's tensors, padded per batch."""
+    from preprocessing.params import SamplingParams
+    from preprocessing.pipeline import score_tensors
+    from triton_backend.engine.generation import Generation
+    from triton_backend.serving import scores
+
+    prompt = tiny_tokenizer.encode("The class statement")
+    generated = tiny_tokenizer.encode(" defines a new type")
+    params = SamplingParams(max_tokens=4, return_prompt_log_probs=True, top_log_probs=2)
+    g = Generation(prompt=prompt, params=params, tokens=generated, logprobs=[-1.0] * len(generated),
+                   prompt_logprobs=[-2.0] * (len(prompt) - 1),
+                   prompt_top=[([prompt[q + 1], 7], [-0.5, -0.9]) for q in range(len(prompt) - 1)],
+                   top=[([t, 7], [-0.1, -0.2]) for t in generated])
+    first = scores.scores(g, tiny_tokenizer)
+    assert "".join(first["prompt_tokens"]) == "The class statement"
+    assert "".join(first["output_tokens"]) == " defines a new type"
+    assert [t[0][0] for t in first["prompt_top"]] == first["prompt_tokens"][1:]  # read where it stands
+    later = scores.scores(g, tiny_tokenizer, start=2, prompt=False)
+    assert later["output_tokens"] == first["output_tokens"][2:] and "prompt_tokens" not in later
+    assert scores.merge(first, later)["output_tokens"] == first["output_tokens"] + later["output_tokens"]
+    assert scores.scores(Generation(prompt=prompt, params=SamplingParams(max_tokens=1)), tiny_tokenizer) == {}
+    out = score_tensors(np.array([[scores.encode(first)], [b""]], dtype=object), 2)
+    n, m = len(prompt), len(generated)
+    assert out["PROMPT_TOKENS"].shape == (2, n) and out["PROMPT_TOKENS"][1].tolist() == [b""] * n
+    assert out["PROMPT_LOG_PROBS"].shape == (2, n - 1) and out["PROMPT_LOG_PROBS"][0].tolist() == [-2.0] * (n - 1)
+    assert out["OUTPUT_TOP_LOG_PROBS"].shape == (2, m, 2) and out["OUTPUT_TOP_TOKENS"].shape == (2, m, 2)
+    assert out["OUTPUT_TOP_LOG_PROBS"][0, 0].tolist() == pytest.approx([-0.1, -0.2])
+    empty = score_tensors(np.array([[b""]], dtype=object), 1)
+    assert all(v.size == 0 for v in empty.values())

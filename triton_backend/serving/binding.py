@@ -17,6 +17,7 @@ import numpy as np
 
 from preprocessing.params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
 from triton_backend.engine.generation import EngineBusy
+from triton_backend.serving import scores
 from triton_backend.serving.metrics import STATS, request_timing, stats_row
 
 if TYPE_CHECKING:  # the serving process runs without torch: it is given an engine_link.RemoteEngine
@@ -67,6 +68,7 @@ def tensors():
         Tensor(name="ERROR", dtype=bytes, shape=(1,)),
         Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
         Tensor(name="ENGINE_STATS", dtype=np.float32, shape=(len(STATS),)),
+        Tensor(name="SCORES", dtype=bytes, shape=(1,)),  # log-probs with their tokens' text, as JSON (scores.py)
     ]
     return inputs, outputs
 
@@ -93,7 +95,7 @@ def _submit_row(engine: Engine, request, row: int):
         return str(err)
 
 
-def _outputs(rows) -> dict:
+def _outputs(rows, tokenizer=None) -> dict:
     """Stack the rows of one request into its output tensors (ids and log-probs right-padded).
 
     PyTriton cannot send zero-size tensors, so ids and log-probs are at least one wide; OUTPUT_LENGTH says
@@ -108,6 +110,7 @@ def _outputs(rows) -> dict:
     error = np.full((len(rows), 1), b"", dtype=object)
     limit = np.full((len(rows), 1), -1, np.int32)
     stats = np.array([stats_row()] * len(rows), np.float32)
+    scored = np.full((len(rows), 1), b"", dtype=object)
     for i, g in enumerate(rows):
         if isinstance(g, str) or g.error:
             error[i, 0] = (g if isinstance(g, str) else g.error).encode()
@@ -120,10 +123,11 @@ def _outputs(rows) -> dict:
         if g.params.return_log_probs:
             logprobs[i, :n] = g.logprobs
             cum[i, 0] = float(np.sum(g.logprobs, dtype=np.float64))
+        scored[i, 0] = scores.encode(scores.scores(g, tokenizer))
     return {
         "OUTPUT_IDS": ids, "OUTPUT_LENGTH": length, "FINISH_REASON": reason,
         "CUM_LOG_PROB": cum, "OUTPUT_LOG_PROBS": logprobs, "ERROR": error, "TEXT_LIMIT": limit,
-        "ENGINE_STATS": stats,
+        "ENGINE_STATS": stats, "SCORES": scored,
     }
 
 
@@ -138,7 +142,7 @@ def make_infer(engine: Engine, timeout_s: float = 600.0):
                 if not isinstance(g, str) and not g.wait(max(0.0, deadline - time.monotonic())):
                     engine.cancel(g)  # the slot must not stay taken by a result nobody will read
                     rows[i] = f"no result within {timeout_s:g} s"
-        return [_outputs(rows) for rows in pending]
+        return [_outputs(rows, engine.tokenizer) for rows in pending]
 
     return infer
 
@@ -166,6 +170,7 @@ def stream_tensors():
         Tensor(name="TEXT_LIMIT", dtype=np.int32, shape=(1,)),
         Tensor(name="ENGINE_STATS", dtype=np.float32, shape=(len(STATS),)),
         Tensor(name="CANCEL_KEY", dtype=bytes, shape=(1,)),  # how postprocessing names it to cancel it
+        Tensor(name="SCORES", dtype=bytes, shape=(1,)),  # the new positions' (the prompt's in the first response)
     ]
     return inputs, outputs
 
@@ -174,8 +179,10 @@ class _StreamState:
     """What one stream has sent; ``delta`` runs on the thread that calls the engine's listeners (the engine
     thread, or in the server the serving process's link thread), where the generation is consistent."""
 
-    def __init__(self, params, prompt_tokens: int, prefix: str, key: str, clock=time.monotonic):
+    def __init__(self, params, prompt_tokens: int, prefix: str, key: str, clock=time.monotonic, tokenizer=None):
         self.params, self.prompt_tokens, self.key, self.clock = params, prompt_tokens, key, clock
+        self.tokenizer = tokenizer
+        self.prompt_scored = False  # the prompt's scores go out once, with the first token (or the end)
         self.tokens = self.chars = 0
         self.cum = 0.0  # running sum of the sent tokens' log-probs (the listener runs once per token)
         self.prefix = prefix  # sent before the first text: the prompt, when exclude_input_in_output is false
@@ -196,6 +203,8 @@ class _StreamState:
         if not (done or text or new):
             return None
         first = self.tokens == 0 and bool(new)
+        scored = scores.scores(g, self.tokenizer, self.tokens, prompt=not self.prompt_scored)
+        self.prompt_scored = True
         self.tokens, self.chars = len(g.tokens), max(self.chars, end)
         self.cum += sum(logprobs)
         ttft, itl = request_timing(g)
@@ -203,13 +212,14 @@ class _StreamState:
                 "cum": self.cum, "done": done,
                 "reason": g.finish_reason or "", "error": g.error,
                 "ttft": ttft if first else -1.0, "itl": itl if done else -1.0,
-                "input_tokens": self.prompt_tokens if first else 0}
+                "input_tokens": self.prompt_tokens if first else 0, "scores": scored}
 
 
 def _merge(a: dict, b: dict) -> dict:
     """Coalesce two deltas of one stream (the client fell behind): one response instead of two."""
     return {**b, "text": a["text"] + b["text"], "ids": a["ids"] + b["ids"], "logprobs": a["logprobs"] + b["logprobs"],
-            "ttft": max(a["ttft"], b["ttft"]), "input_tokens": a["input_tokens"] + b["input_tokens"]}
+            "ttft": max(a["ttft"], b["ttft"]), "input_tokens": a["input_tokens"] + b["input_tokens"],
+            "scores": scores.merge(a["scores"], b["scores"])}
 
 
 def _stream_outputs(d: dict, state: _StreamState) -> dict:
@@ -228,6 +238,7 @@ def _stream_outputs(d: dict, state: _StreamState) -> dict:
         "TEXT_LIMIT": np.array([[-1]], np.int32),
         "ENGINE_STATS": np.array([stats_row(d["ttft"], d["itl"], d["input_tokens"], len(d["ids"]))], np.float32),
         "CANCEL_KEY": np.array([[state.key.encode()]], dtype=object),
+        "SCORES": np.array([[scores.encode(d["scores"])]], dtype=object),
     }
     return out
 
@@ -315,7 +326,8 @@ def make_stream_infer(engine: Engine, control=None, responses_per_s: float = 0.0
             prefix = b""
             if not params.exclude_input_in_output and "TEXT_INPUT" in request:
                 prefix = request["TEXT_INPUT"][0][0]
-            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key, clock)
+            state = _StreamState(params, len(ids), prefix.decode("utf-8", errors="replace"), key, clock,
+                                 engine.tokenizer)
 
             def listener(g):
                 if state.due_now(g) and (d := state.delta(g)) is not None:

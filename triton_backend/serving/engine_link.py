@@ -55,7 +55,7 @@ class EngineHost:
         self._outbox: queue.Queue = queue.Queue(maxsize=handover_steps)
         self._live: dict[int, Generation] = {}  # key -> generation, for cancellations
         self._changed: dict[int, Generation] = {}  # filled by listeners, emptied by ``_flush`` (engine thread)
-        self._sent: dict[int, int] = {}  # key -> tokens sent so far (engine thread)
+        self._sent: dict[int, tuple[int, int]] = {}  # key -> tokens, prompt log-probs sent so far (engine thread)
         self._last_load: dict | None = None
         engine.add_step_hook(self._flush)
         self._thread = threading.Thread(target=self._receive, name="engine-link", daemon=True)
@@ -129,14 +129,17 @@ class EngineHost:
         self._last_load = load
         updates = []
         for key, g in changed.items():
-            done, sent, n = g.done, self._sent.get(key, 0), len(g.tokens)
-            updates.append((key, g.tokens[sent:n], g.logprobs[sent:n], g.first_token_at, done, g.finish_reason,
-                            g.error, g.finished_at))
+            done, (sent, scored) = g.done, self._sent.get(key, (0, 0))
+            n, m = len(g.tokens), len(g.prompt_logprobs)
+            # What is new since the last update; the alternatives exist only when asked (else both lists are empty).
+            scores = (g.logprobs[sent:n], g.top[sent:n], g.prompt_logprobs[scored:m], g.prompt_top[scored:m])
+            updates.append((key, g.tokens[sent:n], scores, g.first_token_at, done, g.finish_reason, g.error,
+                            g.finished_at))
             if done:
                 self._sent.pop(key, None)
                 self._live.pop(key, None)
             else:
-                self._sent[key] = n
+                self._sent[key] = (n, m)
         self._send(("step", updates, load))
 
 
@@ -225,13 +228,17 @@ class RemoteEngine:
                 hook()
 
     def _apply(self, updates) -> None:
-        for key, tokens, logprobs, first_token_at, done, reason, error, finished_at in updates:
+        for key, tokens, (logprobs, top, prompt_logprobs, prompt_top), first_token_at, done, reason, error, \
+                finished_at in updates:
             with self._lock:
                 g = self._live.get(key)
             if g is None:
                 continue
             g.tokens += tokens
             g.logprobs += logprobs
+            g.top += top
+            g.prompt_logprobs += prompt_logprobs
+            g.prompt_top += prompt_top
             if g.tracker is not None:
                 for token in tokens:
                     g.tracker.add(token)

@@ -12,6 +12,7 @@ from triton_backend.serving.metrics import LoadGauges, Publisher
 INPUTS = [
     "OUTPUT_IDS", "OUTPUT_LENGTH", "OUTPUT_LOG_PROBS", "INPUT_IDS", "INPUT_LENGTH", "ERROR", "TEXT_INPUT",
     "EXCLUDE_INPUT_IN_OUTPUT", "RETURN_LOG_PROBS", "TEXT_LIMIT", "TEXT_DELTA", "LOG_PROBS_LENGTH", "ENGINE_STATS",
+    "SCORES",
 ]
 LOAD_EVERY_S = 0.5  # how often the running / waiting / KV-cache gauges are refreshed from rank 0
 
