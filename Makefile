@@ -11,7 +11,7 @@ export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_POR
        KV_CACHE_MB PREFIX_CACHING PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache bench-api soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -29,6 +29,10 @@ functional: setup demo-model
 bench: setup demo-model
 	$(PY) tools/bench.py
 	$(PY) tools/bench_cache.py
+	$(PY) tools/bench_api.py
+
+bench-api: setup demo-model
+	$(PY) tools/bench_api.py
 
 # The paged KV cache's figures alone (in-process, `long` preset): capacity, prefix caching, chunked prefill.
 bench-cache: setup

@@ -107,11 +107,12 @@ def engine_one(engine, tokenizer):
     return one
 
 
-def start_server(env, all_urls: bool = False):
-    """A server on free loopback ports; returns the process and the gRPC url (or gRPC, HTTP, metrics urls)."""
-    ports = free_ports(3)
+def start_server(env, all_urls: bool = False, api: bool = False):
+    """A server on free loopback ports; returns the process and the gRPC url (or gRPC, HTTP, metrics urls; with
+    ``api``, the HTTP API's url after them, once it answers)."""
+    ports = free_ports(4)
     env = {**os.environ, **env, "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1]),
-           "METRICS_PORT": str(ports[2]), "HOST": "127.0.0.1"}
+           "METRICS_PORT": str(ports[2]), "API_PORT": str(ports[3]), "HOST": "127.0.0.1"}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     log = SERVER_LOG.open("w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", env.get("TP", "1"), "-m",
@@ -121,8 +122,13 @@ def start_server(env, all_urls: bool = False):
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/ensemble/ready", timeout=2):
-                urls = [f"127.0.0.1:{port}" for port in (ports[1], ports[0], ports[2])]
-                return (proc, *urls) if all_urls else (proc, urls[0])
+                pass
+            if api:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[3]}/health", timeout=2):
+                    pass
+            urls = [f"127.0.0.1:{port}" for port in (ports[1], ports[0], ports[2])]
+            urls += [f"127.0.0.1:{ports[3]}"] if api else []
+            return (proc, *urls) if all_urls else (proc, urls[0])
         except OSError:
             if proc.poll() is not None:
                 break

@@ -55,7 +55,7 @@ def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env
         cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log,
-                    f"127.0.0.1:{api}" if environ.get("API", "1") == "1" else None)
+                    f"127.0.0.1:{api}" if (environ.get("API") or "1") == "1" else None)  # make exports it empty
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

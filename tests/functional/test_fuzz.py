@@ -114,6 +114,8 @@ def fuzzed_request(draw) -> Case:
         unknown = draw(st.sampled_from(["foo", "TEXT_INPUT", "INPUT_IDS", "max_token"]))
         request[unknown] = ("INT32", [batch, 1], 1)
         suspects.add(unknown)
+    if batch == 0:  # an empty batch: Triton refuses the byte size of whichever input it checks first
+        suspects |= set(request)
     return Case(request, suspects)
 
 

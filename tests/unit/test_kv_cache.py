@@ -46,17 +46,32 @@ def test_a_scattered_pool_is_gathered_instead_of_scanned():
     # the edge: a range of 2 x the blocks read + 64 is still scanned, one more block is not
     assert step(c, [1], [1], [[65]]).span == 66
     assert step(c, [1], [1], [[66]]).span == 0
+    # with two blocks read the slack is 2 x 2 + 64 blocks
+    assert step(c, [5], [1], [[0, 67]]).span == 68
+    assert step(c, [5], [1], [[0, 68]]).span == 0
 
 
-@pytest.mark.parametrize("bad", [
-    ([0, 2], [2], [[0]]),  # positions not consecutive
-    ([0, 1, 2, 3, 4], [5], [[0]]),  # table too short for position 4
-    ([0], [1], [[99]]),  # a block outside the pool
-    ([0, 1], [1], [[0]]),  # segments do not cover the tokens
+@pytest.mark.parametrize("bad, message", [
+    (([0, 2], [2], [[0]]), "a segment's tokens must be consecutive positions"),
+    (([0, 1, 2, 3, 4], [5], [[0]]), "a segment's block table does not hold its positions"),  # too short for 4
+    (([0], [1], [[99]]), "a segment's block table does not hold its positions"),  # a block outside the pool
+    (([0], [1], [[16]]), "a segment's block table does not hold its positions"),  # one past the last block
+    (([0], [1], [[-1]]), "a segment's block table does not hold its positions"),
+    (([0, 1], [1], [[0]]), "a step's segments do not cover its tokens"),
 ])
-def test_malformed_steps_are_refused(bad):
-    with pytest.raises(ValueError):
+def test_malformed_steps_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
         step(cache(), *bad)
+
+
+@pytest.mark.parametrize("lengths, tables, table_lengths", [
+    ([1], [0], [1, 0]),  # a block table more than segments
+    ([1], [0, 1], [1]),  # table entries beyond the tables' lengths
+    ([1, 0], [0], [1, 0]),  # an empty segment
+])
+def test_each_inconsistency_of_a_step_is_refused_on_its_own(lengths, tables, table_lengths):
+    with pytest.raises(ValueError, match="a step's segments do not cover its tokens"):
+        plan(cache(), torch.tensor([0]), lengths, tables, table_lengths)
 
 
 def reference(q, keys, values, ends, scale):

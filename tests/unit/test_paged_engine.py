@@ -36,19 +36,25 @@ SEEDED = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.8, top_k=30, se
 
 def test_sequences_preempted_for_blocks_resume_with_the_same_text(model):
     """16 blocks of 4 tokens hold one 64-token context: 8 sequences growing to 45-55 tokens must take turns.
-    Preempted ones give their blocks back and are read again later; their text does not change."""
+    Preempted ones give their blocks back and are read again later; their text does not change: it is what an
+    engine with blocks to spare gives (whose greedy text equals the uncached model's, checked on the first
+    prompt here and on every prompt in test_engine.py; the reference for all 8 would be 320 uncached forwards)."""
     greedy = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.0)] * 8
     ample = engine_on(model)
     try:
-        seeded_alone = [generate(ample, [p], [q])[0] for p, q in zip(PROMPTS, SEEDED)]
+        # all 8 at once: with blocks to spare nothing is preempted, while the tight engine's batch changes with
+        # every preemption (and packing changes no text: test_engine.py)
+        seeded_ample = generate(ample, PROMPTS, SEEDED)
+        greedy_ample = generate(ample, PROMPTS, greedy)
     finally:
         ample.stop()
+    assert greedy_ample[0] == greedy_uncached(model, PROMPTS[0], 40)
     tight = engine_on(model, num_blocks=16, block_size=4)
     try:
-        assert generate(tight, PROMPTS, greedy) == [greedy_uncached(model, p, 40) for p in PROMPTS]
+        assert generate(tight, PROMPTS, greedy) == greedy_ample
         assert tight.stats.preemptions > 0
         before = tight.stats.preemptions
-        assert generate(tight, PROMPTS, SEEDED) == seeded_alone
+        assert generate(tight, PROMPTS, SEEDED) == seeded_ample
         assert tight.stats.preemptions > before
         assert tight.blocks.in_use() == 0
     finally:
@@ -97,3 +103,57 @@ def test_prefix_caching_changes_no_text_and_skips_the_shared_blocks(model, extra
             assert stats["prefix_hit_tokens"] == 0
     assert results[True] == results[False]
     assert results[True][:3] == [greedy_uncached(model, p, 12) for p in prompts[:3]]
+
+
+def test_the_step_budget_is_shared_by_the_prompts_it_admits(model):
+    """PREFILL_TOKENS 8, prompts of 6, 4 and 10 tokens together: step 1 reads 6 + 2 (the second prompt's first
+    chunk), step 2 the second's last 2 and 6 of the third, step 3 the third's last 4; texts as alone."""
+    prompts = [PROMPTS[1][:6], PROMPTS[2][:4], (PROMPTS[5] * 2)[:10]]
+    params = [SamplingParams(max_tokens=3, end_id=-1, temperature=0.0)] * 3
+    engine = engine_on(model, prefill_tokens=8)
+    try:
+        assert generate(engine, prompts, params) == [greedy_uncached(model, p, 3) for p in prompts]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert (stats.prompt_chunks, stats.prefills, stats.peak_running) == (5, 3, 3)
+    assert stats.rows_decoded == 9 and stats.steps == 5  # every row's 3 tokens; the last one 2 steps after step 3
+
+
+def test_a_row_that_stops_does_not_hold_back_the_rows_after_it(model):
+    """The first row of a packed step ends on its end_id; the rows sampled after it in that step keep their
+    token (one that lost it would stall and be read again: the same text, but a preemption and more steps)."""
+    first, second = PROMPTS[0], PROMPTS[3]
+    stop_on = greedy_uncached(model, first, 3)[1]
+    engine = engine_on(model)
+    try:
+        with engine._wake:
+            a = engine.submit(first, SamplingParams(max_tokens=8, end_id=stop_on, temperature=0.0))
+            b = engine.submit(second, SamplingParams(max_tokens=8, end_id=-1, temperature=0.0))
+        assert a.wait(60) and b.wait(60)
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert (stats.steps, stats.preemptions) == (8, 0)
+    assert (a.tokens, a.finish_reason) == (greedy_uncached(model, first, 1), "stop")
+    assert b.tokens == greedy_uncached(model, second, 8) and b.finish_reason == "length"
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_the_slot_layout_baseline_reserves_a_whole_context(model, reserve):
+    """``reserve_context`` (the benchmark's slot-cache baseline) takes a whole context's blocks at admission;
+    the paged default takes what the prompt needs."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=4, block_size=4), VOCAB, EOS, reserve_context=reserve)
+    for prompt in PROMPTS[:2]:
+        engine.submit(prompt, SamplingParams(max_tokens=2, end_id=-1))
+    with engine._wake:
+        chunks = engine._schedule()
+    per_sequence = engine.blocks.blocks_for(engine.context) if reserve else None
+    expected = 2 * per_sequence if reserve else sum(engine.blocks.blocks_for(len(p)) for p in PROMPTS[:2])
+    assert len(chunks) == 2 and engine.blocks.in_use() == expected
+    assert engine.blocks.prefix_caching  # on unless asked off (PREFIX_CACHING=0)
+
+
+def test_an_engine_refuses_a_cache_that_cannot_hold_one_context(model):
+    with pytest.raises(ValueError, match=r"a KV cache of 3 blocks cannot hold one 64-token sequence"):
+        Engine(CachedGPT(model, ARCH, max_slots=1, num_blocks=3, block_size=4), VOCAB, EOS)

@@ -1,0 +1,122 @@
+"""The HTTP API's cost against Triton's own protocol, in one run on one server (``make bench-api``).
+
+    .venv/bin/python tools/bench_api.py [--concurrency 16] [--requests-per-client 8] [--max-tokens 64] [--rounds 2]
+
+1. Streaming: the same seeded requests through ``/v1/completions`` (SSE, the ``openai`` package) and through
+   ``ensemble_stream`` over gRPC (tritonclient), ``--rounds`` rounds alternating: output tokens/s and time to
+   first token p50 of each, the tokens/s ratio and the TTFT added (issue 15's targets: >= 0.9x, <= 5 ms).
+2. Scoring: a 200-token prompt through ``PUT /api`` with ``tokens_to_generate: 0`` (prompt log-probs, no
+   generation) against generating one token for it, sequentially, alternating: latency p50 of each and the
+   ratio (target: scoring costs no more than one generated token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.bench import PROMPTS, percentile, served_one, start_server  # noqa: E402
+
+
+def api_one(url):
+    import openai
+
+    local = threading.local()
+
+    def one(prompt, params):
+        if not hasattr(local, "client"):
+            local.client = openai.OpenAI(base_url=f"http://{url}/v1", api_key="unused", max_retries=0)
+        start = time.perf_counter()
+        first = last = None
+        tokens = 0
+        stream = local.client.completions.create(
+            model="megatron-gpt", prompt=prompt, max_tokens=params["max_tokens"], temperature=params["temperature"],
+            seed=params["seed"], stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].text:
+                first = first or now
+                last = now
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return {"tokens": tokens, "ttft": first - start, "itl": (last - first) / (tokens - 1) if tokens > 1 else None}
+
+    return one
+
+
+def run(jobs, one):
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        records = [r for rs in pool.map(lambda js: [one(p, kw) for p, kw in js], jobs) for r in rs]
+    wall = time.perf_counter() - started
+    return sum(r["tokens"] for r in records) / wall, percentile([r["ttft"] for r in records], 50)
+
+
+def scoring(api_url: str, reps: int) -> dict:
+    """200-token prompt: tokens_to_generate 0 with logprobs against 1 generated token without."""
+    words = " ".join(PROMPTS * 40)
+    tokens = requests.post(f"http://{api_url}/tokenize", json={"prompt": words}, timeout=60).json()["tokens"][:200]
+    prompt = requests.post(f"http://{api_url}/detokenize", json={"tokens": tokens}, timeout=60).json()["prompt"]
+    bodies = {"score (tokens_to_generate 0, logprobs)": {"prompts": [prompt], "tokens_to_generate": 0,
+                                                         "logprobs": True},
+              "generate 1 token": {"prompts": [prompt], "tokens_to_generate": 1, "top_k": 1}}
+    times = {name: [] for name in bodies}
+    for _ in range(reps):
+        for name, body in bodies.items():
+            started = time.perf_counter()
+            reply = requests.put(f"http://{api_url}/api", json=body, timeout=120)
+            reply.raise_for_status()
+            times[name].append(time.perf_counter() - started)
+    return {name: round(1000 * statistics.median(t), 1) for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scoring-reps", type=int, default=20)
+    a = parser.parse_args()
+    proc, grpc_url, _, _, api_url = start_server({"DEVICE": os.environ.get("DEVICE", "cpu")}, all_urls=True, api=True)
+    try:
+        jobs = [[(PROMPTS[(c + i) % len(PROMPTS)], dict(max_tokens=a.max_tokens, temperature=0.8, seed=c * 1000 + i,
+                                                         end_id=-1)) for i in range(a.requests_per_client)]
+                for c in range(a.concurrency)]
+        run(jobs[:2], served_one(grpc_url))  # warm up both paths
+        run(jobs[:2], api_one(api_url))
+        results = {"ensemble_stream (gRPC)": [], "/v1/completions (SSE)": []}
+        for _ in range(a.rounds):
+            results["ensemble_stream (gRPC)"].append(run(jobs, served_one(grpc_url)))
+            results["/v1/completions (SSE)"].append(run(jobs, api_one(api_url)))
+        print(f"streaming, concurrency {a.concurrency}, {a.max_tokens} tokens each, {a.rounds} rounds alternating:")
+        for name, rounds in results.items():
+            for i, (tps, ttft) in enumerate(rounds):
+                print(f"  {name:24s} round {i + 1}: {tps:8.1f} tokens/s, TTFT p50 {1000 * ttft:6.1f} ms")
+        for i in range(a.rounds):
+            (g_tps, g_ttft), (o_tps, o_ttft) = results["ensemble_stream (gRPC)"][i], results["/v1/completions (SSE)"][i]
+            print(f"  round {i + 1}: API / ensemble_stream tokens/s = {o_tps / g_tps:.2f}x, "
+                  f"TTFT added {1000 * (o_ttft - g_ttft):+.1f} ms")
+        scored = scoring(api_url, a.scoring_reps)
+        print(f"scoring a 200-token prompt, p50 of {a.scoring_reps}: {json.dumps(scored)}")
+        values = list(scored.values())
+        print(f"  score / generate-one-token = {values[0] / values[1]:.2f}x")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
