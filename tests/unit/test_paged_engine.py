@@ -157,3 +157,38 @@ def test_the_slot_layout_baseline_reserves_a_whole_context(model, reserve):
 def test_an_engine_refuses_a_cache_that_cannot_hold_one_context(model):
     with pytest.raises(ValueError, match=r"a KV cache of 3 blocks cannot hold one 64-token sequence"):
         Engine(CachedGPT(model, ARCH, max_slots=1, num_blocks=3, block_size=4), VOCAB, EOS)
+
+
+def test_a_preempted_request_counts_as_waiting_and_can_be_cancelled(model):
+    """Under block pressure: while sequences are preempted, the load report counts them as waiting (every
+    unfinished request is running or waiting), and one cancelled while preempted ends as cancelled, its blocks
+    free, the others unaffected."""
+    greedy = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.0)] * 8
+    ample = engine_on(model)
+    try:
+        expected = generate(ample, PROMPTS, greedy)
+    finally:
+        ample.stop()
+    engine = engine_on(model, num_blocks=16, block_size=4)
+    seen, victim = [], []
+
+    def listener(g):  # on the engine thread, between steps' bookkeeping
+        if engine._preempted and not victim:
+            victim.append(engine._preempted[-1].generation)
+            engine.cancel(victim[0])
+        load = engine.load()
+        seen.append((load["running"] + load["waiting"], sum(not x.done for x in gens), len(engine._preempted)))
+
+    try:
+        with engine._wake:
+            gens = [engine.submit(p, q, listener=listener) for p, q in zip(PROMPTS, greedy)]
+        assert all(g.wait(120) for g in gens)
+        assert engine.blocks.in_use() == 0 and engine.load()["waiting"] == 0
+    finally:
+        engine.stop()
+    assert victim and victim[0].finish_reason == "cancelled" and victim[0].error is None
+    assert any(preempted for _, _, preempted in seen)
+    assert all(counted == unfinished for counted, unfinished, _ in seen)
+    for g, tokens in zip(gens, expected):
+        if g is not victim[0]:
+            assert g.tokens == tokens and g.error is None
