@@ -16,10 +16,11 @@ from preprocessing.tokenizer import Tokenizer
 from . import megatron_routes, openai_routes, tokenizer_routes
 from .chat_template import ChatTemplate
 from .errors import ApiError, field_of
+from .metrics import ApiMetrics
 from .settings import Settings
 from .triton import TritonLink
 
-OPEN_PATHS = {"/health", "/docs", "/openapi.json"}  # the rest needs the key when API_KEY is set
+OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json"}  # the rest needs the key when API_KEY is set
 
 
 def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:
@@ -33,6 +34,7 @@ def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:
     app.state.settings, app.state.started = settings, int(time.time())
     app.state.tokenizer = Tokenizer(settings.tokenizer)
     app.state.template = ChatTemplate(settings.chat_template)
+    metrics = ApiMetrics()
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
@@ -42,6 +44,12 @@ def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:
                 return _shaped(request, ApiError(401, "a valid API key is required: Authorization: Bearer <key>",
                                                  code="invalid_api_key"))
         return await call_next(request)
+
+    app.middleware("http")(metrics.middleware)  # added last, so it runs first and sees the key's 401s too
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return metrics.render()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):

@@ -24,9 +24,7 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
     _check_common(body, state)
-    if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], str):
-        raise ApiError(400, "token-id prompts are not supported yet: send the prompt as text", "prompt")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    prompts = _texts(body.prompt, state.tokenizer)
     scoring = body.echo and body.logprobs is not None  # the prompt's own log-probs: how harnesses score text
     if body.max_tokens == 0 and not scoring:
         raise ApiError(400, "max_tokens may be 0 only with echo and logprobs (scoring the prompt)", "max_tokens")
@@ -67,6 +65,33 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.logprobs:
         params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
     return await _respond(state.link, [prompt], params, body, shape, fields)
+
+
+def _texts(prompt, tokenizer) -> list[str]:
+    """The prompts as text. Token ids (one list, or a list of lists) are taken when they are exactly what the
+    server's tokenizer makes of their text, since the ensembles take text: ids that encode differently (a
+    split no tokenizer run would give) would silently become another prompt."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "'prompt' must not be an empty list", "prompt")
+    if isinstance(prompt[0], str):
+        return list(prompt)
+    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    if not 1 <= len(lists) <= 128:
+        raise ApiError(400, "'prompt': 1 to 128 token-id lists", "prompt")
+    texts = []
+    for ids in lists:
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        if not ids or bad is not None:
+            raise ApiError(400, f"'prompt': token ids must be non-empty lists of ids in [0, {tokenizer.vocab_size})"
+                                f"{'' if bad is None else f', got {bad}'}", "prompt")
+        text = tokenizer.decode(ids)
+        if tokenizer.encode(text) != list(ids):
+            raise ApiError(400, "'prompt': these token ids are not how this server's tokenizer writes their text "
+                                "(send the text, or ids from /tokenize)", "prompt")
+        texts.append(text)
+    return texts
 
 
 def _check_common(body, state) -> None:

@@ -62,6 +62,23 @@ def test_sampling_fields_reach_the_ensemble(api, ensemble):
     assert expected[0] != expected[1]
 
 
+def test_token_id_prompts_are_the_texts_they_encode(api, server):
+    ids = requests.post(f"http://{server.api}/tokenize", json={"prompt": PROMPT}, timeout=30).json()["tokens"]
+    as_text = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    as_ids = api.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    both = api.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert as_ids.choices[0].text == as_text.choices[0].text == both.choices[1].text
+    assert as_ids.usage.prompt_tokens == len(ids)
+    pieces = requests.post(f"http://{server.api}/tokenize", json={"prompt": "ab"}, timeout=30).json()["tokens"]
+    split = [i for piece in ("a", "b") for i in requests.post(
+        f"http://{server.api}/tokenize", json={"prompt": piece}, timeout=30).json()["tokens"]]
+    if split != pieces:  # ids no tokenizer run gives for their text are refused, not silently re-tokenized
+        with pytest.raises(openai.BadRequestError, match="tokenizer"):
+            api.completions.create(model=MODEL, prompt=split, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        api.completions.create(model=MODEL, prompt=[10**7], max_tokens=2)
+
+
 def test_echo_returns_the_prompt_first(api, ensemble):
     r = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True)
     assert r.choices[0].text == PROMPT + ensemble.generate(PROMPT, max_tokens=6, temperature=0.0).text
@@ -127,6 +144,8 @@ def test_concurrent_async_requests_each_get_their_own_text(server, api):
     ({"no_such_field": 1}, 400, "no_such_field"),
     ({"stop": ["x"] * 65}, 400, "stop"),
     ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [[]]}, 400, "prompt"),
     ({"n": 0}, 400, "n"),
     ({"model": "gpt-4"}, 404, "model"),
 ])
@@ -379,3 +398,21 @@ def test_megatron_scores_with_tokens_to_generate_0(server):
     assert "".join(generated["segments"][0]) == generated["text"][0]
     assert len(generated["logprobs"][0]) == len(generated["segments"][0]) - 1
     assert generated["logprobs"][0][:len(expected)] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_api_counts_its_requests_on_its_own_metrics(server):
+    def count(route: str, status: str) -> float:
+        text = requests.get(f"http://{server.api}/metrics", timeout=30).text
+        line = f'api_requests_total{{route="{route}",status="{status}"}} '
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    ok, bad, megatron_bad = count("/v1/completions", "200"), count("/v1/completions", "400"), count("/api", "400")
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    for _ in range(3):
+        assert requests.post(f"http://{server.api}/v1/completions", json=body, timeout=60).status_code == 200
+    assert requests.post(f"http://{server.api}/v1/completions", json={**body, "n": 0}, timeout=60).status_code == 400
+    assert megatron(server, {"prompts": []}).status_code == 400
+    assert (count("/v1/completions", "200"), count("/v1/completions", "400"), count("/api", "400")) == \
+        (ok + 3, bad + 1, megatron_bad + 1)
+    text = requests.get(f"http://{server.api}/metrics", timeout=30).text
+    assert 'api_request_seconds_bucket{le="0.005",route="/v1/completions"}' in text
