@@ -4,9 +4,6 @@ metrics and the ``llm_*`` gauges already count)."""
 
 from __future__ import annotations
 
-import time
-
-from fastapi import Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -23,15 +20,13 @@ class ApiMetrics:
                                  registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
-    async def middleware(self, request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        """A response started (``app.Gate``); routes are counted by name, anything else as "other"."""
+        if path == "/metrics":
+            return
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        if route != "/metrics":
-            self.requests.labels(route, str(response.status_code)).inc()
-            self.latency.labels(route).observe(time.perf_counter() - started)
-        return response
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
