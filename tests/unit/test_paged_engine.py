@@ -170,9 +170,12 @@ def test_a_preempted_request_counts_as_waiting_and_can_be_cancelled(model):
     finally:
         ample.stop()
     engine = engine_on(model, num_blocks=16, block_size=4)
-    seen, victim = [], []
+    seen, victim, first_preemption = [], [], []
 
     def listener(g):  # on the engine thread, between steps' bookkeeping
+        if engine._preempted and not first_preemption:  # who stepped back, and who still runs
+            first_preemption.append(([r.generation for r in engine._preempted],
+                                      [r.generation for r in engine._running]))
         if engine._preempted and not victim:
             victim.append(engine._preempted[-1].generation)
             engine.cancel(victim[0])
@@ -187,6 +190,10 @@ def test_a_preempted_request_counts_as_waiting_and_can_be_cancelled(model):
     finally:
         engine.stop()
     assert victim and victim[0].finish_reason == "cancelled" and victim[0].error is None
+    # the newest sequences step back: each preempted one was admitted after every one still running
+    # (admission follows submission here, the first preemption coming before any resume)
+    preempted, running = first_preemption[0]
+    assert min(gens.index(g) for g in preempted) > max(gens.index(g) for g in running)
     assert any(preempted for _, _, preempted in seen)
     assert all(counted == unfinished for counted, unfinished, _ in seen)
     for g, tokens in zip(gens, expected):
