@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import numpy as np
 import tritonclient.grpc.aio as tc
 
+from client.generate import OUTPUTS as PLAIN_OUTPUTS
 from client.generate import request_inputs
 
-OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
-           "output_log_probs", "output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs",
+OUTPUTS = [*PLAIN_OUTPUTS, "output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs",
            "output_top_tokens", "prompt_top_log_probs", "prompt_top_tokens"]
 _FIELD = re.compile(r"invalid input '(\w+)'")
 

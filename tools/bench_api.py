@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.bench import PROMPTS, percentile, served_one, start_server  # noqa: E402
+from tools.bench import PROMPTS, percentile, run_clients, served_one, start_server, workload  # noqa: E402
 
 
 def api_one(url):
@@ -61,10 +60,8 @@ def api_one(url):
 
 
 def run(jobs, one):
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        records = [r for rs in pool.map(lambda js: [one(p, kw) for p, kw in js], jobs) for r in rs]
-    wall = time.perf_counter() - started
+    """Output tokens/s and time to first token p50 of ``jobs`` (``tools/bench.py``'s clients)."""
+    records, wall = run_clients(jobs, one)
     return sum(r["tokens"] for r in records) / wall, percentile([r["ttft"] for r in records], 50)
 
 
@@ -97,9 +94,7 @@ def main() -> int:
     a = parser.parse_args()
     proc, grpc_url, _, _, api_url = start_server({"DEVICE": os.environ.get("DEVICE", "cpu")}, all_urls=True, api=True)
     try:
-        jobs = [[(PROMPTS[(c + i) % len(PROMPTS)], dict(max_tokens=a.max_tokens, temperature=0.8, seed=c * 1000 + i,
-                                                         end_id=-1)) for i in range(a.requests_per_client)]
-                for c in range(a.concurrency)]
+        jobs = workload(a.concurrency, a.requests_per_client, a.max_tokens)
         run(jobs[:2], served_one(grpc_url))  # warm up both paths
         run(jobs[:2], api_one(api_url))
         results = {"ensemble_stream (gRPC)": [], "/v1/completions (SSE)": []}

@@ -72,9 +72,9 @@ def test_token_id_prompts_are_the_texts_they_encode(api, server):
     pieces = requests.post(f"http://{server.api}/tokenize", json={"prompt": "ab"}, timeout=30).json()["tokens"]
     split = [i for piece in ("a", "b") for i in requests.post(
         f"http://{server.api}/tokenize", json={"prompt": piece}, timeout=30).json()["tokens"]]
-    if split != pieces:  # ids no tokenizer run gives for their text are refused, not silently re-tokenized
-        with pytest.raises(openai.BadRequestError, match="tokenizer"):
-            api.completions.create(model=MODEL, prompt=split, max_tokens=2)
+    assert split != pieces, "the demo tokenizer should write 'ab' as one piece for this test to mean anything"
+    with pytest.raises(openai.BadRequestError, match="tokenizer"):  # refused, not silently re-tokenized
+        api.completions.create(model=MODEL, prompt=split, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="token ids"):
         api.completions.create(model=MODEL, prompt=[10**7], max_tokens=2)
 

@@ -456,9 +456,11 @@ class Engine:
             if not rows:
                 return
         asking = [i for i, r in enumerate(rows) if r.generation.params.top_log_probs]
-        counts = [rows[i].generation.params.top_log_probs for i in asking]
-        found = alternatives(model_log_probs(logits[asking], self.vocab_size), counts)
-        tops = {id(rows[i]): top for i, top in zip(asking, found)}
+        tops = {}
+        if asking:  # no tensor work on the steps where no row asks (the common case)
+            counts = [rows[i].generation.params.top_log_probs for i in asking]
+            found = alternatives(model_log_probs(logits[asking], self.vocab_size), counts)
+            tops = {id(rows[i]): top for i, top in zip(asking, found)}
         try:
             tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
         except Exception:  # one request's parameters broke sampling: that request alone must fail

@@ -59,8 +59,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     ``logits`` is float32 [rows, padded_vocab]; ids at or above ``vocab_size`` (Megatron's vocabulary padding)
     are never chosen.
     """
-    logits = logits.clone()
-    logits[:, vocab_size:] = NEG_INF
+    logits = _without_padding(logits, vocab_size)
     model_logprobs = torch.log_softmax(logits, dim=1)
     _apply_penalties(logits, rows)
     for i, row in enumerate(rows):
@@ -88,9 +87,14 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
 def model_log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The model's own log-probabilities over the real vocabulary (before temperature, penalties and
     truncation), as ``sample`` reports them; Megatron's padding ids get -inf."""
+    return torch.log_softmax(_without_padding(logits, vocab_size), dim=1)
+
+
+def _without_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A copy of ``logits`` whose ids at or above ``vocab_size`` (Megatron's vocabulary padding) are -inf."""
     logits = logits.clone()
     logits[:, vocab_size:] = NEG_INF
-    return torch.log_softmax(logits, dim=1)
+    return logits
 
 
 def alternatives(log_probs: torch.Tensor, counts: list[int]) -> list[tuple[list[int], list[float]]]:
