@@ -17,8 +17,6 @@ from .triton import TritonError
 
 router = APIRouter()
 MAX_PROMPTS = 128
-# Fields this server cannot honour yet: refused by name when set to anything but their neutral value.
-NOT_YET = {"add_BOS": False, "prevent_newline_after_colon": False, "top_p_decay": 0.0, "top_p_bound": 0.0}
 
 
 class MegatronError(ApiError):
@@ -87,8 +85,9 @@ def parse(body) -> tuple[list[str], dict]:
         raise MegatronError("top_p must be a positive float less than or equal to 1.0")
     if top_p > 0.0 and top_k > 0:
         raise MegatronError("cannot set both top-k and top-p samplings.")
+    decay = {}
     for name in ("top_p_decay", "top_p_bound"):
-        value = body.get(name, 0.0)
+        value = decay[name] = body.get(name, 0.0)
         if not isinstance(value, float) or not 0.0 <= value <= 1.0:
             raise MegatronError(f"{name} must be a positive float less than or equal to 1.0")
         if value and top_p == 0.0:
@@ -97,22 +96,22 @@ def parse(body) -> tuple[list[str], dict]:
     if any(not p for p in prompts) and not add_bos:
         raise MegatronError("Empty prompts require add_BOS=true")
     stop_on_double_eol, stop_on_eol = _flag(body, "stop_on_double_eol"), _flag(body, "stop_on_eol")
-    _flag(body, "prevent_newline_after_colon")
+    no_newline_after_colon = _flag(body, "prevent_newline_after_colon")
     seed = body.get("random_seed", -1)
     if not _is_int(seed):
         raise MegatronError("random_seed must be integer")
     if seed < -1 or seed >= 2**64:
         raise MegatronError("random_seed must be a positive integer")
     _flag(body, "no_log")
-    for name, neutral in NOT_YET.items():
-        if body.get(name, neutral) != neutral:
-            raise MegatronError(f"{name} is not supported by this server yet")
     stop = "\n\n" if stop_on_double_eol else "\n" if stop_on_eol else None
     # Log-probs are always asked for the generated tokens: their texts make the response's segments.
     params = {"max_tokens": tokens, "temperature": float(temperature), "top_k": top_k,
               "return_log_probs": True, "return_prompt_log_probs": logprobs,
               "top_p": top_p if top_p > 0.0 else None, "seed": None if seed == -1 else seed,
-              "exclude_input_in_output": False,
+              "top_p_decay": decay["top_p_decay"] or None, "top_p_bound": decay["top_p_bound"] or None,
+              "add_bos": add_bos or None, "exclude_input_in_output": False,
+              # Megatron bans the newline token right after the colon token: a two-token bad word
+              "bad_words": [":\n"] if no_newline_after_colon else None,
               # Megatron: with a stop on newlines, the end-of-document token no longer ends a generation
               "stop_words": [stop] if stop else None, "end_id": -1 if stop else None}
     return prompts, params
@@ -134,12 +133,18 @@ async def generate(request: Request):
     # Megatron keeps the newline that stopped a generation; the ensemble leaves a stop word out.
     texts = [out.text + (stop if stop and out.finish_reason == "stop" else "") for out in outputs]
     tokenizer = request.app.state.tokenizer
-    segments = [(out.prompt_texts or _pieces(tokenizer, prompt)) + out.tokens for prompt, out in zip(prompts, outputs)]
+    bos = [tokenizer.eos_id] if add_bos(params) else []
+    prompt_ids = [out.prompt_ids or bos + tokenizer.encode(prompt) for prompt, out in zip(prompts, outputs)]
+    segments = [(out.prompt_texts or _pieces(tokenizer, ids)) + out.tokens for ids, out in zip(prompt_ids, outputs)]
     logprobs = [out.prompt_log_probs + out.log_probs for out in outputs] if params["return_prompt_log_probs"] else None
-    return JSONResponse({"text": texts, "segments": segments, "logprobs": logprobs, "tokens": None})
+    tokens = [ids + out.token_ids for ids, out in zip(prompt_ids, outputs)]
+    return JSONResponse({"text": texts, "segments": segments, "logprobs": logprobs, "tokens": tokens})
 
 
-def _pieces(tokenizer, text: str) -> list[str]:
-    """The text of each token of ``text`` as the model reads it (what the ensemble returns as prompt_tokens)."""
-    ids = tokenizer.encode(text)
+def add_bos(params: dict) -> bool:
+    return bool(params["add_bos"])
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each prompt token as the model reads it (what the ensemble returns as prompt_tokens)."""
     return [tokenizer.decode_continuation(ids[:i], [ids[i]]) for i in range(len(ids))]

@@ -13,7 +13,7 @@ from client.generate import OUTPUTS as PLAIN_OUTPUTS
 from client.generate import request_inputs
 
 OUTPUTS = [*PLAIN_OUTPUTS, "output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs",
-           "output_top_tokens", "prompt_top_log_probs", "prompt_top_tokens"]
+           "output_top_tokens", "prompt_top_log_probs", "prompt_top_tokens", "output_token_ids", "prompt_token_ids"]
 _FIELD = re.compile(r"invalid input '(\w+)'")
 
 
@@ -33,6 +33,8 @@ class Output:
     prompt_log_probs: list[float] = dataclasses.field(default_factory=list)
     top: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
     prompt_top: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # the generated tokens' ids, when scored
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt's, with prompt log-probs
 
 
 class TritonError(RuntimeError):
@@ -113,6 +115,10 @@ def _output(value) -> Output:
         found = value(name)
         return [] if found is None else [t.decode("utf-8") for t in found[0]]
 
+    def ids(name: str) -> list[int]:
+        found = value(name)
+        return [] if found is None else [int(i) for i in found[0] if i >= 0]  # -1 pads rows of a batch
+
     def alternatives(prefix: str) -> list[list[tuple[str, float]]]:
         values, names = value(f"{prefix}_top_log_probs"), value(f"{prefix}_top_tokens")
         if values is None or names is None:
@@ -130,4 +136,6 @@ def _output(value) -> Output:
         prompt_log_probs=floats("prompt_log_probs"),
         top=alternatives("output"),
         prompt_top=alternatives("prompt"),
+        token_ids=ids("output_token_ids"),
+        prompt_ids=ids("prompt_token_ids"),
     )

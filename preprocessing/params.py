@@ -48,6 +48,9 @@ SCALARS: dict[str, Scalar] = {
     "exclude_input_in_output": Scalar("TYPE_BOOL", np.bool_),
     "return_prompt_log_probs": Scalar("TYPE_BOOL", np.bool_),
     "top_log_probs": Scalar("TYPE_INT32", np.int32),
+    "top_p_decay": Scalar("TYPE_FP32", np.float32),
+    "top_p_bound": Scalar("TYPE_FP32", np.float32),
+    "add_bos": Scalar("TYPE_BOOL", np.bool_),
 }
 
 MAX_SEED = 2**64 - 1
@@ -78,6 +81,16 @@ class SamplingParams:
     # Scoring and alternatives (DESIGN.md "Scoring and alternatives")
     return_prompt_log_probs: bool = False  # the log-prob of every prompt token after the first
     top_log_probs: int = 0  # the most likely tokens and their log-probs at every position returned
+    # Megatron's: after each generated token top_p becomes max(top_p * top_p_decay, top_p_bound) (0: off)
+    top_p_decay: float = 0.0
+    top_p_bound: float = 0.0
+    add_bos: bool = False  # the tokenizer's end-of-document token before the prompt (Megatron's add_BOS)
+
+    def top_p_at(self, generated: int) -> float:
+        """The top_p that the token after ``generated`` generated tokens is drawn with."""
+        if not self.top_p_decay:
+            return self.top_p
+        return max(self.top_p * self.top_p_decay ** generated, self.top_p_bound)
 
     @property
     def greedy(self) -> bool:
@@ -85,7 +98,8 @@ class SamplingParams:
 
     def check(self, vocab_size: int, prompt_tokens: int, context: int) -> None:
         """Raise ``InvalidRequest`` naming the first field that breaks its rule (docs/triton.md's tensor table)."""
-        finite = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        finite = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "top_p_decay",
+                  "top_p_bound")
         for name in finite:
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -114,6 +128,9 @@ class SamplingParams:
             raise InvalidRequest("top_k", self.top_k, f"must be between 0 (off) and the vocabulary size {vocab_size}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest("top_p", self.top_p, "must be in (0, 1]")
+        for name in ("top_p_decay", "top_p_bound"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InvalidRequest(name, getattr(self, name), "must be between 0 (off) and 1")
         if self.repetition_penalty <= 0:
             raise InvalidRequest("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

@@ -82,7 +82,12 @@ class Preprocessor:
             prompt = self.tokenizer.encode(_text(raw, "text_input"))
             row_values = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
             row_values |= {name: values[name][row] for name in WORD_LISTS if values.get(name) is not None}
-            from_tensors(row_values).check(self.tokenizer.vocab_size, len(prompt), self.context)
+            params = from_tensors(row_values)
+            if params.add_bos:
+                if self.tokenizer.eos_id < 0:
+                    raise InvalidRequest("add_bos", True, "this tokenizer has no end-of-document token to add")
+                prompt = [self.tokenizer.eos_id, *prompt]
+            params.check(self.tokenizer.vocab_size, len(prompt), self.context)
             ids[row, : len(prompt)] = prompt
             lengths[row, 0] = len(prompt)
         return {"INPUT_IDS": ids, "INPUT_LENGTH": lengths}
@@ -165,6 +170,7 @@ def score_tensors(scores, rows: int) -> dict[str, np.ndarray]:
     output_top, output_top_texts = nested("output_top")
     prompt_top, prompt_top_texts = nested("prompt_top")
     return {"OUTPUT_TOKENS": flat("output_tokens", object, b""), "PROMPT_TOKENS": flat("prompt_tokens", object, b""),
+            "OUTPUT_TOKEN_IDS": flat("output_ids", np.int32, -1), "PROMPT_TOKEN_IDS": flat("prompt_ids", np.int32, -1),
             "PROMPT_LOG_PROBS": flat("prompt_log_probs", np.float32, 0.0),
             "OUTPUT_TOP_LOG_PROBS": output_top, "OUTPUT_TOP_TOKENS": output_top_texts,
             "PROMPT_TOP_LOG_PROBS": prompt_top, "PROMPT_TOP_TOKENS": prompt_top_texts}

@@ -28,7 +28,8 @@ OUTPUTS = [("text_output", "TYPE_STRING", 1), ("finish_reason", "TYPE_STRING", 1
 SCORE_OUTPUTS = [("output_tokens", "TYPE_STRING", -1), ("prompt_tokens", "TYPE_STRING", -1),
                  ("prompt_log_probs", "TYPE_FP32", -1), ("output_top_log_probs", "TYPE_FP32", "-1, -1"),
                  ("output_top_tokens", "TYPE_STRING", "-1, -1"), ("prompt_top_log_probs", "TYPE_FP32", "-1, -1"),
-                 ("prompt_top_tokens", "TYPE_STRING", "-1, -1")]
+                 ("prompt_top_tokens", "TYPE_STRING", "-1, -1"), ("output_token_ids", "TYPE_INT32", -1),
+                 ("prompt_token_ids", "TYPE_INT32", -1)]
 
 
 def tensor(name: str, dtype: str, dims: int | str, optional: bool = False) -> str:

@@ -189,6 +189,35 @@ def test_megatron_stop_on_eol_keeps_the_newline_as_megatron_does(server):
     assert stopped.json()["text"] == [text[:cut]]
 
 
+def test_megatron_returns_the_token_ids_of_prompt_and_generation(server):
+    reply = megatron(server, {"prompts": [PROMPT, "A class"], "tokens_to_generate": 6, "top_k": 1}).json()
+    for prompt, text, tokens in zip([PROMPT, "A class"], reply["text"], reply["tokens"]):
+        ids = requests.post(f"http://{server.api}/tokenize", json={"prompt": prompt}, timeout=30).json()["tokens"]
+        assert tokens[:len(ids)] == ids and len(tokens) == len(ids) + 6
+        assert requests.post(f"http://{server.api}/detokenize", json={"tokens": tokens}, timeout=30).json() == \
+            {"prompt": text}
+
+
+def test_megatron_add_bos_prevent_newline_after_colon_and_top_p_decay(server, ensemble):
+    eos = 2  # the demo tokenizer's end-of-document id
+    colon, newline = requests.post(f"http://{server.api}/tokenize", json={"prompt": ":\n"}, timeout=30).json()["tokens"]
+    plain = megatron(server, {"prompts": ["Note:"], "tokens_to_generate": 6, "top_k": 1}).json()
+    assert plain["text"][0].startswith("Note:\n"), "the demo model should follow 'Note:' with a newline"
+    body = {"prompts": ["Note:", ""], "tokens_to_generate": 6, "top_k": 1, "add_BOS": True,
+            "prevent_newline_after_colon": True}
+    reply = megatron(server, body).json()
+    for tokens in reply["tokens"]:
+        assert tokens[0] == eos
+        assert all((a, b) != (colon, newline) for a, b in zip(tokens, tokens[1:])), tokens
+    expected = [ensemble.generate(p, max_tokens=6, top_k=1, add_bos=True, bad_words=[":\n"]).text
+                for p in ("Note:", "")]
+    assert reply["text"] == ["Note:" + expected[0], expected[1]]
+    decayed = {"prompts": [PROMPT], "tokens_to_generate": 8, "top_p": 0.9, "top_p_decay": 0.5, "top_p_bound": 0.2,
+               "random_seed": 3}
+    same = ensemble.generate(PROMPT, max_tokens=8, top_p=0.9, top_p_decay=0.5, top_p_bound=0.2, seed=3).text
+    assert megatron(server, decayed).json()["text"] == [PROMPT + same]
+
+
 @pytest.mark.parametrize("body, message", [
     ({}, "prompts argument required"),
     ({"prompts": "one"}, "prompts is not a list of strings"),

@@ -51,7 +51,8 @@ def test_ensemble_outputs_use_tensorrtllm_names(name):
     dims = {t.name: list(t.dims) for t in config(name).output[6:]}
     assert dims == {"output_tokens": [-1], "prompt_tokens": [-1], "prompt_log_probs": [-1],
                     "output_top_log_probs": [-1, -1], "output_top_tokens": [-1, -1],
-                    "prompt_top_log_probs": [-1, -1], "prompt_top_tokens": [-1, -1]}
+                    "prompt_top_log_probs": [-1, -1], "prompt_top_tokens": [-1, -1], "output_token_ids": [-1],
+                    "prompt_token_ids": [-1]}
 
 
 @pytest.mark.parametrize("name", ENSEMBLES)

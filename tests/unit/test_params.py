@@ -33,6 +33,9 @@ def test_defaults_pass():
         ("top_p", math.inf, "finite"),
         ("repetition_penalty", 0.0, "> 0"),
         ("presence_penalty", math.nan, "finite"),
+        ("top_p_decay", 1.5, "between 0 (off) and 1"),
+        ("top_p_bound", -0.1, "between 0 (off) and 1"),
+        ("top_p_bound", math.nan, "finite"),
     ],
 )
 def test_each_rule_names_field_value_and_rule(field, value, rule):

@@ -41,6 +41,18 @@ def test_preprocessing_rejects_with_the_field_named(tiny_tokenizer, values, fiel
     assert err.value.field == field
 
 
+def test_add_bos_puts_the_end_of_document_token_first(tiny_tokenizer):
+    pre = Preprocessor(tiny_tokenizer, CONTEXT)
+    plain = pre({"text_input": strings("Hello world"), "max_tokens": np.array([[4]], np.int32)})
+    values = {"text_input": strings("Hello world", ""), "max_tokens": np.array([[4], [4]], np.int32),
+              "add_bos": np.array([[True], [True]])}
+    out = pre(values)
+    n = int(plain["INPUT_LENGTH"][0, 0])
+    assert out["INPUT_LENGTH"][:, 0].tolist() == [n + 1, 1]  # an empty prompt is allowed with it
+    assert out["INPUT_IDS"][0, : n + 1].tolist() == [tiny_tokenizer.eos_id, *plain["INPUT_IDS"][0, :n].tolist()]
+    assert out["INPUT_IDS"][1, 0] == tiny_tokenizer.eos_id
+
+
 def test_postprocessing_decodes_and_optionally_prefixes_the_prompt(tiny_tokenizer):
     prompt, new = tiny_tokenizer.encode("The for"), tiny_tokenizer.encode(" statement loops")
     values = {
@@ -98,5 +110,7 @@ def test_scores_carry_each_tokens_text_and_pad_across_rows(tiny_tokenizer):
     assert out["PROMPT_LOG_PROBS"].shape == (2, n - 1) and out["PROMPT_LOG_PROBS"][0].tolist() == [-2.0] * (n - 1)
     assert out["OUTPUT_TOP_LOG_PROBS"].shape == (2, m, 2) and out["OUTPUT_TOP_TOKENS"].shape == (2, m, 2)
     assert out["OUTPUT_TOP_LOG_PROBS"][0, 0].tolist() == pytest.approx([-0.1, -0.2])
+    assert out["OUTPUT_TOKEN_IDS"][0].tolist() == generated and out["OUTPUT_TOKEN_IDS"][1].tolist() == [-1] * m
+    assert out["PROMPT_TOKEN_IDS"][0].tolist() == prompt and out["PROMPT_TOKEN_IDS"].shape == (2, n)
     empty = score_tensors(np.array([[b""]], dtype=object), 1)
     assert all(v.size == 0 for v in empty.values())

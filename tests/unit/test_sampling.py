@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from preprocessing.params import SamplingParams
@@ -140,6 +141,31 @@ def test_bad_word_sequences_are_never_completed():
     assert sample(x, [r], VOCAB)[0][0] == 8  # single-token bad word banned everywhere
     r.generated = [7]
     assert sample(x, [r], VOCAB)[0][0] == 9  # 8 would complete the bad sequence 7, 8
+    r.generated = [3]
+    assert sample(x, [r], VOCAB)[0][0] == 8
+    at_prompt_end = RowSampler(SamplingParams(max_tokens=5, temperature=0.0), [1, 7], 2, 0, bad=((5,), (7, 8)))
+    assert sample(x, [at_prompt_end], VOCAB)[0][0] == 9  # the prompt's last token starts the bad sequence
+    longer = RowSampler(SamplingParams(max_tokens=5, temperature=0.0), [4, 7], 2, 0, bad=((5,), (4, 7, 1, 8)))
+    longer.generated = [1]
+    assert sample(x, [longer], VOCAB)[0][0] == 9  # a sequence spanning prompt and generated tokens
+    assert longer.tail(3) == (4, 7, 1) and longer.tail(1) == (1,) and longer.tail(5) == (4, 7, 1)
+
+
+def test_top_p_decay_narrows_top_p_token_by_token_down_to_its_bound():
+    """Megatron's top_p_decay / top_p_bound: token t is drawn with max(top_p x decay^t, bound)."""
+    x = three_tokens(0.1, 0.2, 0.7)  # ranked: token 2 (0.7), token 1 (0.2), token 0 (0.1)
+    decaying = forced(0.05, top_p=1.0, top_p_decay=0.5, top_p_bound=0.0)
+    assert decaying.top_p == 1.0 and sample(x, [decaying], VOCAB)[0] == [0]  # untruncated at first
+    decaying.accept(0)
+    decaying._draw = 0.95
+    assert decaying.top_p == 0.5 and sample(x, [decaying], VOCAB)[0] == [2]  # only the 0.7 token is kept
+    bounded = forced(0.95, top_p=1.0, top_p_decay=0.5, top_p_bound=0.8)
+    bounded.accept(0)
+    bounded.accept(0)
+    bounded._draw = 0.95
+    assert bounded.top_p == 0.8 and sample(x, [bounded], VOCAB)[0] == [1]  # 0.7 and 0.2 kept at 0.8
+    assert SamplingParams(max_tokens=4, top_p=0.9, top_p_bound=0.5).top_p_at(10) == 0.9  # no decay: no bound
+    assert SamplingParams(max_tokens=4, top_p=0.8, top_p_decay=0.5).top_p_at(2) == pytest.approx(0.2)
 
 
 def test_the_tiniest_temperatures_pick_the_argmax_instead_of_failing():

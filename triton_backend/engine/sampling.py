@@ -34,10 +34,20 @@ class RowSampler:
             self._draw = float(torch.rand((), generator=self.generator))
         return self._draw
 
+    @property
+    def top_p(self) -> float:
+        """This token's top_p (Megatron's top_p_decay narrows it as the generation grows)."""
+        return self.params.top_p_at(len(self.generated))
+
     def accept(self, token: int) -> None:
         """The token chosen for this step; the next one gets a fresh draw."""
         self.generated.append(token)
         self._draw = None
+
+    def tail(self, n: int) -> tuple[int, ...]:
+        """The last ``n`` tokens of prompt + generated."""
+        short = n - len(self.generated)
+        return tuple((self.prompt[-short:] if short > 0 else []) + self.generated[-n:])
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[RowSampler]) -> None:
@@ -65,16 +75,16 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     for i, row in enumerate(rows):
         if row.end_id >= 0 and len(row.generated) < row.params.min_length:
             logits[i, row.end_id] = NEG_INF
-        for sequence in row.bad:  # ban the token that would complete a bad word
+        for sequence in row.bad:  # ban the token that would complete a bad word (the prompt's tail included)
             *head, last = sequence
-            if not head or tuple(row.generated[-len(head):]) == tuple(head):
+            if not head or row.tail(len(head)) == tuple(head):
                 logits[i, last] = NEG_INF
 
     chosen = logits.argmax(dim=1)
     # Rows without top-k/top-p skip the vocabulary sort; the choice depends on the row's own parameters only,
     # so a seeded request draws the same tokens whatever else is in the batch.
-    plain = [i for i, row in enumerate(rows) if not row.params.greedy and not _truncates(row.params)]
-    truncated = [i for i, row in enumerate(rows) if not row.params.greedy and _truncates(row.params)]
+    plain = [i for i, row in enumerate(rows) if not row.params.greedy and not _truncates(row)]
+    truncated = [i for i, row in enumerate(rows) if not row.params.greedy and _truncates(row)]
     if plain:
         chosen[plain] = _draw_plain(logits[plain], [rows[i] for i in plain])
     if truncated:
@@ -106,8 +116,8 @@ def alternatives(log_probs: torch.Tensor, counts: list[int]) -> list[tuple[list[
     return [(ids[i][:k], values[i][:k]) for i, k in enumerate(counts)]
 
 
-def _truncates(params) -> bool:
-    return params.top_k > 0 or params.top_p < 1
+def _truncates(row: RowSampler) -> bool:
+    return row.params.top_k > 0 or row.top_p < 1
 
 
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -136,7 +146,7 @@ def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """Temperature, top-k and top-p per row, then inverse-CDF sampling with each row's own uniform draw."""
     temperature = _column([r.params.temperature for r in rows], logits)
     top_k = _column([r.params.top_k for r in rows], logits)
-    top_p = _column([r.params.top_p for r in rows], logits)
+    top_p = _column([r.top_p for r in rows], logits)
     uniform = _column([r.uniform() for r in rows], logits)
 
     ordered, order = _scaled(logits, temperature).sort(dim=1, descending=True)

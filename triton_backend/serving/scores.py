@@ -12,7 +12,7 @@ import json
 
 from triton_backend.engine.generation import Generation
 
-KEYS = ("output_tokens", "output_top", "prompt_tokens", "prompt_log_probs", "prompt_top")
+KEYS = ("output_tokens", "output_ids", "output_top", "prompt_tokens", "prompt_ids", "prompt_log_probs", "prompt_top")
 
 
 def asked(params) -> bool:
@@ -31,12 +31,14 @@ def scores(g: Generation, tokenizer, start: int = 0, prompt: bool = True) -> dic
         return tokenizer.decode_continuation(ids[:position], [token])
 
     n = len(g.prompt)
-    out = {"output_tokens": [text(n + i, ids[n + i]) for i in range(start, len(g.tokens))]}
+    out = {"output_tokens": [text(n + i, ids[n + i]) for i in range(start, len(g.tokens))],
+           "output_ids": g.tokens[start:]}
     if p.top_log_probs:
         out["output_top"] = [[[text(n + i, t) for t in top_ids], values]
                              for i, (top_ids, values) in enumerate(g.top[start:], start)]
     if prompt and p.return_prompt_log_probs:
         out["prompt_tokens"] = [text(i, ids[i]) for i in range(n)]
+        out["prompt_ids"] = list(g.prompt)
         out["prompt_log_probs"] = list(g.prompt_logprobs)
         if p.top_log_probs:  # position q's alternatives are for prompt token q + 1
             out["prompt_top"] = [[[text(q + 1, t) for t in top_ids], values]
