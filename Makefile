@@ -11,7 +11,7 @@ export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_POR
        KV_CACHE_MB PREFIX_CACHING PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache bench-api soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache bench-api bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -33,6 +33,16 @@ bench: setup demo-model
 
 bench-api: setup demo-model
 	$(PY) tools/bench_api.py
+
+# genai-perf against the streaming ensemble and the OpenAI routes; it lives in a venv of its own (see the script).
+GENAI_VENV := .venv-genai-perf
+bench-genai-perf: setup demo-model $(GENAI_VENV)/.installed
+	$(PY) tools/genai_perf.py
+
+$(GENAI_VENV)/.installed: requirements-genai-perf.txt
+	test -x $(GENAI_VENV)/bin/python || $(PYTHON_SYS) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install --quiet -r requirements-genai-perf.txt
+	touch $@
 
 # The paged KV cache's figures alone (in-process, `long` preset): capacity, prefix caching, chunked prefill.
 bench-cache: setup
