@@ -11,7 +11,7 @@ export TP CHECKPOINT TOKENIZER DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_POR
        KV_CACHE_MB PREFIX_CACHING PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache bench-api bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache bench-api bench-engine bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
@@ -33,6 +33,17 @@ bench: setup demo-model
 
 bench-api: setup demo-model
 	$(PY) tools/bench_api.py
+
+# The engine against transformers' generate() on the same weights, in one torchrun process: the demo model and a
+# random-init gpt-350m (written once to results/gpt-350m). transformers is a benchmark-only dependency.
+# Options go in BENCH_ENGINE_ARGS, e.g. "--models demo" or "--big-batch 1 16 64" (see tools/bench_engine.py).
+BENCH_ENGINE_ARGS ?=
+bench-engine: setup demo-model $(VENV)/.bench-installed
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 1 -m tools.bench_engine $(BENCH_ENGINE_ARGS)
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
 
 # genai-perf against the streaming ensemble and the OpenAI routes; it lives in a venv of its own (see the script).
 GENAI_VENV := .venv-genai-perf

@@ -12,8 +12,8 @@ import tritonclient.grpc.aio as tc
 from client.generate import OUTPUTS as PLAIN_OUTPUTS
 from client.generate import request_inputs
 
-OUTPUTS = [*PLAIN_OUTPUTS, "output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs",
-           "output_top_tokens", "prompt_top_log_probs", "prompt_top_tokens", "output_token_ids", "prompt_token_ids"]
+SCORE_OUTPUTS = ["output_tokens", "prompt_tokens", "prompt_log_probs", "output_top_log_probs", "output_top_tokens",
+                 "prompt_top_log_probs", "prompt_top_tokens", "output_token_ids", "prompt_token_ids"]
 _FIELD = re.compile(r"invalid input '(\w+)'")
 
 
@@ -75,7 +75,7 @@ class TritonLink:
     async def generate(self, prompt: str, params: dict) -> Output:
         try:
             result = await self._client.infer("ensemble", request_inputs(tc, prompt, **params),
-                                              outputs=[tc.InferRequestedOutput(n) for n in OUTPUTS],
+                                              outputs=_outputs(params),
                                               client_timeout=self.timeout_s)
         except tc.InferenceServerException as err:
             raise TritonError(err.message() or str(err), str(err.status())) from None
@@ -84,7 +84,7 @@ class TritonLink:
     async def stream(self, prompt: str, params: dict) -> AsyncIterator[Output]:
         """The deltas of one streamed generation; leaving early cancels it (its KV blocks are freed)."""
         request = {"model_name": "ensemble_stream", "inputs": request_inputs(tc, prompt, stream=True, **params),
-                   "outputs": [tc.InferRequestedOutput(n) for n in OUTPUTS]}
+                   "outputs": _outputs(params)}
 
         async def one_request():
             yield request
@@ -104,6 +104,13 @@ class TritonLink:
         finally:
             if not finished:
                 responses.cancel()
+
+
+def _outputs(params: dict) -> list:
+    """The outputs to ask for: the scoring ones only when the request asks for any (each is a tensor in every
+    response, even when empty: on two cores, asking for all of them cost a streamed request measurable CPU)."""
+    scored = any(params.get(name) for name in ("return_log_probs", "return_prompt_log_probs", "top_log_probs"))
+    return [tc.InferRequestedOutput(n) for n in PLAIN_OUTPUTS + (SCORE_OUTPUTS if scored else [])]
 
 
 def _output(value) -> Output:

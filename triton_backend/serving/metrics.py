@@ -8,6 +8,8 @@ and token counters; postprocessing also polls the engine's load for the gauges (
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 # ENGINE_STATS columns (float32, one row per request row); -1 means "nothing to record in this response".
@@ -32,7 +34,12 @@ ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
 class Publisher:
-    """Latency histograms and token counters through ``pb_utils`` (passed in: this imports without Triton)."""
+    """Latency histograms and token counters through ``pb_utils`` (passed in: this imports without Triton).
+
+    ``publish`` (on every response) only adds to memory; ``flush`` (from postprocessing's background thread, every
+    half second) makes the calls, each a round trip to tritonserver that cost about as much as the rest of a
+    streamed response's postprocessing (measured: 0.6-1.0 ms a response on two cores).
+    """
 
     def __init__(self, pb_utils):
         family = pb_utils.MetricFamily
@@ -48,17 +55,29 @@ class Publisher:
         self.ttft = ttft.Metric(labels={}, buckets=TTFT_BUCKETS)
         self.itl = itl.Metric(labels={}, buckets=ITL_BUCKETS)
         self.input_tokens, self.output_tokens = tin.Metric(labels={}), tout.Metric(labels={})
+        self._lock = threading.Lock()
+        self._ttfts, self._itls, self._tokens = [], [], [0.0, 0.0]
 
     def publish(self, stats: np.ndarray) -> None:
-        for ttft, itl, tin, tout in np.asarray(stats, dtype=np.float64).reshape(-1, len(STATS)):
-            if ttft >= 0:
-                self.ttft.observe(ttft)
-            if itl >= 0:
-                self.itl.observe(itl)
-            if tin:
-                self.input_tokens.increment(tin)
-            if tout:
-                self.output_tokens.increment(tout)
+        rows = np.asarray(stats, dtype=np.float64).reshape(-1, len(STATS))
+        with self._lock:
+            self._ttfts += rows[rows[:, 0] >= 0, 0].tolist()
+            self._itls += rows[rows[:, 1] >= 0, 1].tolist()
+            self._tokens[0] += float(rows[:, 2].sum())
+            self._tokens[1] += float(rows[:, 3].sum())
+
+    def flush(self) -> None:
+        with self._lock:
+            ttfts, itls, (tin, tout) = self._ttfts, self._itls, self._tokens
+            self._ttfts, self._itls, self._tokens = [], [], [0.0, 0.0]
+        for value in ttfts:
+            self.ttft.observe(value)
+        for value in itls:
+            self.itl.observe(value)
+        if tin:
+            self.input_tokens.increment(tin)
+        if tout:
+            self.output_tokens.increment(tout)
 
 
 class LoadGauges:
