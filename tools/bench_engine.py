@@ -14,7 +14,7 @@ tokens match.
 Fair placement: the threads and cores are the server's (``set_threads``: TORCH_THREADS, else half the cores;
 ``engine_cpus``: PIN_ENGINE pins the engine thread to cores of its own). transformers runs on one worker thread
 that pins itself to the same cores as the engine thread does, with the same torch thread count, while this
-thread (which only waits, or polls the engine as ``bench`` does) keeps to the rest. The bandwidth is measured on
+thread (which only waits, in both) keeps to the rest. The bandwidth is measured on
 that worker too: it is what those cores can read.
 """
 

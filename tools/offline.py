@@ -31,14 +31,13 @@ def bench(engine, tokenizer: Tokenizer, batch: int, max_tokens: int) -> dict:
     prompt = tokenizer.encode(BENCH_PROMPT)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, end_id=-1)
     engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0.0)).wait()  # warm-up
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), time.monotonic()  # the engine stamps first tokens on the monotonic clock
     gens = [engine.submit(prompt, params) for _ in range(batch)]
-    first = None
-    while not all(g.done for g in gens):
-        if first is None and all(len(g.tokens) for g in gens):
-            first = time.perf_counter() - started
-        time.sleep(0.0005)
+    for g in gens:  # waits without polling: a polling loop takes the interpreter lock from the engine thread
+        g.wait()
     seconds = time.perf_counter() - started
+    stamps = [g.first_token_at for g in gens]
+    first = max(stamps) - clock if all(stamps) else None  # when every request had its first token
     tokens = sum(len(g.tokens) for g in gens)
     return {"batch": batch, "output_tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "first_token_s": round(first or seconds, 4),
