@@ -133,16 +133,12 @@ async def generate(request: Request):
     # Megatron keeps the newline that stopped a generation; the ensemble leaves a stop word out.
     texts = [out.text + (stop if stop and out.finish_reason == "stop" else "") for out in outputs]
     tokenizer = request.app.state.tokenizer
-    bos = [tokenizer.eos_id] if add_bos(params) else []
+    bos = [tokenizer.eos_id] if params["add_bos"] else []  # what preprocessing puts first with add_bos
     prompt_ids = [out.prompt_ids or bos + tokenizer.encode(prompt) for prompt, out in zip(prompts, outputs)]
     segments = [(out.prompt_texts or _pieces(tokenizer, ids)) + out.tokens for ids, out in zip(prompt_ids, outputs)]
     logprobs = [out.prompt_log_probs + out.log_probs for out in outputs] if params["return_prompt_log_probs"] else None
     tokens = [ids + out.token_ids for ids, out in zip(prompt_ids, outputs)]
     return JSONResponse({"text": texts, "segments": segments, "logprobs": logprobs, "tokens": tokens})
-
-
-def add_bos(params: dict) -> bool:
-    return bool(params["add_bos"])
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
