@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from preprocessing.params import SamplingParams
-from triton_backend.engine.sampling import RowSampler, _apply_penalties, sample
+from triton_backend.engine.sampling import RowSampler, _apply_penalties, alternatives, model_log_probs, sample
 
 VOCAB = 50
 
@@ -275,3 +275,22 @@ def test_min_length_holds_back_token_0_too_and_a_penalty_of_2_applies():
     y = torch.zeros(1, VOCAB)
     y[0, 7], y[0, 8] = 2.0, 1.5
     assert sample(y, [row(temperature=0.0, prompt=(7,), repetition_penalty=2.0)], VOCAB)[0] == [8]  # 2.0 / 2 < 1.5
+
+
+def test_model_log_probs_are_the_log_softmax_over_the_real_vocabulary():
+    x = logits(2)
+    x[:, VOCAB + 1] = 50.0  # a padding id: no share of the probability, whatever its logit
+    out = model_log_probs(x, VOCAB)
+    assert torch.allclose(out[:, :VOCAB], torch.log_softmax(x[:, :VOCAB], dim=1), atol=1e-6)
+    assert torch.isneginf(out[:, VOCAB:]).all()
+    assert x[0, VOCAB + 1] == 50.0  # the caller's logits are left as they were
+
+
+def test_alternatives_are_each_rows_most_likely_tokens_in_order():
+    log_probs = torch.log_softmax(logits(3)[:, :VOCAB], dim=1)
+    found = alternatives(log_probs, [1, 3, 2])
+    for row, (ids, values) in enumerate(found):
+        best = log_probs[row].topk(3)
+        k = [1, 3, 2][row]
+        assert ids == best.indices[:k].tolist() and values == pytest.approx(best.values[:k].tolist())
+    assert alternatives(log_probs, []) == []
