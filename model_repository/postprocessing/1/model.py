@@ -20,7 +20,6 @@ LOAD_EVERY_S = 0.5  # how often the metrics are sent and the running / waiting /
 # streamed response more than the rest of its postprocessing (1-1.6 ms on two cores), and postprocessing is one
 # instance that every stream's responses pass through. A cancelled stream is noticed this much later at most.
 CANCEL_CHECK_S = 0.2
-CANCEL_KEYS_KEPT = 4096  # past this many streams remembered, those not seen for a minute are forgotten
 
 
 class TritonPythonModel:
@@ -31,6 +30,7 @@ class TritonPythonModel:
         self.control = ControlClient()
         self.stopping = threading.Event()
         self.checked = {}  # cancel key -> when its stream's cancellation was last asked
+        self.pruned = time.monotonic()
         threading.Thread(target=self.refresh_gauges, name="gauges", daemon=True).start()
 
     def refresh_gauges(self):
@@ -51,8 +51,9 @@ class TritonPythonModel:
         if now - self.checked.get(key, float("-inf")) < CANCEL_CHECK_S:
             return False
         self.checked[key] = now
-        if len(self.checked) > CANCEL_KEYS_KEPT:
-            self.checked = {k: t for k, t in self.checked.items() if now - t < 60}
+        if now - self.pruned > 1.0:  # once a second: a key asked longer ago is due anyway, so it can go
+            self.checked = {k: t for k, t in self.checked.items() if now - t < CANCEL_CHECK_S}
+            self.pruned = now
         return True
 
     def execute(self, requests):
