@@ -14,10 +14,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD DEVICE=cuda DTYPE=bfloat16
 out=${OUT:-/tmp}/gpu_check.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out.gpu"
-bench() {  # checkpoint, label
-  torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
-    --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 \
-    --prompt "The for statement" 2>"$out.$2.log" | sed "s/^{/{\"model\": \"$2\", /" | tee -a "$out"
+bench() {  # checkpoint, label: Megatron's modules (COMPILE=0), then the fast forward (COMPILE=1)
+  for compile in 0 1; do
+    COMPILE=$compile torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
+      --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 --prompt "The for statement" \
+      2>"$out.$2.$compile.log" | sed "s/^{/{\"model\": \"$2\", \"compile\": $compile, /" | tee -a "$out"
+  done
 }
 bench demo_model/checkpoint demo
 torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt-350m --vocab 4096 \

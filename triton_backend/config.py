@@ -37,6 +37,9 @@ class ServerConfig:
     kv_cache_mb: int = 0  # KV-cache budget per rank; 0: 80 % of the GPU memory free after the weights, on CPU
     # half the memory available after them (shared by the ranks on the machine)
     prefix_caching: int = 1  # prompts reuse the KV blocks of a prefix an earlier one computed (0: off)
+    compile: int = 1  # 1: steps run the fast functional forward over the weights (model/functional.py); 0:
+    # Megatron's own modules run every step (the reference; torch.compile itself does not pay on CPU, see
+    # docs/measured.md)
     prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 256 CPU, 2048 CUDA
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
@@ -77,8 +80,9 @@ class ServerConfig:
                      "load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
-        if self.prefix_caching not in (0, 1):
-            raise ValueError(f"PREFIX_CACHING must be 0 or 1, got {self.prefix_caching}")
+        for name in ("prefix_caching", "compile"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{_variable(name)} must be 0 or 1, got {getattr(self, name)}")
         for name in ("kv_cache_mb", "prefill_tokens", "queue_delay_us", "max_request_s", "drain_timeout_s",
                      "stream_responses_per_s", "torch_threads", "log_verbose"):
             if getattr(self, name) < 0:

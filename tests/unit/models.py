@@ -70,3 +70,27 @@ def wait_until(condition, timeout_s: float = 10.0, what: str = "the condition") 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout_s:g} s")
         time.sleep(0.005)
+
+
+def run_two_ranks(target, timeout_s: float = 240):
+    """Run ``target(rank, port, queue)`` as the two ranks of a TP=2 job (spawned processes, gloo) and return what
+    rank 0 puts on the queue; both ranks must exit 0."""
+    import torch.multiprocessing as mp
+
+    from tools.ports import free_ports
+
+    (port,) = free_ports(1)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    return result

@@ -8,7 +8,7 @@ from preprocessing.params import InvalidRequest, SamplingParams
 from triton_backend.engine.engine import Engine
 from triton_backend.model.gpt import CachedGPT
 
-from .models import ARCH, EOS, VOCAB, assert_uses_the_whole_context, context_model
+from .models import ARCH, EOS, VOCAB, assert_uses_the_whole_context, context_model, run_two_ranks
 
 PROMPT = [5, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 2, 9, 100, 64, 1, 22, 35, 48, 50, 6, 7, 11, 13, 14, 15, 16, 18,
           19, 20, 21, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 34, 36, 37]  # 44 tokens: more than a 32-token block
@@ -159,23 +159,6 @@ def _tp_rank(rank: int, port: int, queue) -> None:
 
 
 def test_prompt_log_probs_at_tp2_are_the_tp2_models_own():
-    import torch.multiprocessing as mp
-
-    from tools.ports import free_ports
-
-    (port,) = free_ports(1)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got, want, top_ids, want_top = queue.get(timeout=240)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    got, want, top_ids, want_top = run_two_ranks(_tp_rank)
     assert got == pytest.approx(want, abs=1e-4) and len(got) == len(PROMPT) - 1
     assert top_ids == want_top

@@ -55,22 +55,25 @@ class PagedAttention(MegatronModule):
         self.rotary: Rotary | None = None  # set by build_model for rotary-position models
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_):
-        step = self.step
-        if self.rotary is not None:
-            if step is not None:
-                positions = step.positions
-            else:
-                positions = torch.arange(query.shape[0], device=query.device)  # pragma: no mutate
-                positions = positions[None].expand(query.shape[1], -1)
-            query, key = self.rotary(query, positions), self.rotary(key, positions)
-        if step is not None:
-            return self._cached(step, query[:, 0], key[:, 0], value[:, 0])[:, None]
+        if self.step is not None:
+            return self.attend(self.step, query[:, 0], key[:, 0], value[:, 0])[:, None]
         # Training or a plain forward: causal over the given sequence. Megatron's layout is [s, b, heads, d];
         # SDPA wants [b, heads, s, d].
+        if self.rotary is not None:
+            positions = torch.arange(query.shape[0], device=query.device)  # pragma: no mutate
+            positions = positions[None].expand(query.shape[1], -1)
+            query, key = self.rotary(query, positions), self.rotary(key, positions)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self._sdpa(q, k, v, causal=True)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def attend(self, step: StepContext, q, k, v):
+        """A cached step's attention for packed ``q`` [N, heads, d] and ``k``/``v`` [N, groups, d] (rotated here
+        for rotary models); returns [N, heads * d]. ``functional.FunctionalGPT`` calls it directly."""
+        if self.rotary is not None:
+            q, k = self.rotary(q[:, None], step.positions)[:, 0], self.rotary(k[:, None], step.positions)[:, 0]
+        return self._cached(step, q, k, v)
 
     def _cached(self, step: StepContext, q, k, v):
         """Attention for the packed tokens ``q``/``k``/``v`` ([N, heads, d]) of a step; returns [N, heads * d]."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
 
+from . import functional
 from .architecture import GPTArchitecture
 from .attention import PagedAttention, Rotary
+
+LOG = logging.getLogger(__name__)
 
 
 def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:
@@ -119,7 +123,7 @@ class CachedGPT:
     BLOCK_SIZE = 32  # tokens per KV block (see docs/architecture.md, "KV cache")
 
     def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None,
-                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE, fast: bool = True):
         self.model = model.eval()
         self.arch = arch
         param = next(model.parameters())
@@ -138,6 +142,14 @@ class CachedGPT:
             model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
+        # The step's fast path (functional.py) unless asked for Megatron's own forward or the model needs it.
+        self.fast = None
+        if fast:
+            why = functional.supported(model)
+            if why is None:
+                self.fast = functional.FunctionalGPT(model)
+            else:
+                LOG.warning("Megatron's own forward runs every step (%s)", why)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
@@ -148,6 +160,8 @@ class CachedGPT:
         table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``).
         """
         step = plan(self.cache, positions, lengths.cpu().numpy(), tables.cpu().numpy(), table_lengths.cpu().numpy())
+        if self.fast is not None:
+            return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:
             module.step = step
         self.model.decoder.wanted_rows = last

@@ -1,0 +1,203 @@
+"""The GPTModel's cached forward written as one function of the model's own parameters: the fast path of a step.
+
+Why not Megatron's modules themselves on this path: they are built for training at scale, and every call carries
+Python for features a cached inference step never uses (offloading hooks, CUDA-graph and fused-kernel switches,
+deprecation checks with ``get_rank()``, argument plumbing through five levels of modules). On the demo model that
+Python was half of a decode step (docs/measured.md, "The step's fast forward"), and it is what stops
+``torch.compile`` from tracing a step whole (Megatron's attention breaks the graph). This path runs the same
+arithmetic in the same order over the very same parameter tensors (no copy: the checkpoint loaded into the
+GPTModel is what runs), with the same tensor-parallel collectives on Megatron's tensor-parallel group, and the
+same ``PagedAttention`` over the KV cache: its logits are Megatron's bit for bit. ``CachedGPT(fast=False)``
+(``COMPILE=0``) keeps Megatron's own forward, the reference the tests hold this one to
+(``tests/unit/test_functional.py``).
+
+``supported`` says why a model cannot take this path (a layer spec or feature it does not implement); such a
+model runs Megatron's forward instead, with one log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .attention import PagedAttention
+
+
+@dataclasses.dataclass
+class _Norm:
+    kind: str  # "layer" or "rms"
+    shape: tuple[int, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms":
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+@dataclasses.dataclass
+class _Layer:
+    input_norm: _Norm
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    attention: PagedAttention
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor | None
+    mlp_norm: _Norm
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor | None
+
+
+def _norm(module) -> _Norm:
+    if isinstance(module, torch.nn.LayerNorm):
+        return _Norm("layer", tuple(module.normalized_shape), module.weight, module.bias, module.eps)
+    return _Norm("rms", tuple(module.normalized_shape), module.weight, None, module.eps)
+
+
+def supported(model) -> str | None:
+    """Why ``model`` (a GPTModel built by ``gpt.build_model``) cannot run on this path, or None."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    c = model.config
+    flags = {"sequence_parallel": c.sequence_parallel, "fp32_residual_connection": c.fp32_residual_connection,
+             "apply_residual_connection_post_layernorm": c.apply_residual_connection_post_layernorm,
+             "attention_output_gate": getattr(c, "attention_output_gate", False),
+             "no_rope_freq": bool(getattr(c, "no_rope_freq", None)),
+             "activation_func_clamp_value": getattr(c, "activation_func_clamp_value", None) is not None,
+             "glu_linear_offset": bool(getattr(c, "glu_linear_offset", 0.0)),
+             "bias_activation_fusion": c.bias_activation_fusion, "num_moe_experts": bool(c.num_moe_experts),
+             "multi_token_prediction": bool(getattr(c, "mtp_num_layers", None)),
+             "embedding_scaling": bool(getattr(model.embedding, "scale_factor", None))}
+    on = [name for name, value in flags.items() if value]
+    if on:
+        return "unsupported settings: " + ", ".join(on)
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    if not isinstance(model.decoder.final_layernorm, norms):
+        return f"final norm {type(model.decoder.final_layernorm).__name__}"
+    for layer in model.decoder.layers:
+        attention = layer.self_attention
+        parts = {"input_layernorm": isinstance(layer.input_layernorm, norms),
+                 "pre_mlp_layernorm": isinstance(layer.pre_mlp_layernorm, norms),
+                 "core_attention": isinstance(attention.core_attention, PagedAttention),
+                 "q_layernorm": attention.q_layernorm is None or isinstance(attention.q_layernorm, IdentityOp),
+                 "k_layernorm": attention.k_layernorm is None or isinstance(attention.k_layernorm, IdentityOp),
+                 "cross_attention": isinstance(layer.cross_attention, IdentityOp),
+                 "linear_qkv": not attention.linear_qkv.skip_bias_add,
+                 "mlp": hasattr(layer.mlp, "linear_fc1") and layer.mlp.linear_fc1.skip_bias_add}
+        wrong = [name for name, ok in parts.items() if not ok]
+        if wrong:
+            return f"layer {layer.layer_number}: unsupported " + ", ".join(wrong)
+    return None
+
+
+# Weights with a side at most this long are stored column-major on CPU (``_cpu_layout``).
+NARROW_SIDE = 512
+
+
+def _cpu_layout(weight: torch.Tensor) -> None:
+    """Store a narrow CPU weight column-major ([out, in] with strides (1, out), GPT-2's ``Conv1D`` layout), in place:
+    the same parameter, values and memory, so Megatron's modules read it too. On this machine's CPU ``F.linear``
+    with such a weight ran 1.1-1.6x faster at the demo model's shapes (a side of 256) at 1, 16 and 64 rows and
+    5-15 % slower at gpt-350m's (1024 and up) at 16 and 64 rows (``tools/linear_layouts.py``); CUDA's GEMMs take
+    either layout at full speed, so only CPU weights move."""
+    if weight.device.type == "cpu" and weight.dim() == 2 and min(weight.shape) <= NARROW_SIDE \
+            and weight.stride() == (weight.shape[1], 1):
+        weight.data = weight.data.t().contiguous().t()
+
+
+def _biased(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + bias`` as its own operation after the product, as Megatron's linear layers add it (``addmm`` would
+    start the sum from the bias and round differently): this path's logits are then Megatron's, bit for bit."""
+    return x if bias is None else x + bias
+
+
+class FunctionalGPT:
+    """``forward(tokens, positions, step, rows)``: the logits of packed ``rows`` ([len(rows), vocab / tp]), as
+    ``GPTModel.forward`` computes them with ``PagedAttention`` over ``step``."""
+
+    def __init__(self, model):
+        from megatron.core import parallel_state
+
+        c = model.config
+        self.tp = c.tensor_model_parallel_size
+        self.group = parallel_state.get_tensor_model_parallel_group() if self.tp > 1 else None
+        embedding = model.embedding
+        self.word = embedding.word_embeddings.weight  # [vocab / tp, h]
+        self.vocab_start = embedding.word_embeddings.vocab_start_index
+        self.vocab_end = embedding.word_embeddings.vocab_end_index
+        positions = getattr(embedding, "position_embeddings", None)
+        self.position = positions.weight if positions is not None else None  # learned absolute positions
+        self.activation, self.gated = c.activation_func, c.gated_linear_unit
+        self.layers = []
+        for layer in model.decoder.layers:
+            a, m = layer.self_attention, layer.mlp
+            self.layers.append(_Layer(
+                _norm(layer.input_layernorm), a.linear_qkv.weight, a.linear_qkv.bias, a.core_attention,
+                a.linear_proj.weight, a.linear_proj.bias, _norm(layer.pre_mlp_layernorm),
+                m.linear_fc1.weight, m.linear_fc1.bias, m.linear_fc2.weight, m.linear_fc2.bias))
+        a = model.decoder.layers[0].self_attention
+        self.groups = a.num_query_groups_per_partition
+        self.heads = a.num_attention_heads_per_partition
+        self.head_dim = a.hidden_size_per_attention_head
+        self.final_norm = _norm(model.decoder.final_layernorm)
+        self.output = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                       else model.output_layer.weight)
+        for layer in self.layers:
+            for weight in (layer.qkv_weight, layer.proj_weight, layer.fc1_weight, layer.fc2_weight):
+                _cpu_layout(weight)
+        if self.output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
+            _cpu_layout(self.output)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over tensor-parallel ranks (Megatron's ``reduce_from_tensor_model_parallel_region``)."""
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A row-parallel linear layer: each rank's partial product, summed over the ranks, then the bias."""
+        return _biased(self._reduce(F.linear(x, weight)), bias)
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:  # this rank holds embeddings vocab_start .. vocab_end: the others contribute zeros
+            outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+            x = F.embedding((tokens - self.vocab_start).masked_fill(outside, 0), self.word)
+            x = self._reduce(x.masked_fill(outside[:, None], 0.0))
+        else:
+            x = F.embedding(tokens, self.word)
+        if self.position is not None:
+            x = x + F.embedding(positions, self.position)
+        return x
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, step) -> torch.Tensor:
+        n = x.shape[0]
+        per_group = self.heads // self.groups
+        qkv = _biased(F.linear(x, layer.qkv_weight), layer.qkv_bias).view(n, self.groups, -1)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        out = layer.attention.attend(step, q.reshape(n, self.heads, self.head_dim), k, v)
+        return self._row_parallel(out, layer.proj_weight, layer.proj_bias)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        h = _biased(F.linear(x, layer.fc1_weight), layer.fc1_bias)  # column-parallel: this rank's bias shard
+        if self.gated:
+            gate, linear = h.chunk(2, dim=-1)
+            h = self.activation(gate) * linear
+        else:
+            h = self.activation(h)
+        return self._row_parallel(h, layer.fc2_weight, layer.fc2_bias)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step, rows: torch.Tensor) -> torch.Tensor:
+        x = self._embed(tokens, positions)  # [N, h]
+        for layer in self.layers:
+            out = self._attention(layer, layer.input_norm(x), step)
+            x = x + out
+            out = self._mlp(layer, layer.mlp_norm(x))
+            x = x + out
+        return F.linear(self.final_norm(x[rows]), self.output)
