@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 3): TP=1 on CUDA with NCCL, the demo model and a ~350M random-init GPT in
-# bfloat16, tokens/s at batch 1 and 32 through the in-process engine (PyTriton does not install there).
+# bfloat16, tokens/s at batch 1 and 32 through the in-process engine (PyTriton does not install there): Megatron's
+# modules (COMPILE=0), the fast forward run eagerly (CUDA_GRAPHS=0) and replayed as CUDA graphs (the default).
 #
 # Here, before the device call (see the device tool's README for the pip download flags):
 #   echo /.whl/ >> .git/info/exclude
@@ -14,11 +15,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD DEVICE=cuda DTYPE=bfloat16
 out=${OUT:-/tmp}/gpu_check.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out.gpu"
-bench() {  # checkpoint, label: Megatron's modules (COMPILE=0), then the fast forward (COMPILE=1)
-  for compile in 0 1; do
-    COMPILE=$compile torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
+bench() {  # checkpoint, label: Megatron's modules, the fast forward eagerly, then its decode steps as CUDA graphs
+  for mode in "0 0" "1 0" "1 1"; do
+    set -- "$1" "$2" ${mode}
+    COMPILE=$3 CUDA_GRAPHS=$4 torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
       --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 --prompt "The for statement" \
-      2>"$out.$2.$compile.log" | sed "s/^{/{\"model\": \"$2\", \"compile\": $compile, /" | tee -a "$out"
+      2>"$out.$2.$3$4.log" | sed "s/^{/{\"model\": \"$2\", \"compile\": $3, \"cuda_graphs\": $4, /" | tee -a "$out"
   done
 }
 bench demo_model/checkpoint demo

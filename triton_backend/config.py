@@ -40,6 +40,8 @@ class ServerConfig:
     compile: int = 1  # 1: steps run the fast functional forward over the weights (model/functional.py); 0:
     # Megatron's own modules run every step (the reference; torch.compile itself does not pay on CPU, see
     # docs/measured.md)
+    cuda_graphs: int = 1  # 1: on CUDA, decode steps replay CUDA graphs captured per bucket of rows and blocks
+    # (model/graphs.py); 0: they run eagerly. Needs COMPILE=1; nothing changes on CPU
     prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 256 CPU, 2048 CUDA
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
@@ -80,7 +82,7 @@ class ServerConfig:
                      "load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("prefix_caching", "compile"):
+        for name in ("prefix_caching", "compile", "cuda_graphs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{_variable(name)} must be 0 or 1, got {getattr(self, name)}")
         for name in ("kv_cache_mb", "prefill_tokens", "queue_delay_us", "max_request_s", "drain_timeout_s",

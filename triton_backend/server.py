@@ -63,7 +63,8 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
     LOG.info("KV cache: %d blocks of %d tokens (%d full %d-token contexts), %.1f MiB per rank; %d sequences at "
              "most (MAX_SLOTS)", blocks, block, blocks * block // max_len, max_len,
              blocks * block * per_token / 2**20, cfg.max_slots)
-    return CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile))
+    return CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile),
+                     graphs="auto" if cfg.cuda_graphs else "off")
 
 
 def kv_budget(cfg: ServerConfig) -> int:

@@ -86,10 +86,12 @@ def reference(q, keys, values, ends, scale):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("alone", [False, True])  # three rows (per-row softmax) or the first alone (batch 1 path)
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2)])
-def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups):
+def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, alone):
     """Three sequences share their first block; one table is scattered. The result must be plain attention over
-    each sequence's own keys, whatever blocks hold them."""
+    each sequence's own keys, whatever blocks hold them; a sequence decoding alone reads a scattered table too
+    (blocks of the pool it does not hold are masked out)."""
     from triton_backend.model.attention import PagedAttention
 
     g = torch.Generator().manual_seed(0)
@@ -97,11 +99,13 @@ def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups)
     c = cache(blocks=12, block_size=bs, groups=groups, head_dim=d)
     c.keys[0].normal_(generator=g)
     c.values[0].normal_(generator=g)
-    tables = [[5, 1, 2], [5, 7], [5, 0, 9, 3]]
-    positions = [9, 6, 14]
-    ctx = step(c, positions, [1, 1, 1], tables)
-    q = torch.randn(3, heads, d, generator=g)
-    k, v = torch.randn(3, groups, d, generator=g), torch.randn(3, groups, d, generator=g)
+    tables = [[5, 1, 2], [5, 7], [5, 0, 9, 3]][: 1 if alone else 3]
+    positions = [9, 6, 14][: len(tables)]
+    ctx = step(c, positions, [1] * len(tables), tables)
+    assert ctx.extra_blocks is None if alone else ctx.extra_blocks is not None
+    n = len(tables)
+    q = torch.randn(n, heads, d, generator=g)
+    k, v = torch.randn(n, groups, d, generator=g), torch.randn(n, groups, d, generator=g)
     attn = PagedAttention.__new__(PagedAttention)
     attn.layer_index, attn.softmax_scale = 0, None
     torch.nn.Module.__init__(attn)

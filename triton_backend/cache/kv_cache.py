@@ -20,11 +20,14 @@ class PagedKVCache:
     """Keys and values of every layer in ``num_blocks`` blocks of ``block_size`` tokens."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, groups: int, head_dim: int, dtype,
-                 device):
-        shape = (num_blocks, groups, block_size, head_dim)
+                 device, scratch: bool = False):
+        # ``scratch``: one more block, never handed to a sequence, where the padding rows of a static-shape step
+        # (``model/graphs.py``) write and read; its id is ``num_blocks``.
+        shape = (num_blocks + scratch, groups, block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch = num_blocks if scratch else None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

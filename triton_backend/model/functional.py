@@ -176,12 +176,12 @@ class FunctionalGPT:
             x = x + F.embedding(positions, self.position)
         return x
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, step) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x: torch.Tensor, attend) -> torch.Tensor:
         n = x.shape[0]
         per_group = self.heads // self.groups
         qkv = _biased(F.linear(x, layer.qkv_weight), layer.qkv_bias).view(n, self.groups, -1)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        out = layer.attention.attend(step, q.reshape(n, self.heads, self.head_dim), k, v)
+        out = attend(layer.attention, q.reshape(n, self.heads, self.head_dim), k, v)
         return self._row_parallel(out, layer.proj_weight, layer.proj_bias)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -194,10 +194,15 @@ class FunctionalGPT:
         return self._row_parallel(h, layer.fc2_weight, layer.fc2_bias)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step, rows: torch.Tensor) -> torch.Tensor:
+        return self.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, attend, rows: torch.Tensor | None = None):
+        """The logits of packed ``rows`` (all when None), with ``attend(attention, q, k, v)`` as each layer's
+        attention over the cache (``forward``'s, or the static-shape one of ``graphs.py``)."""
         x = self._embed(tokens, positions)  # [N, h]
         for layer in self.layers:
-            out = self._attention(layer, layer.input_norm(x), step)
+            out = self._attention(layer, layer.input_norm(x), attend)
             x = x + out
             out = self._mlp(layer, layer.mlp_norm(x))
             x = x + out
-        return F.linear(self.final_norm(x[rows]), self.output)
+        return F.linear(self.final_norm(x if rows is None else x[rows]), self.output)

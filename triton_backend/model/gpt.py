@@ -12,6 +12,7 @@ from triton_backend.cache.kv_cache import PagedKVCache, plan
 from . import functional
 from .architecture import GPTArchitecture
 from .attention import PagedAttention, Rotary
+from .graphs import DecodeGraphs
 
 LOG = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class CachedGPT:
     BLOCK_SIZE = 32  # tokens per KV block (see docs/architecture.md, "KV cache")
 
     def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None,
-                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE, fast: bool = True):
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE, fast: bool = True,
+                 graphs: str = "auto"):
         self.model = model.eval()
         self.arch = arch
         param = next(model.parameters())
@@ -134,8 +136,12 @@ class CachedGPT:
         self.max_len = min(max_len or arch.seq_length, arch.max_position_embeddings)
         self.max_slots = max_slots
         num_blocks = num_blocks or max_slots * -(-self.max_len // block_size)
+        # graphs: "auto" replays decode steps as CUDA graphs on CUDA (graphs.py), "eager" runs the same
+        # static-shape steps without capture (the tests' way on CPU), "off" never
+        static = graphs == "eager" or (graphs == "auto" and param.device.type == "cuda")
+        static = static and fast and functional.supported(model) is None
         self.cache = PagedKVCache(arch.num_layers, num_blocks, block_size, groups, head_dim, param.dtype,
-                                  param.device)
+                                  param.device, scratch=static)
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
         if not hasattr(model.decoder, "wanted_rows"):
             model.decoder.wanted_rows = None
@@ -150,6 +156,10 @@ class CachedGPT:
                 self.fast = functional.FunctionalGPT(model)
             else:
                 LOG.warning("Megatron's own forward runs every step (%s)", why)
+        self.graphs = None
+        if static:
+            self.graphs = DecodeGraphs(self.fast, self.cache, max_slots, -(-self.max_len // block_size),
+                                       capture=graphs == "auto")
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
@@ -159,7 +169,16 @@ class CachedGPT:
         ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
         table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``).
         """
-        step = plan(self.cache, positions, lengths.cpu().numpy(), tables.cpu().numpy(), table_lengths.cpu().numpy())
+        lengths, tables, table_lengths = (t.cpu().numpy() for t in (lengths, tables, table_lengths))
+        if self.graphs is not None and (lengths == 1).all():
+            try:
+                logits = self.graphs.run(tokens, positions.cpu().numpy(), tables, table_lengths, last)
+            except Exception as err:  # never an outage: the eager path serves this step and every later one
+                LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
+                self.graphs, logits = None, None
+            if logits is not None:
+                return gather_vocab(logits.float().contiguous(), self.tp)
+        step = plan(self.cache, positions, lengths, tables, table_lengths)
         if self.fast is not None:
             return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:
