@@ -231,8 +231,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=["demo", "gpt-350m"], default=["demo", "gpt-350m"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="demo model batch sizes")
     parser.add_argument("--max-tokens", type=int, default=64, help="demo model new tokens per sequence")
-    parser.add_argument("--big-batch", type=int, nargs="+", default=[1, 16],
-                        help="gpt-350m batch sizes (64 takes long on a few CPU cores)")
+    parser.add_argument("--big-batch", type=int, nargs="+", default=[1, 16, 64], help="gpt-350m batch sizes")
     parser.add_argument("--big-max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each, order alternating; medians printed")
     a = parser.parse_args()

@@ -60,7 +60,7 @@ def test_a_scattered_pool_is_gathered_instead_of_scanned():
     (([0, 1], [1], [[0]]), "a step's segments do not cover its tokens"),
 ])
 def test_malformed_steps_are_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
         step(cache(), *bad)
 
 
@@ -70,7 +70,7 @@ def test_malformed_steps_are_refused(bad, message):
     ([1, 0], [0], [1, 0]),  # an empty segment
 ])
 def test_each_inconsistency_of_a_step_is_refused_on_its_own(lengths, tables, table_lengths):
-    with pytest.raises(ValueError, match="a step's segments do not cover its tokens"):
+    with pytest.raises(ValueError, match="^a step's segments do not cover its tokens$"):
         plan(cache(), torch.tensor([0]), lengths, tables, table_lengths)
 
 

@@ -120,6 +120,27 @@ def test_the_step_budget_is_shared_by_the_prompts_it_admits(model):
     assert stats.rows_decoded == 9 and stats.steps == 5  # every row's 3 tokens; the last one 2 steps after step 3
 
 
+def test_a_prompt_read_in_chunks_takes_its_share_of_the_budget_before_new_prompts(model):
+    """PREFILL_TOKENS 8: a 20-token prompt read over three steps leaves no room for a 4-token one until its last
+    chunk, so the short prompt's first token never comes before the long one's (a chunk that did not count
+    against the budget would let the short prompt in at step 2)."""
+    long, short = (PROMPTS[5] * 2)[:20], PROMPTS[2][:4]
+    params = SamplingParams(max_tokens=2, end_id=-1, temperature=0.0)
+    engine = engine_on(model, prefill_tokens=8)
+    try:
+        with engine._wake:
+            a, b = engine.submit(long, params), engine.submit(short, params)
+        assert a.wait(60) and b.wait(60)
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert a.first_token_at <= b.first_token_at
+    # chunks of 8, 7 and 5 (each costs at most what the first did, see ``Engine._chunk``); the short prompt takes
+    # the 1 token left at step 2 and its last 3 at step 3, so both decode their second token at step 4
+    assert (stats.steps, stats.prompt_chunks) == (4, 5)
+    assert (a.tokens, b.tokens) == (greedy_uncached(model, long, 2), greedy_uncached(model, short, 2))
+
+
 def test_a_row_that_stops_does_not_hold_back_the_rows_after_it(model):
     """The first row of a packed step ends on its end_id; the rows sampled after it in that step keep their
     token (one that lost it would stall and be read again: the same text, but a preemption and more steps)."""

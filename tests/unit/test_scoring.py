@@ -58,6 +58,21 @@ def test_prompt_log_probs_are_the_models_own(model, prefill_tokens):
     assert engine.stats.rows_decoded == 4  # scored positions are not counted as decoded rows
 
 
+def test_a_scored_prompt_whose_last_chunk_scores_one_position_keeps_it(model):
+    """9 tokens read in chunks of 7 and 2: the second chunk holds one position to score (the 8th; the 9th token's
+    logits predict nothing in the prompt)."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=4), VOCAB, EOS, prefill_tokens=7).start()
+    try:
+        g = run(engine, PROMPT[:9], max_tokens=0, return_prompt_log_probs=True)
+        chunks = engine.stats.prompt_chunks
+    finally:
+        engine.stop()
+    assert chunks == 2
+    expected = reference(model, PROMPT[:9])
+    assert g.prompt_logprobs == pytest.approx(expected[torch.arange(8), torch.tensor(PROMPT[1:9])].tolist(),
+                                              abs=1e-4)
+
+
 def test_scoring_alone_generates_nothing(model):
     engine = Engine(CachedGPT(model, ARCH, max_slots=4), VOCAB, EOS).start()
     try:
@@ -110,6 +125,27 @@ def test_scoring_rows_beside_others_change_no_text(model):
     expected = reference(model, PROMPT)
     assert gens[1].prompt_logprobs == pytest.approx(
         expected[torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])].tolist(), abs=1e-4)
+
+
+def test_a_scored_only_prompt_packed_with_generating_ones_leaves_them_their_tokens(model):
+    """max_tokens 0 (scoring) beside requests of 1 and 3 tokens in one step: the scored one ends at once with its
+    values, the others get the tokens they get alone (their rows must survive the scored row's removal)."""
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8), VOCAB, EOS).start()
+    try:
+        alone = [run(engine, PROMPT[:7], max_tokens=n).tokens for n in (1, 3)]
+        before = engine.stats.steps
+        with engine._wake:  # one step for all three
+            gens = [engine.submit(PROMPT[:7], SamplingParams(max_tokens=1, end_id=-1, temperature=0.0)),
+                    engine.submit(PROMPT[:12], SamplingParams(max_tokens=0, return_prompt_log_probs=True)),
+                    engine.submit(PROMPT[:7], SamplingParams(max_tokens=3, end_id=-1, temperature=0.0))]
+        assert all(g.wait(60) for g in gens)
+        steps = engine.stats.steps - before
+    finally:
+        engine.stop()
+    assert steps == 3  # the prompts, then the last request's second and third tokens: no row skipped a step
+    assert [g.error for g in gens] == [None] * 3
+    assert [gens[0].tokens, gens[2].tokens] == alone and gens[1].tokens == []
+    assert len(gens[1].prompt_logprobs) == 11
 
 
 def test_top_log_probs_limits():
