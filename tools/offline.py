@@ -21,7 +21,7 @@ from preprocessing.tokenizer import Tokenizer
 from triton_backend.config import ServerConfig
 from triton_backend.model.gpt import init_parallel
 from triton_backend.ranks.protocol import follow, make_group
-from triton_backend.server import engine_cpus, load_engine, load_gpt
+from triton_backend.server import engine_cpus, load_engine, load_gpt, set_threads
 
 BENCH_PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
@@ -60,6 +60,8 @@ def main() -> None:
     cfg = ServerConfig(**{**env_cfg.__dict__, **overrides,
                           "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")),
                           "max_slots": max(env_cfg.max_slots, *a.batch)})
+    set_threads(cfg)  # torch's threads as the server sets them (two threads on the engine's one pinned core
+    # ran a batch-1 step 3x slower)
     cpus = engine_cpus(cfg)  # before init_parallel, as the server does
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
     group = make_group(cfg.collective_timeout_s) if cfg.tensor_parallel > 1 else None

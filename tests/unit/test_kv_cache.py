@@ -86,23 +86,27 @@ def reference(q, keys, values, ends, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("alone", [False, True])  # three rows (per-row softmax) or the first alone (batch 1 path)
+TABLES = {"three": [[5, 1, 2], [5, 7], [5, 0, 9, 3]],  # per-row softmax, a shared block gathered for its readers
+          "alone": [[5, 1, 2]],  # the batch-1 path: the pool's first blocks read in place
+          "alone, far": [[5, 1, 99]]}  # one row whose blocks are too scattered to scan: every pair gathered
+
+
+@pytest.mark.parametrize("layout", list(TABLES))
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2)])
-def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, alone):
-    """Three sequences share their first block; one table is scattered. The result must be plain attention over
-    each sequence's own keys, whatever blocks hold them; a sequence decoding alone reads a scattered table too
-    (blocks of the pool it does not hold are masked out)."""
+def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, layout):
+    """Sequences whose blocks are shared and scattered. The result must be plain attention over each sequence's
+    own keys, whatever blocks hold them (blocks of the pool a row does not hold are masked out)."""
     from triton_backend.model.attention import PagedAttention
 
     g = torch.Generator().manual_seed(0)
     d, bs = 8, 4
-    c = cache(blocks=12, block_size=bs, groups=groups, head_dim=d)
+    c = cache(blocks=100, block_size=bs, groups=groups, head_dim=d)
     c.keys[0].normal_(generator=g)
     c.values[0].normal_(generator=g)
-    tables = [[5, 1, 2], [5, 7], [5, 0, 9, 3]][: 1 if alone else 3]
+    tables = TABLES[layout]
     positions = [9, 6, 14][: len(tables)]
     ctx = step(c, positions, [1] * len(tables), tables)
-    assert ctx.extra_blocks is None if alone else ctx.extra_blocks is not None
+    assert (ctx.extra_blocks is None) == (layout == "alone") and (ctx.span == 0) == (layout == "alone, far")
     n = len(tables)
     q = torch.randn(n, heads, d, generator=g)
     k, v = torch.randn(n, groups, d, generator=g), torch.randn(n, groups, d, generator=g)
