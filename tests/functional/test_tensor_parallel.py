@@ -34,9 +34,18 @@ def outputs(server):
 
 
 def assert_same(results, reference, label):
-    for got, want in zip(results, reference):
-        assert got.text == want.text, f"{label}: {got.text!r} != {want.text!r}"
-        assert got.output_log_probs == pytest.approx(want.output_log_probs, abs=2e-3), label
+    """Greedy requests: the same text and log-probs. Seeded sampled ones: the same, or the same log-probs for at
+    least their first 8 tokens and then parting. Another TP degree sums in another order, so the logits differ
+    in their last bits, and a draw that falls within that of the boundary between two tokens picks the other
+    one (docs/triton.md, "What a seed guarantees"); a TP fault changes the first tokens' log-probs by far more."""
+    for (_, params), got, want in zip(REQUESTS, results, reference):
+        if params["temperature"] == 0.0 or got.text == want.text:
+            assert got.text == want.text, f"{label}: {got.text!r} != {want.text!r}"
+            assert got.output_log_probs == pytest.approx(want.output_log_probs, abs=2e-3), label
+            continue
+        pairs = list(zip(got.output_log_probs, want.output_log_probs))
+        agree = next((i for i, (a, b) in enumerate(pairs) if abs(a - b) > 2e-3), len(pairs))
+        assert agree >= 8, f"{label}: a seeded text parted at token {agree}: {got.text!r} != {want.text!r}"
 
 
 def serve_and_collect(tmp_path, name, **env):
