@@ -71,15 +71,27 @@ class PagedAttention(MegatronModule):
     def attend(self, step: StepContext, q, k, v):
         """A cached step's attention for packed ``q`` [N, heads, d] and ``k``/``v`` [N, groups, d] (rotated here
         for rotary models); returns [N, heads * d]. ``functional.FunctionalGPT`` calls it directly."""
-        if self.rotary is not None:
-            q, k = self.rotary(q[:, None], step.positions)[:, 0], self.rotary(k[:, None], step.positions)[:, 0]
+        q, k = self.rotate(q, k, step.positions)
         return self._cached(step, q, k, v)
+
+    def rotate(self, q, k, positions):
+        """Packed ``q`` and ``k`` ([N, heads, d]) rotated to their ``positions`` ([1, N]); as they are for
+        models without rotary embeddings."""
+        if self.rotary is None:
+            return q, k
+        return self.rotary(q[:, None], positions)[:, 0], self.rotary(k[:, None], positions)[:, 0]
+
+    def store(self, cache, blocks, offsets, k, v):
+        """Write packed ``k``/``v`` ([N, groups, d]) to their ``blocks`` and ``offsets`` in this layer's part of
+        ``cache``; returns that part's keys and values."""
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
+        keys[blocks, :, offsets] = k  # indexed dims first: the target view is [N, groups, d]
+        values[blocks, :, offsets] = v
+        return keys, values
 
     def _cached(self, step: StepContext, q, k, v):
         """Attention for the packed tokens ``q``/``k``/``v`` ([N, heads, d]) of a step; returns [N, heads * d]."""
-        keys, values = step.cache.keys[self.layer_index], step.cache.values[self.layer_index]
-        keys[step.write_blocks, :, step.write_offsets] = k  # indexed dims first: the target view is [N, groups, d]
-        values[step.write_blocks, :, step.write_offsets] = v
+        keys, values = self.store(step.cache, step.write_blocks, step.write_offsets, k, v)
         if step.decode_index is not None and not step.prompts:
             return self._decode(step, q, keys, values)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

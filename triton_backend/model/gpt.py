@@ -136,10 +136,12 @@ class CachedGPT:
         self.max_len = min(max_len or arch.seq_length, arch.max_position_embeddings)
         self.max_slots = max_slots
         num_blocks = num_blocks or max_slots * -(-self.max_len // block_size)
+        # The step's fast path (functional.py) unless asked for Megatron's own forward or the model needs it.
+        why = functional.supported(model) if fast else None
+        fast = fast and why is None
         # graphs: "auto" replays decode steps as CUDA graphs on CUDA (graphs.py), "eager" runs the same
-        # static-shape steps without capture (the tests' way on CPU), "off" never
-        static = graphs == "eager" or (graphs == "auto" and param.device.type == "cuda")
-        static = static and fast and functional.supported(model) is None
+        # static-shape steps without capture (the tests' way on CPU), "off" never; both need the fast path
+        static = fast and (graphs == "eager" or (graphs == "auto" and param.device.type == "cuda"))
         self.cache = PagedKVCache(arch.num_layers, num_blocks, block_size, groups, head_dim, param.dtype,
                                   param.device, scratch=static)
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
@@ -148,14 +150,9 @@ class CachedGPT:
             model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
-        # The step's fast path (functional.py) unless asked for Megatron's own forward or the model needs it.
-        self.fast = None
-        if fast:
-            why = functional.supported(model)
-            if why is None:
-                self.fast = functional.FunctionalGPT(model)
-            else:
-                LOG.warning("Megatron's own forward runs every step (%s)", why)
+        if why is not None:
+            LOG.warning("Megatron's own forward runs every step (%s)", why)
+        self.fast = functional.FunctionalGPT(model) if fast else None
         self.graphs = None
         if static:
             self.graphs = DecodeGraphs(self.fast, self.cache, max_slots, -(-self.max_len // block_size),

@@ -80,12 +80,8 @@ def static_attend(cache, inputs: StaticInputs, mask: torch.Tensor):
     then attends over its gathered blocks. ``mask`` [B, 1, 1, M * block_size]: the keys each row may see."""
 
     def attend(attention, q, k, v):
-        if attention.rotary is not None:
-            pos = inputs.positions[None]
-            q, k = attention.rotary(q[:, None], pos)[:, 0], attention.rotary(k[:, None], pos)[:, 0]
-        keys, values = cache.keys[attention.layer_index], cache.values[attention.layer_index]
-        keys[inputs.write_blocks, :, inputs.write_offsets] = k
-        values[inputs.write_blocks, :, inputs.write_offsets] = v
+        q, k = attention.rotate(q, k, inputs.positions[None])
+        keys, values = attention.store(cache, inputs.write_blocks, inputs.write_offsets, k, v)
         rows, heads, d = q.shape
         _, groups, block_size, _ = keys.shape
         span = inputs.tables.shape[1] * block_size
