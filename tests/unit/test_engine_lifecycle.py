@@ -317,6 +317,34 @@ def test_drain_returns_as_soon_as_the_last_request_ends(start_engine):
     assert result == {"drained": True} and g.done
 
 
+def test_drain_returns_when_the_last_request_leaves_the_queue_without_running(start_engine):
+    """A request cancelled while it waits, the only one left: ``drain`` is woken when it leaves the queue (it
+    never runs, so no retirement wakes it), not by its grace period running out. A step hook on the engine thread
+    queues and cancels it, then holds the engine until ``drain`` is waiting."""
+    engine = start_engine()
+    queued, result, held = [], {}, threading.Event()
+    drainer = threading.Thread(target=lambda: result.setdefault("drained", engine.drain(120)))
+
+    def hook():
+        if queued or not first.done:
+            return
+        queued.append(engine.submit([5, 6, 7], SamplingParams(max_tokens=5, end_id=-1)))
+        engine.cancel(queued[0])
+        drainer.start()
+        wait_until(lambda: engine._closing, what="drain to begin")
+        with engine._wake:  # taken once drain waits (it holds the lock until then)
+            assert engine._waiting and not engine._running
+        held.set()
+
+    first = engine.submit([5, 6, 7], SamplingParams(max_tokens=1, end_id=-1))
+    engine.add_step_hook(hook)
+    assert first.wait(10)
+    assert held.wait(10)
+    drainer.join(30)  # a liveness bound far inside the grace: a drain that waited for it would still be here
+    assert result == {"drained": True}
+    assert queued[0].done and queued[0].finish_reason == "cancelled" and queued[0].tokens == []
+
+
 def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start_engine):
     import os
 
@@ -367,6 +395,30 @@ def test_a_failed_step_fails_every_row_in_it_and_counts_its_time(gpt, start_engi
         assert g.wait(10) and g.error.startswith("generation failed: OutOfMemoryError")
     assert engine.stats.requests_failed == 2 and not engine.stalled(0.0)
     assert 0 < engine.stats.step_seconds <= time.monotonic() - started
+
+
+class SlowSteps:
+    """The real model, each forward pass taking at least ``seconds`` more."""
+
+    def __init__(self, gpt, seconds: float):
+        self.gpt, self.seconds = gpt, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.gpt, name)
+
+    def forward(self, *args):
+        time.sleep(self.seconds)
+        return self.gpt.forward(*args)
+
+
+def test_the_busy_time_sums_every_step(gpt, start_engine):
+    """``step_seconds`` adds up the steps: six steps of at least 20 ms each are at least 120 ms (bounds that the
+    sleeps set, whatever the machine's speed)."""
+    engine = start_engine(SlowSteps(gpt, 0.02))
+    started = time.monotonic()
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=6, end_id=-1))
+    assert g.wait(10) and engine.stats.steps == 6
+    assert 6 * 0.02 <= engine.stats.step_seconds <= time.monotonic() - started
 
 
 def test_with_failures_fatal_a_failed_step_ends_the_engine(gpt, start_engine):

@@ -160,6 +160,86 @@ def test_a_row_that_stops_does_not_hold_back_the_rows_after_it(model):
     assert b.tokens == greedy_uncached(model, second, 8) and b.finish_reason == "length"
 
 
+class CountingSegments:
+    """The real model; counts the packed segments of more than one token that each forward pass runs."""
+
+    def __init__(self, gpt):
+        self.gpt, self.multi_token = gpt, 0
+
+    def __getattr__(self, name):
+        return getattr(self.gpt, name)
+
+    def forward(self, tokens, positions, last, lengths, *rest):
+        self.multi_token += int((lengths > 1).sum())
+        return self.gpt.forward(tokens, positions, last, lengths, *rest)
+
+
+def test_preempted_sequences_read_again_in_small_chunks_count_as_prompt_chunks(model):
+    """PREFILL_TOKENS 3 on the tight cache: past a prompt's first chunk (and for a preempted sequence read again)
+    a chunk costing no more than the first holds at most 2 tokens (``Engine._chunk``). Every segment of more than
+    one token that a step runs is part of a prompt or of a sequence read again, so ``prompt_chunks`` counts at
+    least as many (the resumed ones have generated tokens: a count that took a 2-token chunk of a row that has
+    generated for a decode would miss them). The texts are those of an ample cache."""
+    greedy = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.0)] * 8
+    ample = engine_on(model)
+    try:
+        expected = generate(ample, PROMPTS, greedy)
+    finally:
+        ample.stop()
+    counting = CountingSegments(CachedGPT(model, ARCH, max_slots=8, num_blocks=16, block_size=4))
+    engine = Engine(counting, VOCAB, EOS, prefill_tokens=3).start()
+    try:
+        assert generate(engine, PROMPTS, greedy) == expected
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert stats.preemptions > 0 and counting.multi_token > 0
+    assert stats.prompt_chunks >= counting.multi_token
+
+
+def test_sequences_that_end_on_their_last_block_are_not_preempted(model):
+    """Two sequences of 8 + 24 computed tokens fill the 16 blocks of 4 exactly: each decode takes the one slot it
+    writes, so nothing steps back (a reservation of two slots would preempt one at the last step)."""
+    prompts = [PROMPTS[1][:8], PROMPTS[4][:8]]
+    params = [SamplingParams(max_tokens=25, end_id=-1, temperature=0.0)] * 2
+    engine = engine_on(model, num_blocks=16, block_size=4)
+    try:
+        texts = generate(engine, prompts, params)
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert (stats.steps, stats.preemptions, stats.peak_running) == (25, 0, 2)
+    assert texts == [greedy_uncached(model, p, 25) for p in prompts]
+
+
+def test_prompts_that_hold_every_block_make_room_by_preempting_the_newest(model):
+    """PREFILL_TOKENS 32, 16 blocks of 4, prompts of 63, 20 and 20 tokens: the first takes 32 + 27 tokens, the
+    second the one block left, and then neither can read on (no sequence decodes). The newest steps back, once,
+    and every text is what the prompt gets alone."""
+    prompts = [(PROMPTS[5] * 5)[:63], (PROMPTS[6] * 2)[:20], (PROMPTS[7] * 2)[:20]]
+    params = [SamplingParams(max_tokens=1, end_id=-1, temperature=0.0)] * 3
+    engine = Engine(CachedGPT(model, ARCH, max_slots=8, num_blocks=16, block_size=4), VOCAB, EOS,
+                    prefill_tokens=32)
+    preempt, events = engine._preempt, []
+
+    def recording(row):  # who steps back, who runs, and whether any of them was decoding
+        events.append((gens.index(row.generation), [gens.index(r.generation) for r in engine._running],
+                       any(r.pending() == 1 for r in engine._running)))
+        preempt(row)
+
+    engine._preempt = recording
+    gens = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    engine.start()
+    try:
+        assert all(g.wait(60) for g in gens)
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert events == [(1, [0, 1], False)]
+    assert stats.preemptions == 1
+    assert [g.tokens for g in gens] == [greedy_uncached(model, p, 1) for p in prompts]
+
+
 @pytest.mark.parametrize("reserve", [False, True])
 def test_the_slot_layout_baseline_reserves_a_whole_context(model, reserve):
     """``reserve_context`` (the benchmark's slot-cache baseline) takes a whole context's blocks at admission;
