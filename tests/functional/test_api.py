@@ -306,6 +306,45 @@ def test_a_client_that_drops_a_stream_frees_its_sequence(server, api):
     assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).choices[0].text is not None
 
 
+def test_streams_to_triton_are_reused_one_request_at_a_time(server, ensemble):
+    """``TritonLink`` keeps a finished request's gRPC stream for the next one: each request gets its own text
+    (as the ensemble gives it), a stream left mid-way or ending in an error is cancelled, not kept, and a kept
+    stream that ended meanwhile is passed over without the request noticing."""
+    from api.triton import TritonError, TritonLink
+
+    greedy = {"max_tokens": 6, "temperature": 0.0}
+    prompts = [PROMPT, "A class definition", "The while loop"]
+    expected = [ensemble.generate(p, **greedy).text for p in prompts]
+
+    async def text(link, prompt, params=greedy):
+        return "".join([out.text async for out in link.stream(prompt, params)])
+
+    async def scenario():
+        link = TritonLink(server.grpc, timeout_s=60)
+        try:
+            texts = [await text(link, p) for p in prompts]
+            kept = link._idle[:]
+            assert len(kept) == 1  # one stream carried the three requests
+            together = await asyncio.gather(*(text(link, p) for p in prompts))  # three at once: three streams
+            assert len(link._idle) == 3 and kept[0] in link._idle
+            left = link.stream(PROMPT, {"max_tokens": 50, "end_id": -1})
+            await anext(left)
+            await left.aclose()  # left mid-way: its stream is cancelled, not kept
+            assert len(link._idle) == 2
+            with pytest.raises(TritonError) as refused:
+                await text(link, PROMPT, {"max_tokens": 4, "top_p": 3.0})
+            assert refused.value.field == "top_p" and len(link._idle) == 1  # it took one, which was closed
+            link._idle[0].close()  # a kept stream that ended meanwhile: the next request opens a new one
+            assert not link._idle[0].alive()
+            after = await text(link, prompts[0])
+            return texts, together, after
+        finally:
+            await link.close()
+
+    texts, together, after = asyncio.run(scenario())
+    assert texts == expected and together == expected and after == expected[0]
+
+
 JSON_VALUES = [None, True, 0, -1, 3.5, 1e300, "", "x" * 5000, "\udcff", [], [1, "a"], {}, {"a": 1}]
 
 
