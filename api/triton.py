@@ -73,7 +73,10 @@ class _Stream:
         self.responses = client.stream_infer(feed())
 
     def alive(self) -> bool:
-        return not self.responses._grpc_call.done()  # tritonclient keeps the grpc call it wraps here
+        """False once the stream has ended (closed here, or by Triton). tritonclient keeps the grpc call it wraps
+        as ``_grpc_call``; without it a stream counts as alive, and a dead one is replaced on its first read."""
+        call = getattr(self.responses, "_grpc_call", None)
+        return call is None or not call.done()
 
     def send(self, request: dict) -> None:
         self._requests.put_nowait(request)

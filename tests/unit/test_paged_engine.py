@@ -34,6 +34,15 @@ PROMPTS = [[3 + i, 20 + i, 7, 41 - i, 9] * (1 + i % 3) for i in range(8)]
 SEEDED = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.8, top_k=30, seed=100 + i) for i in range(8)]
 
 
+def on_ample_cache(model, params):
+    """The texts of ``PROMPTS`` with ``params`` on an engine with blocks to spare (nothing preempted)."""
+    ample = engine_on(model)
+    try:
+        return generate(ample, PROMPTS, params)
+    finally:
+        ample.stop()
+
+
 def test_sequences_preempted_for_blocks_resume_with_the_same_text(model):
     """16 blocks of 4 tokens hold one 64-token context: 8 sequences growing to 45-55 tokens must take turns.
     Preempted ones give their blocks back and are read again later; their text does not change: it is what an
@@ -181,11 +190,7 @@ def test_preempted_sequences_read_again_in_small_chunks_count_as_prompt_chunks(m
     least as many (the resumed ones have generated tokens: a count that took a 2-token chunk of a row that has
     generated for a decode would miss them). The texts are those of an ample cache."""
     greedy = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.0)] * 8
-    ample = engine_on(model)
-    try:
-        expected = generate(ample, PROMPTS, greedy)
-    finally:
-        ample.stop()
+    expected = on_ample_cache(model, greedy)
     counting = CountingSegments(CachedGPT(model, ARCH, max_slots=8, num_blocks=16, block_size=4))
     engine = Engine(counting, VOCAB, EOS, prefill_tokens=3).start()
     try:
@@ -265,11 +270,7 @@ def test_a_preempted_request_counts_as_waiting_and_can_be_cancelled(model):
     unfinished request is running or waiting), and one cancelled while preempted ends as cancelled, its blocks
     free, the others unaffected."""
     greedy = [SamplingParams(max_tokens=40, end_id=-1, temperature=0.0)] * 8
-    ample = engine_on(model)
-    try:
-        expected = generate(ample, PROMPTS, greedy)
-    finally:
-        ample.stop()
+    expected = on_ample_cache(model, greedy)
     engine = engine_on(model, num_blocks=16, block_size=4)
     seen, victim, first_preemption = [], [], []
 
