@@ -140,7 +140,8 @@ class TritonLink:
                     result, error = await anext(stream.responses)
                 except (grpc.RpcError, StopAsyncIteration, asyncio.CancelledError) as err:
                     if expired:
-                        raise TritonError(f"no answer within {self.timeout_s:g} s", "DEADLINE_EXCEEDED") from None
+                        raise TritonError(f"the request did not finish within {self.timeout_s:g} s",
+                                          "DEADLINE_EXCEEDED") from None
                     if isinstance(err, asyncio.CancelledError):
                         raise
                     if first and reused:  # an idle stream Triton closed meanwhile: once more on a new one

@@ -345,6 +345,31 @@ def test_streams_to_triton_are_reused_one_request_at_a_time(server, ensemble):
     assert texts == expected and together == expected and after == expected[0]
 
 
+def test_a_stream_past_the_link_deadline_is_cancelled(server):
+    """``TritonLink``'s deadline (``MAX_REQUEST_S`` in the API) ends a stream that runs past it with an error
+    that says so, cancels the generation in the engine and keeps no stream."""
+    from api.triton import TritonError, TritonLink
+
+    from .test_streaming import idle, settled_metrics
+
+    async def scenario():
+        link = TritonLink(server.grpc, timeout_s=0.5)
+        try:
+            parts = []
+            with pytest.raises(TritonError) as late:
+                async for out in link.stream(PROMPT, {"max_tokens": 200, "end_id": -1}):
+                    parts.append(out)
+                    await asyncio.sleep(0.01)  # a slow reader: 200 tokens take longer than the deadline
+            return parts, late.value, len(link._idle)
+        finally:
+            await link.close()
+
+    parts, error, kept = asyncio.run(scenario())
+    assert parts and not parts[-1].finish_reason  # it was under way
+    assert error.status == "DEADLINE_EXCEEDED" and "did not finish within 0.5 s" in error.message and kept == 0
+    assert idle(settled_metrics(server))
+
+
 JSON_VALUES = [None, True, 0, -1, 3.5, 1e300, "", "x" * 5000, "\udcff", [], [1, "a"], {}, {"a": 1}]
 
 
