@@ -353,20 +353,21 @@ def test_a_stream_past_the_link_deadline_is_cancelled(server):
     from .test_streaming import idle, settled_metrics
 
     async def scenario():
-        link = TritonLink(server.grpc, timeout_s=0.5)
+        link = TritonLink(server.grpc, timeout_s=0.3)
         try:
-            parts = []
+            stream = link.stream(PROMPT, {"max_tokens": 240, "end_id": -1})
+            parts = [await anext(stream)]
+            await asyncio.sleep(0.6)  # a reader that stalls past the deadline, whatever the machine's speed
             with pytest.raises(TritonError) as late:
-                async for out in link.stream(PROMPT, {"max_tokens": 200, "end_id": -1}):
+                async for out in stream:
                     parts.append(out)
-                    await asyncio.sleep(0.01)  # a slow reader: 200 tokens take longer than the deadline
             return parts, late.value, len(link._idle)
         finally:
             await link.close()
 
     parts, error, kept = asyncio.run(scenario())
     assert parts and not parts[-1].finish_reason  # it was under way
-    assert error.status == "DEADLINE_EXCEEDED" and "did not finish within 0.5 s" in error.message and kept == 0
+    assert error.status == "DEADLINE_EXCEEDED" and "did not finish within 0.3 s" in error.message and kept == 0
     assert idle(settled_metrics(server))
 
 
