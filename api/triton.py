@@ -130,12 +130,15 @@ class TritonLink:
         reused = bool(self._idle)
         stream = self._idle.pop() if reused else _Stream(self._client)
         stream.send(request)
-        finished, expired = False, []
-        # the deadline: cancel the stream (a timer, not ``asyncio.timeout``: the first response is awaited in
-        # another task than the rest)
-        deadline = asyncio.get_running_loop().call_later(self.timeout_s, lambda: (expired.append(1), stream.close()))
+        finished, expired = False, False
+
+        def expire():  # the deadline (a timer, not ``asyncio.timeout``: the first response is awaited in another
+            nonlocal expired  # task than the rest)
+            expired = True
+            stream.close()
+
+        deadline = asyncio.get_running_loop().call_later(self.timeout_s, expire)
         try:
-            first = True
             while True:
                 try:
                     result, error = await anext(stream.responses)
@@ -145,13 +148,13 @@ class TritonLink:
                                           "DEADLINE_EXCEEDED") from None
                     if isinstance(err, asyncio.CancelledError):
                         raise
-                    if first and reused:  # an idle stream Triton closed meanwhile: once more on a new one
+                    if reused:  # an idle stream Triton closed meanwhile, before any answer: once more on a new one
                         stream.close()
                         reused, stream = False, _Stream(self._client)
                         stream.send(request)
                         continue
                     raise TritonError(f"the stream to Triton ended: {err}", "UNAVAILABLE") from None
-                first = False
+                reused = False  # answered: a later failure is this request's
                 if error is not None:  # the stream is closed below, whatever of the request may follow
                     raise TritonError(error.message(), str(error.status()))
                 output = _output(result.as_numpy)
