@@ -1,6 +1,7 @@
-"""Time ``F.linear`` with a weight stored as Megatron does ([out, in], row-major) and column-major (GPT-2's
-``Conv1D`` layout), one torch thread, the weights cycled so that they come from memory as in a step
-(``model/functional.py`` picks the layout from these figures).
+"""Time a linear layer's product three ways: ``F.linear`` with the weight stored as Megatron does ([out, in],
+row-major), stored column-major (GPT-2's ``Conv1D`` layout), and MKL's packed GEMM over a packed copy of it
+(``torch.ops.mkl._mkl_linear``, what inductor's CPU freezing uses); one torch thread, the weights cycled so
+that they come from memory as in a step (``model/functional.py`` picks the layout from these figures).
 
     .venv/bin/python tools/linear_layouts.py [--copies 40]
 """
@@ -13,17 +14,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = ((1024, 256), (256, 1024), (4096, 256), (3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096))
+SHAPES = ((768, 256), (1024, 256), (256, 1024), (4096, 256), (3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096))
 
 
-def microseconds(x: torch.Tensor, weights: list[torch.Tensor], rounds: int = 5) -> float:
+def microseconds(product, x: torch.Tensor, weights: list, rounds: int = 5) -> float:
     for w in weights:
-        F.linear(x, w)
+        product(x, w)
     started = time.perf_counter()
     for _ in range(rounds):
         for w in weights:
-            F.linear(x, w)
+            product(x, w)
     return 1e6 * (time.perf_counter() - started) / rounds / len(weights)
+
+
+def packed_product(x: torch.Tensor, weight_and_pack) -> torch.Tensor:
+    weight, pack = weight_and_pack
+    return torch.ops.mkl._mkl_linear(x, pack, weight, None, x.shape[0])
 
 
 def main() -> None:
@@ -31,14 +37,18 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=40, help="distinct weights per shape, cycled")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("out x in | rows | row-major us | column-major us | row / column")
+    print("out x in | rows | row-major us | column-major us | packed us | row / column | row / packed")
     for out, inn in SHAPES:
         weights = [torch.randn(out, inn) for _ in range(args.copies)]
         columns = [w.t().contiguous().t() for w in weights]
+        packs = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, 1)) for w in weights]
         for rows in (1, 16, 64):
             x = torch.randn(rows, inn)
-            row, column = microseconds(x, weights), microseconds(x, columns)
-            print(f"{out} x {inn} | {rows} | {row:.0f} | {column:.0f} | {row / column:.2f}", flush=True)
+            row, column = microseconds(F.linear, x, weights), microseconds(F.linear, x, columns)
+            packed = microseconds(packed_product, x, packs)
+            print(f"{out} x {inn} | {rows} | {row:.0f} | {column:.0f} | {packed:.0f} | {row / column:.2f} | "
+                  f"{row / packed:.2f}", flush=True)
+        del weights, columns, packs
 
 
 if __name__ == "__main__":

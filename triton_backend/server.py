@@ -25,6 +25,7 @@ import torch
 from triton_backend import checkpoints
 from triton_backend.config import ROOT, ServerConfig
 from triton_backend.engine.engine import Engine
+from triton_backend.model import functional
 from triton_backend.model.gpt import (
     CacheBudgetError,
     CachedGPT,
@@ -55,7 +56,9 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
     max_len = min(arch.seq_length, arch.max_position_embeddings)
     per_token = kv_bytes_per_token(arch, cfg.tensor_parallel, DTYPES[cfg.dtype])
     block = CachedGPT.BLOCK_SIZE
-    blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, kv_budget(cfg))
+    # the fast path's packed weights are made after the cache: their memory is not there to take
+    packing = functional.packed_bytes(model) if cfg.compile and functional.supported(model) is None else 0
+    blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, kv_budget(cfg, packing))
     if torch.distributed.get_world_size() > 1:  # every rank must hold the same blocks
         agreed = torch.tensor([blocks], device=cfg.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
@@ -67,16 +70,18 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
                      graphs="auto" if cfg.cuda_graphs else "off")
 
 
-def kv_budget(cfg: ServerConfig) -> int:
+def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:
     """Bytes the KV cache may take on this rank: KV_CACHE_MB, else a share of the memory free after the weights
-    (on CPU shared with the job's other ranks on this machine)."""
+    (on CPU shared with the job's other ranks on this machine, and less the ``pending_bytes`` the model will
+    still take: its packed weights)."""
     if cfg.kv_cache_mb:
         return cfg.kv_cache_mb * 2**20
     if cfg.device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return int(free * KV_SHARE_OF_FREE_MEMORY)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return int(psutil.virtual_memory().available * KV_SHARE_OF_AVAILABLE_RAM / local_ranks)
+    available = psutil.virtual_memory().available - pending_bytes * local_ranks
+    return int(max(0, available) * KV_SHARE_OF_AVAILABLE_RAM / local_ranks)
 
 
 def set_threads(cfg: ServerConfig) -> None:

@@ -64,3 +64,19 @@ def test_every_variable_is_in_the_readme_table():
     table = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index("## Configuration") + 1)]
     missing = [_variable(f.name) for f in dataclasses.fields(ServerConfig) if f"`{_variable(f.name)}`" not in table]
     assert not missing, f"not in the README's configuration table: {missing}"
+
+
+def test_the_cpu_kv_budget_leaves_out_what_the_packed_weights_will_take(monkeypatch):
+    import collections
+
+    from triton_backend import server
+
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(server.psutil, "virtual_memory", lambda: memory(10 * 2**30))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = ServerConfig.from_env({"DEVICE": "cpu"})
+    assert server.kv_budget(cfg) == 5 * 2**30  # half of what is available
+    assert server.kv_budget(cfg, pending_bytes=2 * 2**30) == 4 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine, each packing its shard
+    assert server.kv_budget(cfg, pending_bytes=2 * 2**30) == int(1.5 * 2**30)
+    assert server.kv_budget(ServerConfig.from_env({"DEVICE": "cpu", "KV_CACHE_MB": "64"}), 2**30) == 64 * 2**20

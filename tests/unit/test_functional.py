@@ -1,7 +1,8 @@
 """The step's fast path (``model/functional.py``) against Megatron's own forward over the same weights and cache:
-the same logits, bit for bit, for the same packed steps, and the same tokens and log-probs through the engine, at
-TP 1 and 2; and the static-shape decode steps that CUDA graphs replay (``model/graphs.py``, run eagerly here)
-against the eager path."""
+with every product by ``F.linear`` (``unpacked``), the same logits, bit for bit, for the same packed steps, and the
+same tokens and log-probs through the engine, at TP 1 and 2; with MKL's packed weights (the default on CPU), the
+same greedy tokens and log-probs to rounding; and the static-shape decode steps that CUDA graphs replay
+(``model/graphs.py``, run eagerly here) against the eager path."""
 
 import logging
 
@@ -28,6 +29,12 @@ def arch_and_model(request):
     return arch, model
 
 
+@pytest.fixture
+def unpacked(monkeypatch):
+    """The fast path without packed weights: its products are then Megatron's ``F.linear``, bit for bit."""
+    monkeypatch.setattr(functional, "_packs", lambda weight, output: False)
+
+
 def greedy(gpt, arch, prompts, prefill_tokens=256, max_tokens=12):
     engine = Engine(gpt, VOCAB, EOS, prefill_tokens=prefill_tokens).start()
     try:
@@ -49,7 +56,7 @@ def test_both_test_models_take_the_fast_path(arch_and_model):
 
 
 @pytest.mark.parametrize("prefill_tokens", [256, 5])  # whole prompts, or chunks of 5 beside the decodes
-def test_fast_and_megatron_forward_generate_the_same(arch_and_model, prefill_tokens):
+def test_fast_and_megatron_forward_generate_the_same(arch_and_model, prefill_tokens, unpacked):
     arch, model = arch_and_model
     # block_size 4: the prompts and their continuations cross many blocks
     fast = greedy(CachedGPT(model, arch, max_slots=4, block_size=4), arch, PROMPTS, prefill_tokens)
@@ -60,7 +67,7 @@ def test_fast_and_megatron_forward_generate_the_same(arch_and_model, prefill_tok
         assert logprobs == want_logprobs and top == want_top
 
 
-def test_fast_step_logits_equal_megatrons(arch_and_model):
+def test_fast_step_logits_equal_megatrons(arch_and_model, unpacked):
     """One packed step of two prompts, then one of their two decodes: the logits of the rows asked for."""
     arch, model = arch_and_model
     fast, megatron = (CachedGPT(model, arch, max_slots=2, block_size=4, fast=f) for f in (True, False))
@@ -80,6 +87,65 @@ def test_fast_step_logits_equal_megatrons(arch_and_model):
                           table_lengths) for gpt in (fast, megatron)]
     assert torch.equal(decode[0], decode[1])
     assert not torch.equal(decode[0][0], decode[0][1])
+
+
+@pytest.mark.parametrize("prefill_tokens", [256, 5])
+def test_packed_weights_generate_megatrons_tokens(arch_and_model, prefill_tokens):
+    """The output layer (a shared embedding table) gets both packed copies; the test models' layers are narrow,
+    so they keep ``F.linear``. Greedy tokens and top alternatives as Megatron's, log-probs to rounding."""
+    arch, model = arch_and_model
+    packed = CachedGPT(model, arch, max_slots=4, block_size=4)
+    output, fc1 = packed.fast.output, packed.fast.layers[0].fc1
+    assert output.few is not None and output.many is not None and fc1.few is None and fc1.many is None
+    fast = greedy(packed, arch, PROMPTS, prefill_tokens)
+    megatron = greedy(CachedGPT(model, arch, max_slots=4, block_size=4, fast=False), arch, PROMPTS, prefill_tokens)
+    assert len({tuple(tokens) for tokens, _, _ in fast}) == len(PROMPTS)
+    for (tokens, logprobs, top), (want_tokens, want_logprobs, want_top) in zip(fast, megatron):
+        assert tokens == want_tokens
+        assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+        assert [ids for ids, _ in top] == [ids for ids, _ in want_top]
+        for (_, values), (_, want_values) in zip(top, want_top):
+            assert values == pytest.approx(want_values, abs=1e-5)
+
+
+def test_packed_bytes_count_two_copies_of_each_packed_weight(arch_and_model):
+    arch, model = arch_and_model
+    output = model.shared_embedding_or_output_weight()
+    assert functional.packed_bytes(model) == 2 * output.numel() * 4  # the test models' layers are narrow
+
+
+def test_each_row_count_goes_to_its_kernel():
+    """One row: the weight itself; 2 to MANY_ROWS rows: oneDNN's copy; more: MKL's (copies of 2x and 3x the
+    weight here, so that the product says which ran)."""
+    weight = torch.randn(600, 520)
+    linear = functional._Linear(weight, few=torch.ops.mkldnn._reorder_linear_weight(2 * weight, 16),
+                                many=torch.ops.mkl._mkl_reorder_linear_weight(3 * weight, 1))
+    for rows, factor in ((1, 1), (2, 2), (functional.MANY_ROWS, 2), (functional.MANY_ROWS + 1, 3)):
+        x = torch.randn(rows, 520)
+        assert torch.allclose(linear(x), factor * x @ weight.t(), rtol=1e-4, atol=1e-3), rows
+    x = torch.randn(functional.MANY_ROWS + 1, 520)
+    assert torch.allclose(functional._Linear(weight, few=linear.few)(x), 2 * x @ weight.t(), rtol=1e-4, atol=1e-3)
+
+
+def test_a_packed_copy_that_disagrees_or_cannot_be_made_is_left_out_with_one_log_line(monkeypatch, caplog):
+    weight = torch.randn(600, 520)
+    both = functional._pack(weight)  # both sides over NARROW_SIDE
+    assert both.few is not None and both.many is not None
+    wrong = torch.ops.mkl._mkl_reorder_linear_weight(weight * 2, 1)
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", lambda w, batch: wrong)
+
+    def no_onednn(w, batch):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_onednn)
+    with caplog.at_level(logging.WARNING, logger="triton_backend.model.functional"):
+        linear = functional._pack(weight)
+    assert linear.few is None and linear.many is None
+    x = torch.randn(60, 520)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, weight))
+    assert [r.getMessage() for r in caplog.records] == [
+        "no oneDNN packed copy of a (600, 520) weight: no oneDNN here",
+        "MKL's packed product disagrees with F.linear on a (600, 520) weight: it runs unpacked"]
 
 
 def test_a_model_the_fast_path_does_not_cover_runs_megatrons_forward_with_one_log_line(caplog):
@@ -141,8 +207,8 @@ def test_a_failing_static_step_falls_back_to_the_eager_path_with_one_log_line(ca
 
 
 def _tp_rank(rank: int, port: int, queue) -> None:
-    """One rank of a TP=2 job: the engine runs the same prompts with the fast path, then with Megatron's forward,
-    then (GPT architecture) with static decode steps."""
+    """One rank of a TP=2 job: the engine runs the same prompts with the fast path unpacked, then with Megatron's
+    forward, then with the fast path's packed weights, then (GPT architecture) with static decode steps."""
     import os
 
     import torch.distributed as dist
@@ -154,12 +220,16 @@ def _tp_rank(rank: int, port: int, queue) -> None:
                       MASTER_PORT=str(port))
     init_parallel(2, "cpu", timeout_s=120)
     results = []
+    packs = functional._packs
     for arch in (ARCH, ROTARY_ARCH):
         torch.manual_seed(rank)
         model = build_model(arch, init_method_std=0.2, tensor_parallel=2).eval()
-        for fast, static in ((True, "off"), (False, "off")) + (((True, "eager"),) if arch is ARCH else ()):
+        runs = ((True, "off", False), (False, "off", False), (True, "off", True))
+        for fast, static, pack in runs + (((True, "eager", True),) if arch is ARCH else ()):
+            functional._packs = packs if pack else (lambda weight, output: False)
             gpt = CachedGPT(model, arch, max_slots=4, block_size=4, fast=fast, graphs=static)
             assert (gpt.fast is not None) == fast and (gpt.graphs is not None) == (static == "eager")
+            assert not fast or (gpt.fast.output.many is not None) == pack
             if rank == 0:
                 # the engine's stop tells the follower to shut down
                 results.append(greedy(Leader(gpt), arch, PROMPTS, prefill_tokens=8, max_tokens=8))
@@ -171,10 +241,13 @@ def _tp_rank(rank: int, port: int, queue) -> None:
 
 
 def test_fast_and_megatron_forward_generate_the_same_at_tp2():
-    gpt_fast, gpt_megatron, gpt_static, rotary_fast, rotary_megatron = run_two_ranks(_tp_rank)
+    runs = run_two_ranks(_tp_rank)
+    gpt_fast, gpt_megatron, gpt_packed, gpt_static, rotary_fast, rotary_megatron, rotary_packed = runs
     assert [tokens for tokens, _, _ in gpt_static] == [tokens for tokens, _, _ in gpt_fast]
-    for fast, megatron in ((gpt_fast, gpt_megatron), (rotary_fast, rotary_megatron)):
+    for fast, megatron, packed in ((gpt_fast, gpt_megatron, gpt_packed), (rotary_fast, rotary_megatron, rotary_packed)):
         assert len({tuple(tokens) for tokens, _, _ in fast}) == len(PROMPTS)
-        for (tokens, logprobs, _), (want_tokens, want_logprobs, _) in zip(fast, megatron):
-            assert tokens == want_tokens
+        for (tokens, logprobs, _), (want_tokens, want_logprobs, _), (packed_tokens, packed_logprobs, _) \
+                in zip(fast, megatron, packed):
+            assert tokens == want_tokens == packed_tokens
             assert logprobs == want_logprobs
+            assert packed_logprobs == pytest.approx(want_logprobs, abs=1e-5)

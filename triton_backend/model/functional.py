@@ -18,12 +18,15 @@ model runs Megatron's forward instead, with one log line.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .attention import PagedAttention
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -40,18 +43,36 @@ class _Norm:
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
+class _Linear:
+    """``F.linear(x, weight)`` without a bias, by the kernel that is fastest on this CPU for ``x``'s row count
+    (``_pack``): the weight itself for one row, oneDNN's product over a copy of it in oneDNN's blocked layout up to
+    ``MANY_ROWS`` rows, MKL's packed GEMM over a copy packed for MKL beyond. A missing copy falls back to the next
+    kernel that has one, and to ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, few: torch.Tensor | None = None, many: torch.Tensor | None = None):
+        self.weight, self.few, self.many = weight, few, many
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows > MANY_ROWS and self.many is not None:
+            return torch.ops.mkl._mkl_linear(x, self.many, self.weight, None, rows)
+        if rows > 1 and self.few is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.few, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
 @dataclasses.dataclass
 class _Layer:
     input_norm: _Norm
-    qkv_weight: torch.Tensor
+    qkv: _Linear
     qkv_bias: torch.Tensor | None
     attention: PagedAttention
-    proj_weight: torch.Tensor
+    proj: _Linear
     proj_bias: torch.Tensor | None
     mlp_norm: _Norm
-    fc1_weight: torch.Tensor
+    fc1: _Linear
     fc1_bias: torch.Tensor | None
-    fc2_weight: torch.Tensor
+    fc2: _Linear
     fc2_bias: torch.Tensor | None
 
 
@@ -97,19 +118,84 @@ def supported(model) -> str | None:
     return None
 
 
-# Weights with a side at most this long are stored column-major on CPU (``_cpu_layout``).
+# Weights with a side at most this long are stored column-major on CPU (``_cpu_layout``); the others, and the
+# output layer, get packed copies for products of several rows (``_pack``), MKL's beyond MANY_ROWS rows.
 NARROW_SIDE = 512
+MANY_ROWS = 48
 
 
 def _cpu_layout(weight: torch.Tensor) -> None:
     """Store a narrow CPU weight column-major ([out, in] with strides (1, out), GPT-2's ``Conv1D`` layout), in place:
     the same parameter, values and memory, so Megatron's modules read it too. On this machine's CPU ``F.linear``
-    with such a weight ran 1.1-1.6x faster at the demo model's shapes (a side of 256) at 1, 16 and 64 rows and
-    5-15 % slower at gpt-350m's (1024 and up) at 16 and 64 rows (``tools/linear_layouts.py``); CUDA's GEMMs take
-    either layout at full speed, so only CPU weights move."""
+    with such a weight ran 1.1-1.6x faster at the demo model's shapes (a side of 256) at 1, 16 and 64 rows, and
+    about as fast as a packed copy (``tools/linear_layouts.py``); CUDA's GEMMs take either layout at full speed,
+    so only CPU weights move."""
     if weight.device.type == "cpu" and weight.dim() == 2 and min(weight.shape) <= NARROW_SIDE \
             and weight.stride() == (weight.shape[1], 1):
         weight.data = weight.data.t().contiguous().t()
+
+
+def _packs(weight: torch.Tensor, output: bool) -> bool:
+    """Whether ``_pack`` makes packed copies of this weight: a float32 CPU weight that stays row-major (both sides
+    over ``NARROW_SIDE``), or the output layer's (the vocabulary's rows: a table shared with the embedding must
+    keep them for the lookups)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
+        and (output or min(weight.shape) > NARROW_SIDE)
+
+
+def packed_bytes(model) -> int:
+    """Memory the fast path's packed copies of ``model``'s weights take (two per weight, each about its size),
+    for the KV cache's budget."""
+    return sum(2 * w.numel() * w.element_size() for w, output in _linear_weights(model) if _packs(w, output))
+
+
+def _linear_weights(model):
+    """(weight, is the output layer's) of every linear layer the fast path multiplies by."""
+    for layer in model.decoder.layers:
+        a, m = layer.self_attention, layer.mlp
+        for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
+            yield linear.weight, False
+    yield _output_weight(model), True
+
+
+def _output_weight(model) -> torch.Tensor:
+    return (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+            else model.output_layer.weight)
+
+
+def _pack(weight: torch.Tensor, output: bool = False) -> _Linear:
+    """The product by ``weight``, through packed copies of it where ``_packs`` says so.
+
+    Why: a GEMM reorders its weight operand into the blocked layout its kernel reads before it multiplies, on
+    every call; a copy in that layout, made once at load, saves it. Measured with the weights coming from memory
+    as in a step (``tools/linear_layouts.py``, gpt-350m's shapes and the demo model's output layer): oneDNN's
+    product over its reordered copy (``torch.ops.mkldnn``, what inductor's CPU freezing emits) ran 1.3-1.7x
+    faster than ``F.linear`` at 4 to 32 rows; MKL's packed GEMM (``cblas_sgemm_compute``) 1.3-1.5x at 64, where
+    oneDNN's gains little; at one row ``F.linear`` is as fast as either. Each copy costs memory about the
+    weight's size (``packed_bytes``); Megatron's modules keep reading the parameter itself. A copy whose product
+    does not reproduce ``F.linear`` on a probe (to rounding: the kernels sum in another order) is dropped with a
+    log line, and so is one a torch build cannot make.
+    """
+    if not _packs(weight, output):
+        return _Linear(weight)
+    w = weight.detach()
+    makers = {"few": ("oneDNN", lambda: torch.ops.mkldnn._reorder_linear_weight(w, 16)),
+              "many": ("MKL", lambda: torch.ops.mkl._mkl_reorder_linear_weight(w, 1))}
+    copies = {}
+    for name, (library, make) in makers.items():
+        try:
+            copy = make()
+        except (RuntimeError, AttributeError) as err:  # a torch built without the library
+            LOG.warning("no %s packed copy of a %s weight: %s", library, tuple(weight.shape), err)
+            continue
+        rows = MANY_ROWS + 1 if name == "many" else 2
+        probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        if torch.allclose(_Linear(weight, **{name: copy})(probe), F.linear(probe, weight), rtol=1e-4, atol=1e-4):
+            copies[name] = copy
+        else:
+            LOG.warning("%s's packed product disagrees with F.linear on a %s weight: it runs unpacked", library,
+                        tuple(weight.shape))
+    return _Linear(weight, **copies)
 
 
 def _biased(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,22 +224,21 @@ class FunctionalGPT:
         self.layers = []
         for layer in model.decoder.layers:
             a, m = layer.self_attention, layer.mlp
+            for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
+                _cpu_layout(linear.weight)
             self.layers.append(_Layer(
-                _norm(layer.input_layernorm), a.linear_qkv.weight, a.linear_qkv.bias, a.core_attention,
-                a.linear_proj.weight, a.linear_proj.bias, _norm(layer.pre_mlp_layernorm),
-                m.linear_fc1.weight, m.linear_fc1.bias, m.linear_fc2.weight, m.linear_fc2.bias))
+                _norm(layer.input_layernorm), _pack(a.linear_qkv.weight), a.linear_qkv.bias, a.core_attention,
+                _pack(a.linear_proj.weight), a.linear_proj.bias, _norm(layer.pre_mlp_layernorm),
+                _pack(m.linear_fc1.weight), m.linear_fc1.bias, _pack(m.linear_fc2.weight), m.linear_fc2.bias))
         a = model.decoder.layers[0].self_attention
         self.groups = a.num_query_groups_per_partition
         self.heads = a.num_attention_heads_per_partition
         self.head_dim = a.hidden_size_per_attention_head
         self.final_norm = _norm(model.decoder.final_layernorm)
-        self.output = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                       else model.output_layer.weight)
-        for layer in self.layers:
-            for weight in (layer.qkv_weight, layer.proj_weight, layer.fc1_weight, layer.fc2_weight):
-                _cpu_layout(weight)
-        if self.output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
-            _cpu_layout(self.output)
+        output = _output_weight(model)
+        if output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
+            _cpu_layout(output)
+        self.output = _pack(output, output=True)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over tensor-parallel ranks (Megatron's ``reduce_from_tensor_model_parallel_region``)."""
@@ -161,9 +246,9 @@ class FunctionalGPT:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: _Linear, bias: torch.Tensor | None) -> torch.Tensor:
         """A row-parallel linear layer: each rank's partial product, summed over the ranks, then the bias."""
-        return _biased(self._reduce(F.linear(x, weight)), bias)
+        return _biased(self._reduce(linear(x)), bias)
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.tp > 1:  # this rank holds embeddings vocab_start .. vocab_end: the others contribute zeros
@@ -179,19 +264,19 @@ class FunctionalGPT:
     def _attention(self, layer: _Layer, x: torch.Tensor, attend) -> torch.Tensor:
         n = x.shape[0]
         per_group = self.heads // self.groups
-        qkv = _biased(F.linear(x, layer.qkv_weight), layer.qkv_bias).view(n, self.groups, -1)
+        qkv = _biased(layer.qkv(x), layer.qkv_bias).view(n, self.groups, -1)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         out = attend(layer.attention, q.reshape(n, self.heads, self.head_dim), k, v)
-        return self._row_parallel(out, layer.proj_weight, layer.proj_bias)
+        return self._row_parallel(out, layer.proj, layer.proj_bias)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        h = _biased(F.linear(x, layer.fc1_weight), layer.fc1_bias)  # column-parallel: this rank's bias shard
+        h = _biased(layer.fc1(x), layer.fc1_bias)  # column-parallel: this rank's bias shard
         if self.gated:
             gate, linear = h.chunk(2, dim=-1)
             h = self.activation(gate) * linear
         else:
             h = self.activation(h)
-        return self._row_parallel(h, layer.fc2_weight, layer.fc2_bias)
+        return self._row_parallel(h, layer.fc2, layer.fc2_bias)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step, rows: torch.Tensor) -> torch.Tensor:
         return self.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows)
@@ -205,4 +290,4 @@ class FunctionalGPT:
             x = x + out
             out = self._mlp(layer, layer.mlp_norm(x))
             x = x + out
-        return F.linear(self.final_norm(x if rows is None else x[rows]), self.output)
+        return self.output(self.final_norm(x if rows is None else x[rows]))
