@@ -107,15 +107,8 @@ def _edits(row: RowSampler) -> bool:
 
 def model_log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The model's own log-probabilities over the real vocabulary (before temperature, penalties and
-    truncation), as ``sample`` reports them; Megatron's padding ids get -inf."""
-    return torch.log_softmax(_without_padding(logits, vocab_size), dim=1)
-
-
-def _without_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A copy of ``logits`` whose ids at or above ``vocab_size`` (Megatron's vocabulary padding) are -inf."""
-    logits = logits.clone()
-    logits[:, vocab_size:] = NEG_INF
-    return logits
+    truncation), as ``sample`` reports them: [rows, vocab_size], Megatron's padding ids left out."""
+    return torch.log_softmax(logits[:, :vocab_size], dim=1)
 
 
 def alternatives(log_probs: torch.Tensor, counts: list[int]) -> list[tuple[list[int], list[float]]]:
