@@ -1,7 +1,8 @@
-"""Time a linear layer's product three ways: ``F.linear`` with the weight stored as Megatron does ([out, in],
-row-major), stored column-major (GPT-2's ``Conv1D`` layout), and MKL's packed GEMM over a packed copy of it
-(``torch.ops.mkl._mkl_linear``, what inductor's CPU freezing uses); one torch thread, the weights cycled so
-that they come from memory as in a step (``model/functional.py`` picks the layout from these figures).
+"""Time a linear layer's product four ways: ``F.linear`` with the weight stored as Megatron does ([out, in],
+row-major), stored column-major (GPT-2's ``Conv1D`` layout), oneDNN's product over a copy in its blocked layout
+(``torch.ops.mkldnn._linear_pointwise``) and MKL's packed GEMM over a packed copy (``torch.ops.mkl._mkl_linear``),
+the ops inductor's CPU freezing emits; one torch thread, the weights cycled so that they come from memory as in
+a step (``model/functional.py`` picks the layout and kernel from these figures).
 
     .venv/bin/python tools/linear_layouts.py [--copies 40]
 """
@@ -27,9 +28,13 @@ def microseconds(product, x: torch.Tensor, weights: list, rounds: int = 5) -> fl
     return 1e6 * (time.perf_counter() - started) / rounds / len(weights)
 
 
-def packed_product(x: torch.Tensor, weight_and_pack) -> torch.Tensor:
+def mkl_product(x: torch.Tensor, weight_and_pack) -> torch.Tensor:
     weight, pack = weight_and_pack
     return torch.ops.mkl._mkl_linear(x, pack, weight, None, x.shape[0])
+
+
+def onednn_product(x: torch.Tensor, blocked) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
 
 
 def main() -> None:
@@ -37,18 +42,19 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=40, help="distinct weights per shape, cycled")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("out x in | rows | row-major us | column-major us | packed us | row / column | row / packed")
+    print("out x in | rows | row-major us | column-major us | oneDNN us | MKL packed us | row-major / best other")
     for out, inn in SHAPES:
         weights = [torch.randn(out, inn) for _ in range(args.copies)]
         columns = [w.t().contiguous().t() for w in weights]
+        blocked = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
         packs = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, 1)) for w in weights]
-        for rows in (1, 16, 64):
+        for rows in (1, 4, 16, 32, 64):
             x = torch.randn(rows, inn)
             row, column = microseconds(F.linear, x, weights), microseconds(F.linear, x, columns)
-            packed = microseconds(packed_product, x, packs)
-            print(f"{out} x {inn} | {rows} | {row:.0f} | {column:.0f} | {packed:.0f} | {row / column:.2f} | "
-                  f"{row / packed:.2f}", flush=True)
-        del weights, columns, packs
+            onednn, mkl = microseconds(onednn_product, x, blocked), microseconds(mkl_product, x, packs)
+            print(f"{out} x {inn} | {rows} | {row:.0f} | {column:.0f} | {onednn:.0f} | {mkl:.0f} | "
+                  f"{row / min(column, onednn, mkl):.2f}", flush=True)
+        del weights, columns, blocked, packs
 
 
 if __name__ == "__main__":
