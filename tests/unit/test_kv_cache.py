@@ -1,5 +1,5 @@
-"""The paged KV cache: the step plan (where tokens write, which blocks decodes read) and the paged attention
-against plain softmax attention over each sequence's keys."""
+"""The paged KV cache: the step plan (where tokens write, which blocks decodes read) and the paged attention, by
+torch operations and by the CPU kernel, against plain softmax attention over each sequence's keys."""
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ def cache(blocks=16, block_size=4, groups=1, head_dim=2, layers=1, dtype=torch.f
     return PagedKVCache(layers, blocks, block_size, groups, head_dim, dtype, "cpu")
 
 
-def step(c, positions, lengths, tables):
+def step(c, positions, lengths, tables, pairs=True):
     flat = [b for t in tables for b in t]
-    return plan(c, torch.tensor(positions), lengths, flat, [len(t) for t in tables])
+    return plan(c, torch.tensor(positions), lengths, flat, [len(t) for t in tables], pairs=pairs)
 
 
 def test_tokens_write_to_their_block_and_offset():
@@ -91,11 +91,13 @@ TABLES = {"three": [[5, 1, 2], [5, 7], [5, 0, 9, 3]],  # per-row softmax, a shar
           "alone, far": [[5, 1, 99]]}  # one row whose blocks are too scattered to scan: every pair gathered
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("layout", list(TABLES))
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2)])
-def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, layout):
+def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, layout, kernel):
     """Sequences whose blocks are shared and scattered. The result must be plain attention over each sequence's
-    own keys, whatever blocks hold them (blocks of the pool a row does not hold are masked out)."""
+    own keys, whatever blocks hold them (blocks of the pool a row does not hold are masked out); by torch
+    operations over (row, block) pairs, and by the CPU kernel over each row's own table."""
     from triton_backend.model.attention import PagedAttention
 
     g = torch.Generator().manual_seed(0)
@@ -105,8 +107,12 @@ def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups,
     c.values[0].normal_(generator=g)
     tables = TABLES[layout]
     positions = [9, 6, 14][: len(tables)]
-    ctx = step(c, positions, [1] * len(tables), tables)
-    assert (ctx.extra_blocks is None) == (layout == "alone") and (ctx.span == 0) == (layout == "alone, far")
+    ctx = step(c, positions, [1] * len(tables), tables, pairs=not kernel)
+    if kernel:  # no pairs: each row's table and the keys it sees
+        assert ctx.pair_rows is None and ctx.lengths.tolist() == [p + 1 for p in positions]
+        assert [ctx.tables[start:start + len(t)].tolist() for start, t in zip(ctx.table_starts, tables)] == tables
+    else:
+        assert (ctx.extra_blocks is None) == (layout == "alone") and (ctx.span == 0) == (layout == "alone, far")
     n = len(tables)
     q = torch.randn(n, heads, d, generator=g)
     k, v = torch.randn(n, groups, d, generator=g), torch.randn(n, groups, d, generator=g)

@@ -65,6 +65,12 @@ class StepContext:
     valid: torch.Tensor | None  # [span + extra, block_size]
     prompts: list[PromptChunk]
     bias: torch.Tensor | None = None  # [span + extra, 1, 1, block_size]: 0 where ``valid``, else -inf
+    # The decode rows' own tables on the host, for the CPU kernel (``model/decode_kernel.py``), which reads each
+    # row's blocks itself: row i's block ids start at ``tables[table_starts[i]]``, it sees ``lengths[i]`` keys.
+    # When a step is planned for the kernel only (``plan(pairs=False)``), the pair fields above stay unset.
+    tables: np.ndarray | None = None
+    table_starts: np.ndarray | None = None  # [n]
+    lengths: np.ndarray | None = None  # [n]
 
 
 # Read in place while the pool's used range is at most this many times the blocks the decodes read (plus a
@@ -72,12 +78,14 @@ class StepContext:
 SPAN_SLACK = 2
 
 
-def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths) -> StepContext:
+def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths,
+         pairs: bool = True) -> StepContext:
     """The step for packed tokens at ``positions`` ([N]), in segments of ``lengths`` (one per sequence, in
     packed order); sequence i's block table is the next ``table_lengths[i]`` entries of ``tables``. A segment of
     one token is a decode (it may also be a one-token prompt); a longer one a prompt chunk. Raises
     ``ValueError`` on a malformed step. Vectorised with numpy: at 64 rows a loop over tokens and blocks cost
-    more than the attention it plans."""
+    more than the attention it plans. ``pairs``: plan the decodes' (row, block) pairs for the torch attention
+    (not needed where the CPU kernel reads the tables)."""
     bs, device = cache.block_size, positions.device
     pos = positions.cpu().numpy().astype(np.int64)
     lengths, tables, table_lengths = (np.asarray(x, dtype=np.int64).reshape(-1)
@@ -103,7 +111,11 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
                        torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
     decodes = np.flatnonzero(lengths == 1)
     if len(decodes):
-        _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
+        step.tables, step.table_starts, step.lengths = tables, table_starts[decodes], first[decodes] + 1
+        if pairs:
+            _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
+        else:
+            step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
     return step
 
 

@@ -7,9 +7,10 @@ output projection with its tensor-parallel layers; only the softmax(QK^T)V part 
 A cached step is packed (``kv_cache.StepContext``): decode tokens read their blocks in place, prompt chunks
 attend causally to their own sequence.
 
-Why not a paged-attention kernel (vLLM's, flash-attention's ``block_table``): none runs on CPU, and this
-project's tests run there; the decode path below reads the pool's blocks as one view and gathers only the
-queries, so it needs no kernel of its own. A CUDA kernel can take its place behind the same ``StepContext``.
+Decode tokens on CPU (float32) run a small C kernel of our own (``decode_kernel.py`` says why) that reads each
+row's blocks in place; elsewhere, and as the kernel's reference, the torch path below reads the pool's blocks as
+one view and gathers only the queries. Why not vLLM's or flash-attention's paged kernels: none runs on CPU, and
+this project's tests run there. A CUDA kernel can take the torch path's place behind the same ``StepContext``.
 
 Rotary position embeddings are applied here too (the model is built without its own rotary module): GPTModel
 would rotate every row by positions 0..s-1, but each cached row continues at its own position.
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from triton_backend.cache.kv_cache import PromptChunk, StepContext
+
+from . import decode_kernel
 
 
 class Rotary:
@@ -123,8 +126,10 @@ class PagedAttention(MegatronModule):
         """
         n, h, d = q.shape
         g = keys.shape[1]
-        qg = q.view(n, g, h // g, d)
         scale = self.softmax_scale if self.softmax_scale is not None else d ** -0.5
+        if step.pair_rows is None:  # planned for the CPU kernel, which reads each row's table itself
+            return decode_kernel.decode(q, keys, values, step.tables, step.table_starts, step.lengths, scale)
+        qg = q.view(n, g, h // g, d)
         if n == 1 and step.extra_blocks is None:
             return self._decode_one(step, qg[0], keys[: step.span], values[: step.span], scale).to(q.dtype)
         parts = []  # (pair keys, pair values, decode rows), pairs in ``step.pair_rows`` order

@@ -9,7 +9,7 @@ import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
 
-from . import functional
+from . import decode_kernel, functional
 from .architecture import GPTArchitecture
 from .attention import PagedAttention, Rotary
 from .graphs import DecodeGraphs
@@ -150,6 +150,9 @@ class CachedGPT:
             model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
+        # decode attention by the CPU kernel where it applies and builds (decode_kernel.py), else torch's
+        self.kernel = decode_kernel.applies(self.cache.keys[0], arch.num_attention_heads // (groups * tp)) \
+            and decode_kernel.library() is not None
         if why is not None:
             LOG.warning("Megatron's own forward runs every step (%s)", why)
         self.fast = functional.FunctionalGPT(model) if fast else None
@@ -175,7 +178,7 @@ class CachedGPT:
                 self.graphs, logits = None, None
             if logits is not None:
                 return gather_vocab(logits.float().contiguous(), self.tp)
-        step = plan(self.cache, positions, lengths, tables, table_lengths)
+        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel)
         if self.fast is not None:
             return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:

@@ -1,0 +1,87 @@
+/* Decode attention over the paged KV cache on CPU: one query token per sequence, read in place from its blocks.
+ *
+ * Built and loaded by decode_kernel.py (see there for why this is C and not torch operations). For each
+ * sequence and each key/value group, the keys of its blocks are read once, in table order, for the query heads
+ * that share the group; the softmax runs block by block with a running maximum and sum (as flash-decoding does),
+ * so no score, weight or gathered key is ever written to memory. Float32 throughout. Compiled with -ffast-math
+ * (vectorised exp from glibc's libmvec, sums in any order): nothing here relies on infinities or NaN.
+ *
+ * Layouts (all contiguous):
+ *   q       [n, groups, heads_per_group, dim]
+ *   keys    [blocks, groups, block_size, dim]   (this layer's pool; values the same)
+ *   tables  flat block ids; sequence i's table starts at table_starts[i]
+ *   lengths [n]: keys sequence i sees (its position + 1), so it reads ceil(lengths[i] / block_size) blocks
+ *   out     [n, groups, heads_per_group, dim]
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_BLOCK 256 /* block_size at most this (the caller checks) */
+#define MAX_DIM 512   /* head dim at most this */
+#define MAX_HEADS 64  /* query heads per group at most this */
+
+static float dot(const float *a, const float *b, int64_t dim) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < dim; k++) s += a[k] * b[k];
+    return s;
+}
+
+void paged_decode(const float *q, const float *keys, const float *values, const int64_t *tables,
+                  const int64_t *table_starts, const int64_t *lengths, int64_t n, int64_t groups,
+                  int64_t heads_per_group, int64_t dim, int64_t block_size, float scale, float *out) {
+    float scores[MAX_HEADS][MAX_BLOCK];
+    float best[MAX_HEADS], total[MAX_HEADS] = {0};
+    const int64_t block_stride = groups * block_size * dim;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t length = lengths[i];
+        const int64_t *table = tables + table_starts[i];
+        for (int64_t g = 0; g < groups; g++) {
+            const float *qg = q + (i * groups + g) * heads_per_group * dim;
+            float *acc = out + (i * groups + g) * heads_per_group * dim;
+            memset(acc, 0, sizeof(float) * heads_per_group * dim);
+            for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
+                const int64_t seen = length - start < block_size ? length - start : block_size;
+                const float *kb = keys + table[b] * block_stride + g * block_size * dim;
+                const float *vb = values + table[b] * block_stride + g * block_size * dim;
+                for (int64_t j = 0; j < seen; j++)
+                    for (int64_t h = 0; h < heads_per_group; h++)
+                        scores[h][j] = scale * dot(qg + h * dim, kb + j * dim, dim);
+                for (int64_t h = 0; h < heads_per_group; h++) {
+                    float *s = scores[h];
+                    float block_max = s[0];
+                    for (int64_t j = 1; j < seen; j++) block_max = s[j] > block_max ? s[j] : block_max;
+                    /* the first block sets the running maximum: no infinity is ever needed (fast-math) */
+                    const float new_best = start == 0 || block_max > best[h] ? block_max : best[h];
+                    const float shrink = start == 0 ? 0.0f : expf(best[h] - new_best);
+                    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                    for (int64_t j = 0; j < seen; j++) {
+                        s[j] = expf(s[j] - new_best);
+                        sum += s[j];
+                    }
+                    total[h] = total[h] * shrink + sum;
+                    best[h] = new_best;
+                    float *a = acc + h * dim;
+                    if (shrink != 1.0f) {
+#pragma omp simd
+                        for (int64_t k = 0; k < dim; k++) a[k] *= shrink;
+                    }
+                    for (int64_t j = 0; j < seen; j++) {
+                        const float w = s[j];
+                        const float *v = vb + j * dim;
+#pragma omp simd
+                        for (int64_t k = 0; k < dim; k++) a[k] += w * v[k];
+                    }
+                }
+            }
+            for (int64_t h = 0; h < heads_per_group; h++) {
+                const float inverse = 1.0f / total[h];
+                float *a = acc + h * dim;
+#pragma omp simd
+                for (int64_t k = 0; k < dim; k++) a[k] *= inverse;
+            }
+        }
+    }
+}
