@@ -64,15 +64,20 @@ void paged_decode(const float *q, const float *keys, const float *values, const 
                     total[h] = total[h] * shrink + sum;
                     best[h] = new_best;
                     float *a = acc + h * dim;
-                    if (shrink != 1.0f) {
 #pragma omp simd
-                        for (int64_t k = 0; k < dim; k++) a[k] *= shrink;
-                    }
-                    for (int64_t j = 0; j < seen; j++) {
-                        const float w = s[j];
+                    for (int64_t k = 0; k < dim; k++) a[k] *= shrink;
+                    int64_t j = 0;
+                    for (; j + 4 <= seen; j += 4) { /* four values per pass over the accumulator */
                         const float *v = vb + j * dim;
 #pragma omp simd
-                        for (int64_t k = 0; k < dim; k++) a[k] += w * v[k];
+                        for (int64_t k = 0; k < dim; k++)
+                            a[k] += s[j] * v[k] + s[j + 1] * v[dim + k] + s[j + 2] * v[2 * dim + k] +
+                                    s[j + 3] * v[3 * dim + k];
+                    }
+                    for (; j < seen; j++) {
+                        const float *v = vb + j * dim;
+#pragma omp simd
+                        for (int64_t k = 0; k < dim; k++) a[k] += s[j] * v[k];
                     }
                 }
             }
