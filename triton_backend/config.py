@@ -42,7 +42,7 @@ class ServerConfig:
     # docs/measured.md)
     cuda_graphs: int = 1  # 1: on CUDA, decode steps replay CUDA graphs captured per bucket of rows and blocks
     # (model/graphs.py); 0: they run eagerly. Needs COMPILE=1; nothing changes on CPU
-    prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 256 CPU, 2048 CUDA
+    prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 128 CPU, 2048 CUDA
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
     max_request_s: int = 600  # a request still running after this is ended with an error (abandoned streams)

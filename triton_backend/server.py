@@ -24,7 +24,7 @@ import torch
 
 from triton_backend import checkpoints
 from triton_backend.config import ROOT, ServerConfig
-from triton_backend.engine.engine import Engine
+from triton_backend.engine.engine import CPU_PREFILL_TOKENS, Engine
 from triton_backend.model import functional
 from triton_backend.model.gpt import (
     CacheBudgetError,
@@ -110,7 +110,7 @@ def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> 
     return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
                   max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer,
                   max_request_s=cfg.max_request_s, cpus=cpus, prefix_caching=bool(cfg.prefix_caching),
-                  prefill_tokens=cfg.prefill_tokens or (2048 if cfg.device == "cuda" else 256))
+                  prefill_tokens=cfg.prefill_tokens or (2048 if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
 
 
 def engine_cpus(cfg: ServerConfig) -> set[int] | None:

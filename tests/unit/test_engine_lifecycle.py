@@ -364,7 +364,7 @@ def test_the_engine_thread_runs_on_its_cores_and_shuts_its_model_down(gpt, start
 
 def test_an_engine_built_with_the_defaults_has_no_age_limit_and_the_documented_bounds(gpt):
     engine = Engine(gpt, VOCAB, EOS)
-    assert (engine.max_queue, engine.prefill_tokens, engine.max_request_s) == (1024, 256, 0.0)
+    assert (engine.max_queue, engine.prefill_tokens, engine.max_request_s) == (1024, 128, 0.0)
     assert engine.failures_fatal is False and engine.cpus is None and engine.tokenizer is None
 
 

@@ -33,6 +33,11 @@ __all__ = ["Engine", "EngineBusy", "EngineStats", "Generation"]
 
 LOG = logging.getLogger(__name__)
 
+# Prompt tokens per step on CPU unless PREFILL_TOKENS says otherwise (CUDA: 2048, server.load_engine). With the
+# CPU decode kernel a step of 8 decodes took about 1.4 ms on the ``long`` preset, and a 256-token chunk beside
+# them opened a gap of 4.2-4.5x that; 128 keeps it at 1.7-1.9x (tools/bench_cache.py --scenario chunked).
+CPU_PREFILL_TOKENS = 128
+
 
 @dataclasses.dataclass
 class _Chunk:
@@ -80,7 +85,8 @@ class Engine:
 
     HEARTBEAT_S = 5.0
 
-    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024, prefill_tokens: int = 256,
+    def __init__(self, gpt, vocab_size: int, eos_id: int, max_queue: int = 1024,
+                 prefill_tokens: int = CPU_PREFILL_TOKENS,
                  failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0,
                  cpus: set[int] | None = None, prefix_caching: bool = True, reserve_context: bool = False):
         self.gpt = gpt
