@@ -9,6 +9,7 @@ layer for each and the ratio, and the largest difference between the two outputs
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 import time
@@ -60,8 +61,8 @@ def main() -> None:
         q = torch.randn(n, groups * per_group, dim)
         k, v = cache.keys[0], cache.values[0]
         reference, got = attention._decode(by_pairs, q, k, v), attention._decode(by_tables, q, k, v)
-        torch_us = microseconds(lambda: attention._decode(by_pairs, q, k, v))
-        kernel_us = microseconds(lambda: attention._decode(by_tables, q, k, v))
+        torch_us = microseconds(functools.partial(attention._decode, by_pairs, q, k, v))
+        kernel_us = microseconds(functools.partial(attention._decode, by_tables, q, k, v))
         print(f"{n} | {keys} | {groups} x {per_group} x {dim} | {torch_us:.0f} | {kernel_us:.0f} | "
               f"{torch_us / kernel_us:.2f} | {(got - reference).abs().max().item():.1e}", flush=True)
 
