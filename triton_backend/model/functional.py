@@ -5,11 +5,12 @@ Python for features a cached inference step never uses (offloading hooks, CUDA-g
 deprecation checks with ``get_rank()``, argument plumbing through five levels of modules). On the demo model that
 Python was half of a decode step (docs/measured.md, "The step's fast forward"), and it is what stops
 ``torch.compile`` from tracing a step whole (Megatron's attention breaks the graph). This path runs the same
-arithmetic in the same order over the very same parameter tensors (no copy: the checkpoint loaded into the
-GPTModel is what runs), with the same tensor-parallel collectives on Megatron's tensor-parallel group, and the
-same ``PagedAttention`` over the KV cache: its logits are Megatron's bit for bit. ``CachedGPT(fast=False)``
-(``COMPILE=0``) keeps Megatron's own forward, the reference the tests hold this one to
-(``tests/unit/test_functional.py``).
+arithmetic in the same order over the very same parameter tensors (the checkpoint loaded into the GPTModel is
+what runs), with the same tensor-parallel collectives on Megatron's tensor-parallel group, and the same
+``PagedAttention`` over the KV cache: with ``F.linear`` products its logits are Megatron's bit for bit. On CPU the
+large weights and the output layer also get packed copies for products of several rows (``_pack``), whose
+results agree with ``F.linear``'s to rounding. ``CachedGPT(fast=False)`` (``COMPILE=0``) keeps Megatron's own
+forward, the reference the tests hold this one to (``tests/unit/test_functional.py``).
 
 ``supported`` says why a model cannot take this path (a layer spec or feature it does not implement); such a
 model runs Megatron's forward instead, with one log line.
