@@ -91,10 +91,11 @@ TABLES = {"three": [[5, 1, 2], [5, 7], [5, 0, 9, 3]],  # per-row softmax, a shar
           "alone, far": [[5, 1, 99]]}  # one row whose blocks are too scattered to scan: every pair gathered
 
 
+@pytest.mark.parametrize("size", [1.0, 40.0], ids=["scores", "large scores"])  # 40: exp overflows unshifted
 @pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("layout", list(TABLES))
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2)])
-def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, layout, kernel):
+def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups, layout, kernel, size):
     """Sequences whose blocks are shared and scattered. The result must be plain attention over each sequence's
     own keys, whatever blocks hold them (blocks of the pool a row does not hold are masked out); by torch
     operations over (row, block) pairs, and by the CPU kernel over each row's own table."""
@@ -114,7 +115,7 @@ def test_paged_decode_equals_softmax_attention_over_each_sequence(heads, groups,
     else:
         assert (ctx.extra_blocks is None) == (layout == "alone") and (ctx.span == 0) == (layout == "alone, far")
     n = len(tables)
-    q = torch.randn(n, heads, d, generator=g)
+    q = size * torch.randn(n, heads, d, generator=g)
     k, v = torch.randn(n, groups, d, generator=g), torch.randn(n, groups, d, generator=g)
     attn = PagedAttention.__new__(PagedAttention)
     attn.layer_index, attn.softmax_scale = 0, None

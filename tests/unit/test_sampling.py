@@ -294,3 +294,21 @@ def test_alternatives_are_each_rows_most_likely_tokens_in_order():
         k = [1, 3, 2][row]
         assert ids == best.indices[:k].tolist() and values == pytest.approx(best.values[:k].tolist())
     assert alternatives(log_probs, []) == []
+
+
+@pytest.mark.parametrize("edit", ["repetition", "presence", "frequency", "min_length", "bad_words"])
+def test_penalties_and_bans_work_on_a_copy_of_the_callers_logits(edit):
+    """``sample`` copies the logits only for rows it changes; every kind of change must be on the copy (the
+    caller's logits are the model's, read again when a step is sampled row by row, and are inference tensors in
+    the engine, which refuse changes in place)."""
+    params = {"repetition": {"repetition_penalty": 1.5}, "presence": {"presence_penalty": 0.7},
+              "frequency": {"frequency_penalty": 0.7}, "min_length": {"min_length": 3}, "bad_words": {}}[edit]
+    sampler = row(temperature=0.0, **params)
+    if edit == "bad_words":
+        sampler.bad = ((5,),)
+    sampler.accept(7)  # a generated token for the presence and frequency penalties
+    x = logits(1)
+    x[0, 7] = x[0, 5] = x[0, 2] = 50.0  # each change has a large logit to move: 7 generated, 5 bad, 2 the end id
+    before = x.clone()
+    sample(x, [sampler], VOCAB)
+    assert torch.equal(x, before)
