@@ -111,7 +111,9 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
                        torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
     decodes = np.flatnonzero(lengths == 1)
     if len(decodes):
-        step.tables, step.table_starts, step.lengths = tables, table_starts[decodes], first[decodes] + 1
+        # contiguous int64 once per step: the kernel reads them by address in every layer
+        step.tables, step.table_starts, step.lengths = (np.ascontiguousarray(x, dtype=np.int64) for x in (
+            tables, table_starts[decodes], first[decodes] + 1))
         if pairs:
             _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
         else:

@@ -110,13 +110,13 @@ def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: np
            lengths: np.ndarray, scale: float) -> torch.Tensor:
     """Attention of ``q`` ([n, heads, d], one decode token per sequence) over each sequence's blocks: sequence i
     reads ``lengths[i]`` keys from the blocks ``tables[table_starts[i]:]`` of ``keys``/``values`` ([blocks,
-    groups, block_size, d]). Returns [n, heads * d]. ``tables``, ``table_starts`` and ``lengths`` are int64."""
+    groups, block_size, d]). Returns [n, heads * d]. ``tables``, ``table_starts`` and ``lengths`` are contiguous
+    int64 (``kv_cache.plan`` makes them once per step; each layer's call reads them as they are)."""
     n, h, d = q.shape
     _, g, bs, _ = keys.shape
     q = q.contiguous()
     out = torch.empty(n, h * d, dtype=torch.float32)
-    tables, table_starts, lengths = (np.ascontiguousarray(x, dtype=np.int64) for x in (tables, table_starts, lengths))
-    library().paged_decode(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.ctypes.data,
+    (_library or library()).paged_decode(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.ctypes.data,
                            table_starts.ctypes.data, lengths.ctypes.data, n, g, h // g, d, bs, scale,
                            out.data_ptr())
     return out
