@@ -123,11 +123,11 @@ def prefix(bench: Bench) -> None:
                       "target": ">= 5"}), flush=True)
 
 
-def chunked(bench: Bench, prefill_tokens: int | None = None) -> None:
+def chunked(bench: Bench, prefill_tokens: int | None = None, streams: int = 8) -> None:
     rng = random.Random(2)
     long_prompt = [rng.randrange(3, VOCAB) for _ in range(3500)]
     greedy = SamplingParams(max_tokens=1, temperature=0.0, end_id=-1)
-    engine = bench.engine(max_slots=16, **({"prefill_tokens": prefill_tokens} if prefill_tokens else {}))
+    engine = bench.engine(max_slots=streams + 8, **({"prefill_tokens": prefill_tokens} if prefill_tokens else {}))
     try:
         engine.submit(long_prompt[:100], greedy).wait(600)  # warm-up
         alone = engine.submit(long_prompt, greedy)
@@ -138,16 +138,16 @@ def chunked(bench: Bench, prefill_tokens: int | None = None) -> None:
         def stamp(g):
             stamps.setdefault(id(g), []).append(time.perf_counter())
 
-        streams = [engine.submit([rng.randrange(3, VOCAB) for _ in range(64)],
+        running = [engine.submit([rng.randrange(3, VOCAB) for _ in range(64)],
                                  SamplingParams(max_tokens=300, temperature=0.0, end_id=-1), listener=stamp)
-                   for _ in range(8)]
-        while not all(len(stamps.get(id(g), ())) >= 20 for g in streams):
+                   for _ in range(streams)]
+        while not all(len(stamps.get(id(g), ())) >= 20 for g in running):
             time.sleep(0.001)
         arrived = time.perf_counter()
         late = engine.submit(long_prompt[::-1], greedy)  # not the cached prompt
         late.wait(600)
         first = time.perf_counter()
-        for g in streams:
+        for g in running:
             g.wait(600)
     finally:
         engine.stop()
@@ -158,12 +158,12 @@ def chunked(bench: Bench, prefill_tokens: int | None = None) -> None:
         whole_ttft = g.first_token_at - g.submitted
     finally:
         whole.stop()
-    gaps = [b - a for g in streams for a, b in zip(stamps[id(g)], stamps[id(g)][1:])]
-    during = [b - a for g in streams for a, b in zip(stamps[id(g)], stamps[id(g)][1:]) if b > arrived and a < first]
+    gaps = [b - a for g in running for a, b in zip(stamps[id(g)], stamps[id(g)][1:])]
+    during = [b - a for g in running for a, b in zip(stamps[id(g)], stamps[id(g)][1:]) if b > arrived and a < first]
     itl = statistics.median(gaps)
     ttft = late.first_token_at - late.submitted
     worst = max(during, default=0)
-    print(json.dumps({"scenario": "chunked", "prefill_tokens": engine.prefill_tokens,
+    print(json.dumps({"scenario": "chunked", "streams": streams, "prefill_tokens": engine.prefill_tokens,
                       "itl_p50_ms": round(1e3 * itl, 2), "worst_gap_while_prefilling_ms": round(1e3 * worst, 2),
                       "gap_over_itl": round(worst / itl, 2), "ttft_ms": round(1e3 * ttft, 1),
                       "ttft_alone_ms": round(1e3 * alone_ttft, 1), "ttft_over_alone": round(ttft / alone_ttft, 2),
@@ -177,6 +177,8 @@ def main() -> None:
                         default=["capacity", "prefix", "chunked"])
     parser.add_argument("--checkpoint", type=pathlib.Path)
     parser.add_argument("--prefill-tokens", type=int, nargs="+", help="chunked: these budgets (default: the engine's)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[8],
+                        help="chunked: streams decoding while the long prompt arrives (the issue's figure: 8)")
     a = parser.parse_args()
     # As the server sets them on CPU (half the cores; there the serving processes need the rest).
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2))
@@ -184,7 +186,8 @@ def main() -> None:
     for name in a.scenario:
         if name == "chunked":
             for budget in a.prefill_tokens or [None]:
-                chunked(bench, budget)
+                for streams in a.streams:
+                    chunked(bench, budget, streams)
         else:
             globals()[name](bench)
 

@@ -202,6 +202,27 @@ def test_rotary_positions_follow_the_rope_definition():
         torch.testing.assert_close(ours(t[5:6], torch.tensor([[5], [5]])), expected[5:6])
 
 
+def test_rotary_rotates_as_megatron_does_bit_for_bit():
+    """The cached path's own rotation (angles made once per step) gives Megatron's unfused RoPE exactly, and a
+    config asking for another form (interleaved) goes through Megatron's own function."""
+    import dataclasses
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from triton_backend.model.attention import Rotary
+
+    config = context_model(ROTARY_ARCH, seed=1).config
+    t = torch.randn(5, 3, 4, 16, generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11], [30, 31, 32, 33, 34]])
+    for cfg in (config, dataclasses.replace(config, rotary_interleaved=True)):
+        for percent in (1.0, 0.5):
+            ours = Rotary(cfg, 16, percent, 10000)
+            assert ours.plain == (not cfg.rotary_interleaved)
+            expected = apply_rotary_pos_emb(t, ours.freqs(positions), config=cfg)
+            assert torch.equal(ours(t, positions), expected)
+            assert torch.equal(ours.rotate(t, ours.angles(positions)), expected)
+
+
 def test_load_reports_the_blocks_in_use(model):
     engine = Engine(CachedGPT(model, ARCH, max_slots=4, block_size=4), VOCAB, EOS).start()
     try:

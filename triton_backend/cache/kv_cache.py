@@ -71,6 +71,7 @@ class StepContext:
     tables: np.ndarray | None = None
     table_starts: np.ndarray | None = None  # [n]
     lengths: np.ndarray | None = None  # [n]
+    rotary: object = None  # the step's rotary angles, made by its first layer for all (``attention.Rotary``)
 
 
 # Read in place while the pool's used range is at most this many times the blocks the decodes read (plus a

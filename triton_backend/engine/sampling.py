@@ -71,7 +71,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
     only when a row has one: at 64 rows a copy of the logits cost about as much as the greedy choice itself.
     """
     logits = logits[:, :vocab_size]
-    model_logprobs = torch.log_softmax(logits, dim=1)
+    model_logits, normaliser = logits, _log_sum_exp(logits)
     if any(_edits(row) for row in rows):
         logits = logits.clone()
     _apply_penalties(logits, rows)
@@ -83,18 +83,31 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int) -> tup
             if not head or row.tail(len(head)) == tuple(head):
                 logits[i, last] = NEG_INF
 
-    chosen = logits.max(dim=1).indices  # the first maximum, as argmax; 3x faster on CPU (340 against 110 us at 64 rows)
     # Rows without top-k/top-p skip the vocabulary sort; the choice depends on the row's own parameters only,
     # so a seeded request draws the same tokens whatever else is in the batch.
+    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
     plain = [i for i, row in enumerate(rows) if not row.params.greedy and not _truncates(row)]
     truncated = [i for i, row in enumerate(rows) if not row.params.greedy and _truncates(row)]
-    if plain:
-        chosen[plain] = _draw_plain(logits[plain], [rows[i] for i in plain])
-    if truncated:
-        chosen[truncated] = _draw(logits[truncated], [rows[i] for i in truncated])
+    if len(greedy) == len(rows):  # the first maximum, as argmax; 3x faster on CPU (340 against 110 us at 64 rows)
+        chosen = logits.max(dim=1).indices
+    elif len(plain) == len(rows):
+        chosen = _draw_plain(logits, rows)
+    else:
+        chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for which, choose in ((greedy, _greedy), (plain, _draw_plain), (truncated, _draw)):
+            if which:
+                chosen[which] = choose(logits[which], [rows[i] for i in which])
     tokens = chosen.tolist()
-    logprobs = model_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    logprobs = (model_logits.gather(1, chosen[:, None])[:, 0] - normaliser).tolist()
     return tokens, logprobs
+
+
+def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp: a chosen token's log-prob under the model is its logit less this. Cheaper than a
+    whole ``log_softmax`` (which writes every row out) or ``torch.logsumexp`` on CPU: 130 against 260 and 180 us
+    at 64 rows of 4,096."""
+    top = logits.amax(dim=1, keepdim=True)
+    return ((logits - top).exp_().sum(dim=1, keepdim=True).log_() + top)[:, 0]
 
 
 def _edits(row: RowSampler) -> bool:
@@ -127,7 +140,7 @@ def _truncates(row: RowSampler) -> bool:
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Logits over temperature, shifted so that each row's largest is 0 first: a tiny temperature (1e-38 is
     valid) then sends the others to -inf rather than the largest to +inf, whose softmax would be NaN."""
-    return (logits - logits.amax(dim=1, keepdim=True)) / temperature
+    return (logits - logits.amax(dim=1, keepdim=True)).div_(temperature)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -135,15 +148,26 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # pragma: no mutate
 
 
+def _greedy(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    return logits.max(dim=1).indices
+
+
 def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
-    """Temperature only: inverse-CDF sampling in vocabulary order, each row with its own uniform draw."""
+    """Temperature only: inverse-CDF sampling in vocabulary order, each row with its own uniform draw.
+
+    The cumulative mass is left unnormalised (the draw is scaled by each row's total instead) and built in place:
+    four passes over the logits where softmax, cumsum and the guard took eight (1.5 ms at 43 rows of 4,096)."""
     temperature = _column([r.params.temperature for r in rows], logits)
     uniform = _column([r.uniform() for r in rows], logits)
-    cdf = torch.softmax(_scaled(logits, temperature), dim=1).cumsum(dim=1)
+    cdf = _scaled(logits, temperature).exp_()
+    torch.cumsum(cdf, dim=1, out=cdf)
+    total = cdf[:, -1:]
     # right=True: the first token whose cumulative mass exceeds the draw, so never a zero-probability one.
-    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    last_kept = (cdf < cdf[:, -1:]).sum(dim=1, keepdim=True)  # where the mass is complete (rounding guard)
-    return torch.minimum(pick, last_kept)[:, 0]
+    pick = torch.searchsorted(cdf, uniform * total, right=True)[:, 0]
+    beyond = pick >= cdf.shape[1]  # the draw rounded up to the whole mass: the last token with any mass
+    if bool(beyond.any()):  # rare: one sync, and no extra pass over the vocabulary on every step
+        pick[beyond] = (cdf[beyond] < total[beyond]).sum(dim=1)
+    return pick
 
 
 def _draw(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:

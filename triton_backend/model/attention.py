@@ -28,7 +28,13 @@ from . import decode_kernel
 
 
 class Rotary:
-    """RoPE with Megatron's frequencies and rotation, at arbitrary per-row positions."""
+    """RoPE with Megatron's frequencies and rotation, at arbitrary per-row positions.
+
+    A cached step computes its positions' angles once (``angles``) for every layer and for both q and k, and rotates
+    with the arithmetic of Megatron's unfused ``_apply_rotary_pos_emb_bshd`` (the same operations, so the same
+    bits); Megatron's own function runs where its config asks for another form (interleaved, fused, MLA). On the
+    ``long`` preset's capacity run the per-layer recomputation was 8 % of a step.
+    """
 
     def __init__(self, config, head_dim: int, rotary_percent: float, rotary_base: int):
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -36,15 +42,37 @@ class Rotary:
         self.config = config
         self.inv_freq = RotaryEmbedding(head_dim, rotary_percent, rotary_base=rotary_base,
                                         use_cpu_initialization=True).inv_freq
+        self.plain = not (config.rotary_interleaved or config.apply_rope_fusion
+                          or getattr(config, "multi_latent_attention", False))
+
+    def freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        """Megatron's angles for ``positions`` [b, s]: [s, b, 1, rot]."""
+        inv_freq = self.inv_freq.to(positions.device)  # pragma: no mutate
+        freqs = positions.t()[..., None].float() * inv_freq  # [s, b, rot / 2]
+        return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+
+    def angles(self, positions: torch.Tensor):
+        """What ``rotate`` needs for ``positions`` [b, s], computed once for a step's layers: (cos, sin) for the
+        plain form, else Megatron's angles."""
+        freqs = self.freqs(positions)
+        return (torch.cos(freqs), torch.sin(freqs)) if self.plain else freqs
+
+    def rotate(self, t: torch.Tensor, angles) -> torch.Tensor:
+        """Rotate ``t`` [s, b, heads, d] by ``angles`` (from ``angles``)."""
+        if not self.plain:
+            from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+            return apply_rotary_pos_emb(t, angles, config=self.config)
+        cos, sin = (a.to(t.dtype) for a in angles)
+        rot = cos.shape[-1]
+        x, rest = t[..., :rot], t[..., rot:]
+        first, second = x.chunk(2, dim=-1)
+        x = x * cos + torch.cat((-second, first), dim=-1) * sin
+        return torch.cat((x, rest), dim=-1) if rest.shape[-1] else x
 
     def __call__(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``t`` [s, b, heads, d] whose tokens sit at ``positions`` [b, s]."""
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
-        inv_freq = self.inv_freq.to(t.device)  # pragma: no mutate
-        freqs = positions.t()[..., None].float() * inv_freq  # [s, b, rot / 2]
-        freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [s, b, 1, rot]
-        return apply_rotary_pos_emb(t, freqs, config=self.config)
+        return self.rotate(t, self.angles(positions))
 
 
 class PagedAttention(MegatronModule):
@@ -74,15 +102,18 @@ class PagedAttention(MegatronModule):
     def attend(self, step: StepContext, q, k, v):
         """A cached step's attention for packed ``q`` [N, heads, d] and ``k``/``v`` [N, groups, d] (rotated here
         for rotary models); returns [N, heads * d]. ``functional.FunctionalGPT`` calls it directly."""
-        q, k = self.rotate(q, k, step.positions)
+        if self.rotary is not None and step.rotary is None:  # the first layer's call: the step's angles
+            step.rotary = self.rotary.angles(step.positions)
+        q, k = self.rotate(q, k, step.positions, step.rotary)
         return self._cached(step, q, k, v)
 
-    def rotate(self, q, k, positions):
-        """Packed ``q`` and ``k`` ([N, heads, d]) rotated to their ``positions`` ([1, N]); as they are for
-        models without rotary embeddings."""
+    def rotate(self, q, k, positions, angles=None):
+        """Packed ``q`` and ``k`` ([N, heads, d]) rotated to their ``positions`` ([1, N]) (``angles``: those
+        positions' ``Rotary.angles``, when already made); as they are for models without rotary embeddings."""
         if self.rotary is None:
             return q, k
-        return self.rotary(q[:, None], positions)[:, 0], self.rotary(k[:, None], positions)[:, 0]
+        angles = self.rotary.angles(positions) if angles is None else angles
+        return self.rotary.rotate(q[:, None], angles)[:, 0], self.rotary.rotate(k[:, None], angles)[:, 0]
 
     def store(self, cache, blocks, offsets, k, v):
         """Write packed ``k``/``v`` ([N, groups, d]) to their ``blocks`` and ``offsets`` in this layer's part of

@@ -21,16 +21,17 @@
 #define MAX_DIM 512   /* head dim at most this */
 #define MAX_HEADS 64  /* query heads per group at most this */
 
-static float dot(const float *a, const float *b, int64_t dim) {
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int64_t dim) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int64_t k = 0; k < dim; k++) s += a[k] * b[k];
     return s;
 }
 
-void paged_decode(const float *q, const float *keys, const float *values, const int64_t *tables,
-                  const int64_t *table_starts, const int64_t *lengths, int64_t n, int64_t groups,
-                  int64_t heads_per_group, int64_t dim, int64_t block_size, float scale, float *out) {
+static inline __attribute__((always_inline)) void attend(
+    const float *q, const float *keys, const float *values, const int64_t *tables, const int64_t *table_starts,
+    const int64_t *lengths, int64_t n, int64_t groups, int64_t heads_per_group, int64_t dim, int64_t block_size,
+    float scale, float *out) {
     float scores[MAX_HEADS][MAX_BLOCK];
     float best[MAX_HEADS], total[MAX_HEADS] = {0};
     const int64_t block_stride = groups * block_size * dim;
@@ -89,4 +90,22 @@ void paged_decode(const float *q, const float *keys, const float *values, const 
             }
         }
     }
+}
+
+/* The head dims models use get their own copy of the loop, compiled for that dim: the dot products and the value
+ * updates then unroll into whole vector registers. tools/decode_attention.py: 1.3x faster on the long preset's
+ * 16-wide heads, 1.3-1.4x on 64-wide ones, than the one loop for every dim. */
+void paged_decode(const float *q, const float *keys, const float *values, const int64_t *tables,
+                  const int64_t *table_starts, const int64_t *lengths, int64_t n, int64_t groups,
+                  int64_t heads_per_group, int64_t dim, int64_t block_size, float scale, float *out) {
+#define ATTEND(d) attend(q, keys, values, tables, table_starts, lengths, n, groups, heads_per_group, d, block_size, \
+                         scale, out)
+    switch (dim) {
+    case 16: ATTEND(16); break;
+    case 32: ATTEND(32); break;
+    case 64: ATTEND(64); break;
+    case 128: ATTEND(128); break;
+    default: ATTEND(dim);
+    }
+#undef ATTEND
 }
