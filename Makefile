@@ -26,8 +26,9 @@ unit: setup
 functional: setup demo-model
 	$(PY) -m pytest tests/functional
 
-bench: setup demo-model
-	$(PY) tools/bench.py
+# tools/bench.py --peer runs transformers' generate() on the same weights beside the served run (benchmark-only).
+bench: setup demo-model $(VENV)/.bench-installed
+	$(PY) tools/bench.py --peer
 	$(PY) tools/bench_cache.py
 	$(PY) tools/bench_api.py
 

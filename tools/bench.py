@@ -1,7 +1,7 @@
 """Benchmark the served ensemble against the same engine in-process (``make bench``).
 
     .venv/bin/python tools/bench.py [--concurrency 1 4 16 64] [--requests-per-client 8] [--max-tokens 64]
-                                    [--mixed-requests 160]
+                                    [--mixed-requests 160] [--peer]
 
 1. Starts the server (TP=1, demo model unless CHECKPOINT/TOKENIZER are set) on free loopback ports and, at
    each concurrency, streams requests through ``ensemble_stream`` over gRPC from that many clients: output
@@ -9,6 +9,8 @@
 2. Runs the same workload in-process on the engine (no Triton), and prints served/in-process ratios.
 3. Mixed output lengths (8..256 tokens), in-process: in-flight batching (a freed slot is refilled at once)
    against batch-at-a-time serving of the same requests at the same batch size.
+4. With ``--peer`` (``make bench``): transformers' ``generate()`` on the same weights at each concurrency's batch
+   size, and the served tokens/s over it.
 """
 
 from __future__ import annotations
@@ -168,6 +170,25 @@ def mixed_lengths(engine, tokenizer, requests, batch):
             round(static, 1), "in_flight_tokens_per_s": round(inflight, 1), "ratio": round(inflight / static, 2)}
 
 
+def peer(engine, tokenizer, cpus, results: dict, max_tokens: int) -> None:
+    """transformers' ``generate()`` on the engine's own weights, pinned as the engine is, at each concurrency's
+    batch size (``bench_engine.hf_bench``: the first prompt, greedy, ``max_tokens`` each), and the served run's
+    tokens/s over it. The served run samples at temperature 0.8, which costs it more than greedy choice costs
+    ``generate()``: the comparison leans against the server."""
+    from tools import hf_reference
+    from tools.bench_engine import PinnedWorker, hf_bench
+
+    hf = hf_reference.hf_from_megatron(engine.gpt.model, engine.gpt.arch)
+    worker = PinnedWorker(cpus)
+    prompt = tokenizer.encode(PROMPTS[0])
+    for c, row in results.items():
+        theirs = worker.run(hf_bench, hf, prompt, c, max_tokens, tokenizer.vocab_size, tokenizer.pad_id)
+        row["transformers"] = theirs["tokens_per_s"]
+        print(json.dumps({"concurrency": c, "transformers_batch": c, "transformers_tokens_per_s":
+                          theirs["tokens_per_s"], "served_over_transformers": round(
+                              row["served"]["output_tokens_per_s"] / theirs["tokens_per_s"], 2)}), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -178,6 +199,9 @@ def main() -> int:
     # Enough requests that the end of the run, where the last long requests finish with few others beside
     # them, does not dominate (at 48 the in-flight run spent about a third of its time there).
     parser.add_argument("--mixed-requests", type=int, default=160)
+    parser.add_argument("--peer", action="store_true",
+                        help="also run transformers' generate() on the same weights at each concurrency's batch size "
+                             "(needs requirements-bench.txt)")
     a = parser.parse_args()
 
     from preprocessing.tokenizer import Tokenizer
@@ -225,18 +249,23 @@ def main() -> int:
                               "in_process_engine": engine.stats.summary()}), flush=True)
         mixed = mixed_lengths(engine, tokenizer, a.mixed_requests, 16)
         print(json.dumps({"mixed_lengths": mixed}), flush=True)
+        if a.peer:
+            peer(engine, tokenizer, cpus, results, a.max_tokens)
     finally:
         engine.stop()
     cs = a.concurrency
     if 1 in results and 16 in results:
         scale = results[16]["served"]["output_tokens_per_s"] / results[1]["served"]["output_tokens_per_s"]
         print(json.dumps({"served_c16_over_c1": round(scale, 2)}))
-    print("\nconcurrency | served tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50 ms")
+    print("\nconcurrency | served tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50 ms"
+          + (" | transformers tok/s | served / transformers" if a.peer else ""))
     for c in cs:
         s, i = results[c]["served"], results[c]["in_process"]
+        hf = results[c].get("transformers")
         print(f"{c:>11} | {s['output_tokens_per_s']:>12} | {i['output_tokens_per_s']:>16} | "
               f"{s['output_tokens_per_s'] / i['output_tokens_per_s']:>5.2f} | "
-              f"{s['ttft_p50_ms']}/{s['ttft_p99_ms']} | {s['itl_p50_ms']}")
+              f"{s['ttft_p50_ms']}/{s['ttft_p99_ms']} | {s['itl_p50_ms']}"
+              + (f" | {hf:>18} | {s['output_tokens_per_s'] / hf:.2f}" if hf else ""))
     return 0
 
 

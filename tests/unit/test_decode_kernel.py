@@ -27,7 +27,7 @@ def attention() -> PagedAttention:
 
 
 @pytest.mark.parametrize("groups,per_group,dim,block_size", [(8, 1, 32, 32), (2, 4, 16, 16), (1, 8, 64, 8),
-                                                              (4, 2, 128, 64), (3, 1, 24, 5)])
+                                                              (4, 2, 128, 64), (3, 1, 24, 5), (2, 3, 12, 7)])
 def test_the_kernel_computes_the_torch_attention(groups, per_group, dim, block_size):
     """Rows of many lengths (a key or two, block boundaries, several blocks), tables in random pool order, some
     blocks shared by several rows (a common prefix): both paths against softmax attention in float64 over each

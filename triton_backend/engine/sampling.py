@@ -1,11 +1,14 @@
 """Per-row logits processing and sampling: every row of a batch keeps its own parameters and random stream.
 
-Seeded rows draw from their own ``torch.Generator`` (one uniform number per token), so a seeded request
-draws the same numbers whether it runs alone or among others (docs/triton.md says what that guarantees).
+Seeded rows draw from their own ``random.Random`` (one uniform number per token), so a seeded request draws
+the same numbers whether it runs alone or among others (docs/triton.md says what that guarantees). Python's
+generator rather than a ``torch.Generator``: a draw costs 0.05 us against 2.2 us, once per row and step.
 Every tensor here is [rows, vocabulary]: dimension 1 is the vocabulary.
 """
 
 from __future__ import annotations
+
+import random
 
 import torch
 
@@ -22,7 +25,7 @@ class RowSampler:
         self.params = params
         self.end_id = end_id
         self.bad = bad  # token sequences never to complete
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = random.Random(seed)
         self.prompt = prompt
         self.generated: list[int] = []
         self._draw: float | None = None  # this token's uniform number, once drawn
@@ -31,7 +34,7 @@ class RowSampler:
         """This token's uniform number: drawn once, so a step sampled again (see ``Engine._advance``) draws the
         same and a seeded request stays reproducible."""
         if self._draw is None:
-            self._draw = float(torch.rand((), generator=self.generator))
+            self._draw = self.generator.random()
         return self._draw
 
     @property
