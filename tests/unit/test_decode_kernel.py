@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from preprocessing.params import SamplingParams
+from triton_backend import native
 from triton_backend.cache.kv_cache import PagedKVCache, plan
 from triton_backend.engine.engine import Engine
 from triton_backend.model import decode_kernel
@@ -87,10 +88,10 @@ def test_the_engine_generates_the_same_with_and_without_the_kernel(arch, monkeyp
 
 
 def test_a_kernel_that_cannot_be_built_leaves_torch_to_serve_with_one_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(decode_kernel, "_library", None)
-    monkeypatch.setattr(decode_kernel, "_failed", False)
-    monkeypatch.setattr(decode_kernel.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="triton_backend.model.decode_kernel"):
+    monkeypatch.setattr(decode_kernel.KERNEL, "_library", None)
+    monkeypatch.setattr(decode_kernel.KERNEL, "_failed", False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="triton_backend.native"):
         assert decode_kernel.library() is None
         assert decode_kernel.library() is None  # tried once
         gpt = CachedGPT(context_model(ARCH), ARCH, max_slots=2, block_size=4)
@@ -101,13 +102,13 @@ def test_a_kernel_that_cannot_be_built_leaves_torch_to_serve_with_one_log_line(m
 
 def test_the_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(decode_kernel, "_library", None)
-    monkeypatch.setattr(decode_kernel, "_failed", False)
+    monkeypatch.setattr(decode_kernel.KERNEL, "_library", None)
+    monkeypatch.setattr(decode_kernel.KERNEL, "_failed", False)
     assert decode_kernel.library() is not None
     built = list(tmp_path.glob("paged_decode-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(decode_kernel, "_library", None)
+    monkeypatch.setattr(decode_kernel.KERNEL, "_library", None)
     assert decode_kernel.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

@@ -4,9 +4,21 @@ import pytest
 import torch
 
 from preprocessing.params import SamplingParams
+from triton_backend.engine import sampling_kernel
 from triton_backend.engine.sampling import RowSampler, _apply_penalties, alternatives, model_log_probs, sample
 
 VOCAB = 50
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Every test twice: through the CPU sampling kernel where it applies, and through torch's operations alone
+    (the path on CUDA, and wherever no compiler is found)."""
+    if request.param == "kernel":
+        assert sampling_kernel.KERNEL.library() is not None  # really the kernel, not a silent fallback
+    else:
+        monkeypatch.setattr(sampling_kernel, "applies", lambda logits: False)
+    return request.param
 
 
 def row(seed=0, prompt=(1, 2), end_id=2, **kw):
@@ -312,3 +324,44 @@ def test_penalties_and_bans_work_on_a_copy_of_the_callers_logits(edit):
     before = x.clone()
     sample(x, [sampler], VOCAB)
     assert torch.equal(x, before)
+
+
+def test_the_kernel_draws_what_torch_draws():
+    """Greedy and temperature rows through the kernel against torch's operations on the same rows and draws: the
+    same tokens, except where a draw falls within rounding of the boundary between two tokens, and the same
+    log-probs. Rows of a real vocabulary's size, logits at several scales, draws spread over [0, 1)."""
+    n, vocab = 64, 4096
+    x = torch.randn(n, vocab + 32, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.5, 8, n)[:, None]
+    params = [dict(temperature=0.0) if i % 4 == 0 else dict(temperature=[0.3, 0.8, 1.7][i % 3]) for i in range(n)]
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(6)).tolist()
+
+    def rows():
+        made = [row(seed=i, end_id=-1, **p) for i, p in enumerate(params)]
+        for r, u in zip(made, draws):
+            r._draw = u
+        return made
+
+    got, got_lp = sample(x, rows(), vocab, kernel=True)
+    want, want_lp = sample(x, rows(), vocab, kernel=False)
+    assert got_lp == pytest.approx(want_lp, abs=1e-5)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a == b:
+            continue
+        assert params[i]["temperature"] > 0, i  # greedy rows never differ
+        w = torch.softmax(x[i, :vocab].double() / params[i]["temperature"], 0).cumsum(0)
+        assert abs(w[min(a, b)].item() - draws[i]) < 1e-5, i  # the draw sat on the boundary between them
+    assert sum(a != b for a, b in zip(got, want)) <= 1
+
+
+def test_edited_and_truncated_rows_beside_kernel_rows_are_chosen_by_torch(path):
+    """In one batch: rows the kernel samples, a row with a ban and a penalty, a top-k row. The banned token is never
+    chosen even where it is the model's favourite; the log-probs stay the model's own."""
+    x = logits(1).repeat(4, 1)  # the same logits on every row: the banned row's favourite is the greedy row's
+    top = x[0, :VOCAB].argmax().item()
+    banned = row(seed=1, temperature=0.0, end_id=top, min_length=5, repetition_penalty=1.3)
+    batch = [row(seed=0, temperature=0.0), banned, row(seed=2, temperature=0.7), row(seed=3, top_k=2)]
+    tokens, logprobs = sample(x.clone(), batch, VOCAB)
+    assert tokens[0] == top and tokens[1] != top
+    assert tokens[3] in x[3, :VOCAB].topk(2).indices.tolist()
+    expected = torch.log_softmax(x[:, :VOCAB], 1)[torch.arange(4), torch.tensor(tokens)]
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
