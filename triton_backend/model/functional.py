@@ -138,8 +138,10 @@ def _cpu_layout(weight: torch.Tensor) -> None:
 
 def _packs(weight: torch.Tensor, output: bool) -> bool:
     """Whether ``_pack`` makes packed copies of this weight: a float32 CPU weight that stays row-major (both sides
-    over ``NARROW_SIDE``), or the output layer's (the vocabulary's rows: a table shared with the embedding must
-    keep them for the lookups)."""
+    over ``NARROW_SIDE``), or an output layer that does (``output``: the vocabulary's rows of a table shared with
+    the embedding, kept for the lookups). A narrow untied output layer goes column-major instead, which ran
+    faster than either packed copy up to 48 rows (the ``long`` preset's 4,096 x 128 at 8 and 43 rows: 117 and
+    299 us against oneDNN's 142 and 350, ``tools/linear_layouts.py``) and as fast as MKL's beyond."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
         and (output or min(weight.shape) > NARROW_SIDE)
 
@@ -156,7 +158,7 @@ def _linear_weights(model):
         a, m = layer.self_attention, layer.mlp
         for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
             yield linear.weight, False
-    yield _output_weight(model), True
+    yield _output_weight(model), model.share_embeddings_and_output_weights
 
 
 def _output_weight(model) -> torch.Tensor:
@@ -239,7 +241,7 @@ class FunctionalGPT:
         output = _output_weight(model)
         if output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
             _cpu_layout(output)
-        self.output = _pack(output, output=True)
+        self.output = _pack(output, output=output is self.word)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over tensor-parallel ranks (Megatron's ``reduce_from_tensor_model_parallel_region``)."""
