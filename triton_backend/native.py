@@ -42,19 +42,20 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KERNEL_CACHE") or pathlib.Path.home() / ".cache" / "megatron-triton")
 
 
-def build(source: pathlib.Path) -> ctypes.CDLL:
+def build(source: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The shared library of ``source``, compiled now or found in the cache."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_signature().encode() + compiler.encode())
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature().encode() + compiler.encode())
     path = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as work:  # built aside, then moved: ranks may race
             built, objects = pathlib.Path(work) / path.name, pathlib.Path(work) / f"{source.stem}.o"
-            for command in ([compiler, *FLAGS, "-c", str(source), "-o", str(objects)],
+            for command in ([compiler, *flags, "-c", str(source), "-o", str(objects)],
                             [compiler, "-shared", str(objects), "-o", str(built), "-lm"]):
                 run = subprocess.run(command, capture_output=True, text=True)
                 if run.returncode:
@@ -64,11 +65,14 @@ def build(source: pathlib.Path) -> ctypes.CDLL:
 
 
 class Kernel:
-    """One C source's library, built once per process on first use; ``declare`` sets its functions' argument
-    types. ``library()`` is None where it cannot be built: ``what`` and ``fallback`` word the one log line."""
+    """One C source's library, built once per process on first use (``FLAGS`` and ``extra_flags``); ``declare``
+    sets its functions' argument types. ``library()`` is None where it cannot be built: ``what`` and ``fallback``
+    word the one log line."""
 
-    def __init__(self, source: pathlib.Path, declare: Callable[[ctypes.CDLL], None], what: str, fallback: str):
+    def __init__(self, source: pathlib.Path, declare: Callable[[ctypes.CDLL], None], what: str, fallback: str,
+                 extra_flags: tuple[str, ...] = ()):
         self.source, self.declare, self.what, self.fallback = source, declare, what, fallback
+        self.extra_flags = extra_flags
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self._failed = False
@@ -79,7 +83,7 @@ class Kernel:
         with self._lock:
             if self._library is None and not self._failed:
                 try:
-                    library = build(self.source)
+                    library = build(self.source, self.extra_flags)
                     self.declare(library)
                     self._library = library
                 except (OSError, RuntimeError) as err:

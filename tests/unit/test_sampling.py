@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from triton_backend.engine import sampling_kernel
 from triton_backend.engine.sampling import RowSampler, _apply_penalties, alternatives, model_log_probs, sample
 
 VOCAB = 50
+APPLIES = sampling_kernel.applies
 
 
 @pytest.fixture(autouse=True, params=["kernel", "torch"])
@@ -365,3 +367,20 @@ def test_edited_and_truncated_rows_beside_kernel_rows_are_chosen_by_torch(path):
     assert tokens[3] in x[3, :VOCAB].topk(2).indices.tolist()
     expected = torch.log_softmax(x[:, :VOCAB], 1)[torch.arange(4), torch.tensor(tokens)]
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_sampling_kernel_that_cannot_be_built_leaves_torch_to_sample_with_one_log_line(monkeypatch, caplog):
+    from triton_backend import native
+
+    monkeypatch.setattr(sampling_kernel, "applies", APPLIES)  # the real check, in both runs of this test
+    monkeypatch.setattr(sampling_kernel.KERNEL, "_library", None)
+    monkeypatch.setattr(sampling_kernel.KERNEL, "_failed", False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    x = logits(2)
+    with caplog.at_level(logging.WARNING, logger="triton_backend.native"):
+        assert not sampling_kernel.applies(x)
+        tokens, _ = sample(x, [row(temperature=0.0), row(seed=1, temperature=0.9)], VOCAB)
+        sample(x, [row(temperature=0.0)], VOCAB)
+    assert tokens[0] == x[0, :VOCAB].argmax().item()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the CPU sampling kernel is not available, torch operations sample: no C compiler (cc or gcc) on PATH"]
