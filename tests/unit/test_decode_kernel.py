@@ -119,3 +119,39 @@ def test_the_kernel_applies_only_where_it_can(change):
     wrong = {"dtype": (keys.bfloat16(), 2), "device": (keys.to("meta"), 2), "layout": (keys.transpose(1, 2), 2),
              "heads": (keys, decode_kernel.MAX_HEADS + 1)}[change]
     assert not decode_kernel.applies(*wrong)
+
+
+@pytest.mark.parametrize("rotated", [False, True], ids=["views", "rotated copy"])
+def test_the_kernels_store_writes_what_torch_writes(rotated):
+    """A step's keys and values (columns of a fused QKV product, keys possibly a rotated copy) into scattered blocks
+    and offsets: the pool afterwards is the torch store's, bit for bit, and nothing else changed."""
+    n, groups, per_group, d, bs = 11, 3, 2, 8, 4
+    qkv = torch.randn(n, groups, (per_group + 2) * d, generator=torch.Generator().manual_seed(4))
+    _, k, v = qkv.split([per_group * d, d, d], dim=-1)
+    if rotated:
+        k = k * 2.0  # a new contiguous tensor, as the rotary path gives: its strides differ from v's
+    rng = np.random.default_rng(3)
+    slots = rng.permutation(20 * bs)[:n]  # distinct (block, offset) places
+    blocks, offsets = (slots // bs).astype(np.int64), (slots % bs).astype(np.int64)
+    caches = [PagedKVCache(1, 20, bs, groups, d, torch.float32, "cpu") for _ in range(2)]
+    for c in caches:
+        c.keys[0].normal_(generator=torch.Generator().manual_seed(5))
+        c.values[0].normal_(generator=torch.Generator().manual_seed(6))
+    assert decode_kernel.stores(caches[0].keys[0], k, v)
+    assert not decode_kernel.stores(caches[0].keys[0], k.double(), v.double())
+    assert not decode_kernel.stores(caches[0].keys[0], k.transpose(1, 2).contiguous().transpose(1, 2), v)
+    decode_kernel.store(caches[0].keys[0], caches[0].values[0], k, v, blocks, offsets)
+    attention = PagedAttention.__new__(PagedAttention)
+    torch.nn.Module.__init__(attention)
+    attention.layer_index = 0
+    attention.store(caches[1], torch.from_numpy(blocks), torch.from_numpy(offsets), k, v)
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
+    assert torch.equal(caches[0].keys[0][blocks[0], :, offsets[0]], k[0])
+
+
+def test_steps_planned_for_the_kernel_store_through_it():
+    cache = PagedKVCache(1, 8, 4, 2, 8, torch.float32, "cpu")
+    args = (cache, torch.tensor([0, 1, 2, 5]), np.array([3, 1]), np.array([0, 1, 2, 3]), np.array([1, 3]))
+    assert plan(*args).host_writes is None
+    blocks, offsets = plan(*args, pairs=False).host_writes
+    assert blocks.tolist() == [0, 0, 0, 2] and offsets.tolist() == [0, 1, 2, 1]

@@ -72,6 +72,8 @@ class StepContext:
     table_starts: np.ndarray | None = None  # [n]
     lengths: np.ndarray | None = None  # [n]
     rotary: object = None  # the step's rotary angles, made by its first layer for all (``attention.Rotary``)
+    # ``write_blocks`` and ``write_offsets`` on the host, for the CPU kernel's store (planned with ``pairs=False``)
+    host_writes: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # Read in place while the pool's used range is at most this many times the blocks the decodes read (plus a
@@ -110,6 +112,8 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
                                    torch.from_numpy(used).to(device) if first[i] else None))  # pragma: no mutate
     step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),  # pragma: no mutate
                        torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
+    if not pairs:
+        step.host_writes = (np.ascontiguousarray(write_blocks), np.ascontiguousarray(pos % bs))
     decodes = np.flatnonzero(lengths == 1)
     if len(decodes):
         # contiguous int64 once per step: the kernel reads them by address in every layer

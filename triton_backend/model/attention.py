@@ -125,7 +125,11 @@ class PagedAttention(MegatronModule):
 
     def _cached(self, step: StepContext, q, k, v):
         """Attention for the packed tokens ``q``/``k``/``v`` ([N, heads, d]) of a step; returns [N, heads * d]."""
-        keys, values = self.store(step.cache, step.write_blocks, step.write_offsets, k, v)
+        if step.host_writes is not None and decode_kernel.stores(step.cache.keys[self.layer_index], k, v):
+            keys, values = step.cache.keys[self.layer_index], step.cache.values[self.layer_index]
+            decode_kernel.store(keys, values, k, v, *step.host_writes)
+        else:
+            keys, values = self.store(step.cache, step.write_blocks, step.write_offsets, k, v)
         if step.decode_index is not None and not step.prompts:
             return self._decode(step, q, keys, values)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

@@ -32,6 +32,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.paged_decode.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
                                      ctypes.c_float, pointer]
     library.paged_decode.restype = None
+    library.store_kv.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, i64,
+                                 i64]
+    library.store_kv.restype = None
 
 
 KERNEL = native.Kernel(pathlib.Path(__file__).with_name("paged_decode.c"), _declare,
@@ -65,3 +68,21 @@ def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: np
                                   table_starts.ctypes.data, lengths.ctypes.data, n, g, h // g, d, bs, scale,
                                   out.data_ptr())
     return out
+
+
+def stores(keys: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``store`` can write ``k``/``v`` ([N, groups, d]) into the pool ``keys`` (and its values): float32 on
+    CPU, a contiguous pool, each token's row of each group contiguous."""
+    return keys.device.type == "cpu" and keys.dtype == k.dtype == v.dtype == torch.float32 \
+        and keys.is_contiguous() and k.stride(2) == v.stride(2) == 1
+
+
+def store(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: np.ndarray,
+          offsets: np.ndarray) -> None:
+    """Token t's ``k``/``v`` ([N, groups, d]) into block ``blocks[t]`` at ``offsets[t]`` of ``keys``/``values``
+    ([blocks, groups, block_size, d]); ``blocks`` and ``offsets`` contiguous int64 (``kv_cache.plan``)."""
+    n, g, d = k.shape
+    strides = np.array([k.stride(0), k.stride(1), v.stride(0), v.stride(1)], dtype=np.int64)
+    KERNEL.library().store_kv(keys.data_ptr(), values.data_ptr(), k.data_ptr(), v.data_ptr(), strides.ctypes.data,
+                              strides[2:].ctypes.data, blocks.ctypes.data, offsets.ctypes.data, n, g,
+                              keys.shape[2], d)
