@@ -1,6 +1,7 @@
 """The paged KV cache's figures, in-process on the engine (no Triton), on the ``long`` preset (``make bench``).
 
-    .venv/bin/python tools/bench_cache.py [--scenario capacity prefix chunked] [--checkpoint DIR]
+    .venv/bin/python tools/bench_cache.py [--scenario capacity prefix chunked] [--checkpoint DIR] [--rounds N]
+                                          [--streams 8 ...] [--prefill-tokens N ...]
 
 1. capacity: a KV budget that holds 8 full 4,096-token contexts; 128 requests (prompts of 16-512 random tokens,
    16-256 output tokens) from 64 clients at once. Paged blocks against the slot layout (every sequence takes
@@ -80,23 +81,26 @@ def run_clients(engine: Engine, requests: list[tuple[list[int], SamplingParams]]
             "peak_running": engine.stats.peak_running, "preemptions": engine.stats.preemptions}
 
 
-def capacity(bench: Bench) -> None:
+def capacity(bench: Bench, rounds: int = 1) -> None:
+    """The slot layout, then paged blocks, ``rounds`` times (this machine's spread shows between the rounds)."""
     rng = random.Random(0)
     requests = [([rng.randrange(3, VOCAB) for _ in range(rng.randint(16, 512))],
                   SamplingParams(max_tokens=rng.randint(16, 256), temperature=0.8, seed=i, end_id=-1))
                 for i in range(128)]
-    rows = {}
-    for layout, reserve in (("slots", True), ("paged", False)):
-        engine = bench.engine(contexts=8, reserve_context=reserve)
-        try:
-            rows[layout] = run_clients(engine, requests, concurrency=64)
-        finally:
-            engine.stop()
-        print(json.dumps({"scenario": "capacity", "layout": layout, "kv_contexts": 8, **rows[layout]}), flush=True)
-    print(json.dumps({"scenario": "capacity", "peak_running_ratio": round(
-        rows["paged"]["peak_running"] / rows["slots"]["peak_running"], 2), "tokens_per_s_ratio": round(
-        rows["paged"]["output_tokens_per_s"] / rows["slots"]["output_tokens_per_s"], 2),
-        "targets": ">= 4 and >= 2"}), flush=True)
+    for _ in range(rounds):
+        rows = {}
+        for layout, reserve in (("slots", True), ("paged", False)):
+            engine = bench.engine(contexts=8, reserve_context=reserve)
+            try:
+                rows[layout] = run_clients(engine, requests, concurrency=64)
+            finally:
+                engine.stop()
+            print(json.dumps({"scenario": "capacity", "layout": layout, "kv_contexts": 8, **rows[layout]}),
+                  flush=True)
+        print(json.dumps({"scenario": "capacity", "peak_running_ratio": round(
+            rows["paged"]["peak_running"] / rows["slots"]["peak_running"], 2), "tokens_per_s_ratio": round(
+            rows["paged"]["output_tokens_per_s"] / rows["slots"]["output_tokens_per_s"], 2),
+            "targets": ">= 4 and >= 2"}), flush=True)
 
 
 def prefix(bench: Bench) -> None:
@@ -177,6 +181,7 @@ def main() -> None:
                         default=["capacity", "prefix", "chunked"])
     parser.add_argument("--checkpoint", type=pathlib.Path)
     parser.add_argument("--prefill-tokens", type=int, nargs="+", help="chunked: these budgets (default: the engine's)")
+    parser.add_argument("--rounds", type=int, default=1, help="capacity: run both layouts this many times")
     parser.add_argument("--streams", type=int, nargs="+", default=[8],
                         help="chunked: streams decoding while the long prompt arrives (the issue's figure: 8)")
     a = parser.parse_args()
@@ -188,6 +193,8 @@ def main() -> None:
             for budget in a.prefill_tokens or [None]:
                 for streams in a.streams:
                     chunked(bench, budget, streams)
+        elif name == "capacity":
+            capacity(bench, a.rounds)
         else:
             globals()[name](bench)
 
