@@ -202,15 +202,20 @@ def test_rotary_positions_follow_the_rope_definition():
         torch.testing.assert_close(ours(t[5:6], torch.tensor([[5], [5]])), expected[5:6])
 
 
-def test_rotary_rotates_as_megatron_does_bit_for_bit():
+@pytest.mark.parametrize("kernel", [True, False], ids=["C kernel", "torch operations"])
+def test_rotary_rotates_as_megatron_does_bit_for_bit(kernel, monkeypatch):
     """The cached path's own rotation (angles made once per step) gives Megatron's unfused RoPE exactly, and a
     config asking for another form (interleaved) goes through Megatron's own function."""
     import dataclasses
 
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+    from triton_backend.model import rotary_kernel
     from triton_backend.model.attention import Rotary
 
+    if not kernel:  # as where no compiler is found
+        monkeypatch.setattr(rotary_kernel.KERNEL, "_library", None)
+        monkeypatch.setattr(rotary_kernel.KERNEL, "_failed", True)
     config = context_model(ROTARY_ARCH, seed=1).config
     t = torch.randn(5, 3, 4, 16, generator=torch.Generator().manual_seed(3))
     positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11], [30, 31, 32, 33, 34]])
@@ -221,6 +226,14 @@ def test_rotary_rotates_as_megatron_does_bit_for_bit():
             expected = apply_rotary_pos_emb(t, ours.freqs(positions), config=cfg)
             assert torch.equal(ours(t, positions), expected)
             assert torch.equal(ours.rotate(t, ours.angles(positions)), expected)
+            # a step's packed rows (through the CPU kernel for the plain form), contiguous and as a strided view
+            packed = positions[:1]
+            want = apply_rotary_pos_emb(t[:, :1], ours.freqs(packed), config=cfg)[:, 0]
+            wide = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(4))
+            wide[:, :, 3:19] = t[:, 0]
+            for x in (t[:, 0].contiguous(), wide[:, :, 3:19]):
+                assert torch.equal(ours.rotate_packed(x, ours.angles(packed)), want)
+    assert (rotary_kernel.KERNEL.library() is not None) == kernel  # the plain form's packed rows went through it
 
 
 def test_load_reports_the_blocks_in_use(model):

@@ -465,8 +465,11 @@ class Engine:
         tops = {}
         if asking:  # no tensor work on the steps where no row asks (the common case)
             counts = [rows[i].generation.params.top_log_probs for i in asking]
-            found = alternatives(model_log_probs(logits[asking], self.vocab_size), counts)
-            tops = {id(rows[i]): top for i, top in zip(asking, found)}
+            log_probs = model_log_probs(logits[asking], self.vocab_size)
+            found = alternatives(log_probs, counts)
+            # with the row's log-probs: its token's is read from them, so that it equals its own alternative's
+            # (``sample`` computes it another way, equal only to rounding)
+            tops = {id(rows[i]): (top, log_probs[j]) for j, (i, top) in enumerate(zip(asking, found))}
         try:
             tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
         except Exception:  # one request's parameters broke sampling: that request alone must fail
@@ -481,9 +484,11 @@ class Engine:
             g.tokens.append(token)
             if g.first_token_at is None:
                 g.first_token_at = time.monotonic()
-            g.logprobs.append(logprob)
             if g.params.top_log_probs:
-                g.top.append(tops[id(row)])
+                top, row_log_probs = tops[id(row)]
+                g.top.append(top)
+                logprob = row_log_probs[token].item()
+            g.logprobs.append(logprob)
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
                 self._retire(row, reason="stop")

@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from triton_backend.cache.kv_cache import PromptChunk, StepContext
 
-from . import decode_kernel
+from . import decode_kernel, rotary_kernel
 
 
 class Rotary:
@@ -74,6 +74,13 @@ class Rotary:
         """Rotate ``t`` [s, b, heads, d] whose tokens sit at ``positions`` [b, s]."""
         return self.rotate(t, self.angles(positions))
 
+    def rotate_packed(self, x: torch.Tensor, angles) -> torch.Tensor:
+        """Rotate a step's packed rows ``x`` [N, heads, d] by ``angles`` (of positions [1, N]): on CPU in C
+        (``rotary_kernel.py``, the same bits), else as ``rotate``."""
+        if self.plain and rotary_kernel.applies(x, angles[0]):
+            return rotary_kernel.rotate(x, *angles)
+        return self.rotate(x[:, None], angles)[:, 0]
+
 
 class PagedAttention(MegatronModule):
     """softmax(QK^T)V with grouped-query support; reads and writes the KV cache when a step is set."""
@@ -113,7 +120,7 @@ class PagedAttention(MegatronModule):
         if self.rotary is None:
             return q, k
         angles = self.rotary.angles(positions) if angles is None else angles
-        return self.rotary.rotate(q[:, None], angles)[:, 0], self.rotary.rotate(k[:, None], angles)[:, 0]
+        return self.rotary.rotate_packed(q, angles), self.rotary.rotate_packed(k, angles)
 
     def store(self, cache, blocks, offsets, k, v):
         """Write packed ``k``/``v`` ([N, groups, d]) to their ``blocks`` and ``offsets`` in this layer's part of
