@@ -1,5 +1,5 @@
-"""Small C kernels of our own (``model/paged_decode.c``, ``engine/sampling.c``): built with the system's C compiler
-on first use, cached, called through ctypes.
+"""Small C kernels of our own (``model/paged_decode.c``, ``model/rotary.c``, ``engine/sampling.c``): built with the
+system's C compiler on first use, cached, called through ctypes.
 
 Why ctypes and gcc rather than a torch C++ extension: the kernels need no torch headers, and without them one
 builds in under a second instead of a minute, with nothing to install (``torch.utils.cpp_extension`` needs

@@ -384,3 +384,11 @@ def test_a_sampling_kernel_that_cannot_be_built_leaves_torch_to_sample_with_one_
     assert tokens[0] == x[0, :VOCAB].argmax().item()
     assert [r.getMessage() for r in caplog.records] == [
         "the CPU sampling kernel is not available, torch operations sample: no C compiler (cc or gcc) on PATH"]
+
+
+def test_a_nan_logit_row_still_gives_a_token_in_the_vocabulary():
+    """A broken model's NaN logits must not send the choice past the row (the C kernel's search is bounded)."""
+    x = logits(2)
+    x[0] = float("nan")
+    tokens, _ = sample(x, [row(temperature=0.0), row(seed=1, temperature=0.7)], VOCAB)
+    assert all(0 <= t < VOCAB for t in tokens)

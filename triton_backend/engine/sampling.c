@@ -78,7 +78,7 @@ void sample_rows(const float *logits, int64_t stride, int64_t vocab, int64_t n, 
         lse[i] = m + logf(s);
         if (mode[i] == 1) {
             int64_t j = 0;
-            while (x[j] != m) j++;
+            while (j < vocab - 1 && x[j] != m) j++; /* bounded: a NaN logit (a broken model) equals nothing */
             chosen[i] = j;
         } else if (mode[i] == 2) {
             chosen[i] = draw(x, vocab, m, temperature[i], uniform[i], scratch);

@@ -97,7 +97,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
         modes, temperatures, uniforms, rest = [], [], [], []
         for i, (row, edits) in enumerate(zip(rows, edited)):
             p = row.params
-            if edits or p.top_k > 0 or row.top_p < 1:
+            if edits or _truncates(row):
                 modes.append(sampling_kernel.KEEP)
                 rest.append(i)
             else:
