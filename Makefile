@@ -89,14 +89,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# perf_analyzer (tritonclient's wheel) needs libb64 from Debian; the CPU decode kernel a C compiler
-# (triton_backend/model/decode_kernel.py; without one the slower torch path serves).
+# perf_analyzer (tritonclient's wheel) needs libb64 from Debian; the CPU kernels (decode attention, rotary,
+# sampling) a C compiler (triton_backend/native.py; without one the slower torch operations serve).
 system-deps:
 	@ldconfig -p | grep -q libb64.so.0d || { \
 	  echo "installing libb64-0d (needed by perf_analyzer)"; \
 	  apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; }
 	@command -v cc >/dev/null || command -v gcc >/dev/null || { \
-	  echo "installing gcc (builds the CPU decode kernel)"; \
+	  echo "installing gcc (builds the CPU kernels)"; \
 	  apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null; }
 
 demo-model: $(DEMO)/checkpoint/latest_checkpointed_iteration.txt

@@ -29,8 +29,9 @@ SHAPES = ((64, 45, 8, 1, 32), (16, 45, 8, 1, 32), (1, 45, 8, 1, 32), (64, 300, 8
 BLOCK = 32
 
 
-def microseconds(fn, rounds: int = 30) -> float:
-    for _ in range(3):
+def microseconds(fn, rounds: int = 30, warmup: int = 3) -> float:
+    """The best of five timings of ``rounds`` calls of ``fn``, per call, after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(5):

@@ -13,29 +13,17 @@ from __future__ import annotations
 import functools
 import pathlib
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from preprocessing.params import SamplingParams  # noqa: E402
+from tools.decode_attention import microseconds  # noqa: E402
 from triton_backend.engine.sampling import RowSampler, sample  # noqa: E402
 
 VOCAB = 4096
 CASES = ((43, 0.8), (16, 0.8), (64, 0.0))
-
-
-def microseconds(fn, rounds: int = 200) -> float:
-    for _ in range(20):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(rounds):
-            fn()
-        best = min(best, (time.perf_counter() - started) / rounds)
-    return best * 1e6
 
 
 def main() -> None:
@@ -50,8 +38,8 @@ def main() -> None:
 
         run = functools.partial(sample, logits, rows, VOCAB)
         differ = sum(a != b for a, b in zip(run(kernel=True)[0], run(kernel=False)[0]))
-        torch_us = microseconds(functools.partial(run, kernel=False))
-        kernel_us = microseconds(functools.partial(run, kernel=True))
+        torch_us = microseconds(functools.partial(run, kernel=False), rounds=200, warmup=20)
+        kernel_us = microseconds(functools.partial(run, kernel=True), rounds=200, warmup=20)
         print(f"{n} | {temperature} | {torch_us:.0f} | {kernel_us:.0f} | {torch_us / kernel_us:.2f} | {differ}",
               flush=True)
 

@@ -392,3 +392,26 @@ def test_a_nan_logit_row_still_gives_a_token_in_the_vocabulary():
     x[0] = float("nan")
     tokens, _ = sample(x, [row(temperature=0.0), row(seed=1, temperature=0.7)], VOCAB)
     assert all(0 <= t < VOCAB for t in tokens)
+
+
+def test_cpu_float32_logits_go_through_the_kernel_unless_told_otherwise(monkeypatch):
+    calls = []
+    real = sampling_kernel.sample_rows
+    monkeypatch.setattr(sampling_kernel, "applies", APPLIES)
+    monkeypatch.setattr(sampling_kernel, "sample_rows", lambda *a: calls.append(1) or real(*a))
+    x = logits(2)
+    rows = [row(temperature=0.0), row(seed=1, temperature=0.9)]
+    want = sample(x, rows, VOCAB)
+    assert calls == [1]
+    assert sample(x, rows, VOCAB, kernel=False)[0] == want[0] and calls == [1]  # torch alone: the same tokens
+
+
+def test_log_probs_hold_for_rows_of_very_different_scales():
+    """Each row's log-sum-exp is shifted by its own maximum: one shift for all rows would underflow a row whose
+    logits sit 200 below another's."""
+    x = logits(2)
+    x[0] += 200.0
+    x[1] -= 200.0
+    tokens, logprobs = sample(x, [row(temperature=0.0), row(seed=1, temperature=0.9)], VOCAB)
+    expected = torch.log_softmax(x[:, :VOCAB].double(), 1)[torch.arange(2), torch.tensor(tokens)]
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-4)
