@@ -78,7 +78,7 @@ class Kernel:
         self._failed = False
 
     def library(self) -> ctypes.CDLL | None:
-        if self._library is not None:  # read without the lock once built: it never changes after
+        if self._library is not None or self._failed:  # read without the lock once settled: it never changes
             return self._library
         with self._lock:
             if self._library is None and not self._failed:

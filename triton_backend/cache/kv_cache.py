@@ -104,16 +104,16 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
     table_starts = np.cumsum(table_lengths) - table_lengths
     if (pos // bs >= table_lengths[seg]).any() or (tables < 0).any() or (tables >= cache.num_blocks).any():
         raise ValueError("a segment's block table does not hold its positions")
-    write_blocks = tables[table_starts[seg] + pos // bs]
+    write_blocks, offsets = tables[table_starts[seg] + pos // bs], pos % bs  # new contiguous int64 arrays
     prompts = []
     for i in np.flatnonzero(lengths > 1).tolist():
         used = tables[table_starts[i]:table_starts[i] + -(-(first[i] + lengths[i]) // bs)]
         prompts.append(PromptChunk(int(starts[i]), int(lengths[i]), int(first[i]),
                                    torch.from_numpy(used).to(device) if first[i] else None))  # pragma: no mutate
     step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),  # pragma: no mutate
-                       torch.from_numpy(pos % bs).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
+                       torch.from_numpy(offsets).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
     if not pairs:
-        step.host_writes = (np.ascontiguousarray(write_blocks), np.ascontiguousarray(pos % bs))
+        step.host_writes = (write_blocks, offsets)
     decodes = np.flatnonzero(lengths == 1)
     if len(decodes):
         # contiguous int64 once per step: the kernel reads them by address in every layer

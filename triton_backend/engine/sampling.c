@@ -45,25 +45,20 @@ static int64_t draw(const float *x, int64_t vocab, float m, float temperature, f
     }
     const float target = u * total;
     float cumulative = 0.0f;
-    int64_t last = 0; /* the last token with weight seen so far */
     for (int64_t c = 0, start = 0; start < vocab; c++, start += CHUNK) {
-        const int64_t end = start + CHUNK < vocab ? start + CHUNK : vocab;
         if (cumulative + sums[c] <= target) { /* the draw lies beyond this chunk */
             cumulative += sums[c];
-            for (int64_t j = end - 1; j >= start; j--)
-                if (w[j] > 0.0f) {
-                    last = j;
-                    break;
-                }
             continue;
         }
         for (int64_t j = start; j < vocab; j++) { /* from here one weight at a time, to the end if need be */
             cumulative += w[j];
-            if (w[j] > 0.0f) last = j;
             if (cumulative > target) return j; /* it grew past the draw: w[j] > 0 */
         }
         break;
     }
+    /* rounding left the draw at or past the total: the last token with weight */
+    int64_t last = vocab - 1;
+    while (last > 0 && !(w[last] > 0.0f)) last--;
     return last;
 }
 

@@ -32,8 +32,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.paged_decode.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
                                      ctypes.c_float, pointer]
     library.paged_decode.restype = None
-    library.store_kv.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, i64,
-                                 i64]
+    library.store_kv.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, pointer, i64, i64,
+                                 i64, i64]
     library.store_kv.restype = None
 
 
@@ -82,7 +82,6 @@ def store(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Token t's ``k``/``v`` ([N, groups, d]) into block ``blocks[t]`` at ``offsets[t]`` of ``keys``/``values``
     ([blocks, groups, block_size, d]); ``blocks`` and ``offsets`` contiguous int64 (``kv_cache.plan``)."""
     n, g, d = k.shape
-    strides = np.array([k.stride(0), k.stride(1), v.stride(0), v.stride(1)], dtype=np.int64)
-    KERNEL.library().store_kv(keys.data_ptr(), values.data_ptr(), k.data_ptr(), v.data_ptr(), strides.ctypes.data,
-                              strides[2:].ctypes.data, blocks.ctypes.data, offsets.ctypes.data, n, g,
+    KERNEL.library().store_kv(keys.data_ptr(), values.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
+                              k.stride(1), v.stride(0), v.stride(1), blocks.ctypes.data, offsets.ctypes.data, n, g,
                               keys.shape[2], d)

@@ -156,13 +156,13 @@ void paged_decode(const float *q, const float *keys, const float *values, const 
  * k and v are [n, groups, dim] views, each with its own token and group strides (v is a column slice of the step's
  * fused QKV product; k too, or a rotated copy) and a contiguous last dim. Two indexed writes in torch cost 12-30 us
  * each a layer; this is a copy. */
-void store_kv(float *keys, float *values, const float *k, const float *v, const int64_t *k_strides,
-              const int64_t *v_strides, const int64_t *blocks, const int64_t *offsets, int64_t n, int64_t groups,
-              int64_t block_size, int64_t dim) {
+void store_kv(float *keys, float *values, const float *k, const float *v, int64_t k_token, int64_t k_group,
+              int64_t v_token, int64_t v_group, const int64_t *blocks, const int64_t *offsets, int64_t n,
+              int64_t groups, int64_t block_size, int64_t dim) {
     for (int64_t t = 0; t < n; t++)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t to = ((blocks[t] * groups + g) * block_size + offsets[t]) * dim;
-            memcpy(keys + to, k + t * k_strides[0] + g * k_strides[1], sizeof(float) * dim);
-            memcpy(values + to, v + t * v_strides[0] + g * v_strides[1], sizeof(float) * dim);
+            memcpy(keys + to, k + t * k_token + g * k_group, sizeof(float) * dim);
+            memcpy(values + to, v + t * v_token + g * v_group, sizeof(float) * dim);
         }
 }
