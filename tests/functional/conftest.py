@@ -36,8 +36,8 @@ class Server:
     def tail(self, n: int = 60) -> str:
         """The log's first traceback (the cause, usually) and its last n lines."""
         lines = self.log.read_text(errors="replace").splitlines()
-        first = next((i for i, line in enumerate(lines) if "Traceback" in line or "configuration error" in line),
-                     len(lines))
+        causes = ("Traceback", "configuration error", "Signal (")  # the last: tritonserver's crash report
+        first = next((i for i, line in enumerate(lines) if any(c in line for c in causes)), len(lines))
         head = lines[first:first + 30] if first < len(lines) - n else []
         return "\n".join([*head, *(["[...]"] if head else []), *lines[-n:]])
 
@@ -107,3 +107,18 @@ def server(tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("server"))
     yield s
     stop_server(s)
+
+
+@pytest.fixture(autouse=True)
+def _shared_server_lives(request):
+    """The test during which the shared server exits fails with the server log's tail (the cause), and every later
+    test that needs it says so, rather than each reporting a bare 'connection refused'."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    s = request.getfixturevalue("server")
+    if s.process.poll() is not None:
+        pytest.fail(f"the shared server exited ({s.process.returncode}) during an earlier test")
+    yield
+    if s.process.poll() is not None:
+        pytest.fail(f"the shared server exited ({s.process.returncode}) during this test:\n{s.tail()}")
