@@ -5,7 +5,8 @@
 
 1. Starts the server (TP=1, demo model unless CHECKPOINT/TOKENIZER are set) on free loopback ports and, at
    each concurrency, streams requests through ``ensemble_stream`` over gRPC from that many clients: output
-   tokens/s, requests/s, time to first token p50/p99, inter-token latency p50.
+   tokens/s, requests/s, time to first token p50/p99, inter-token latency p50. Then perf_analyzer sends the
+   same load (``--no-perf-analyzer``: not): its output tokens/s, from a client that takes less of the CPU.
 2. Runs the same workload in-process on the engine (no Triton), and prints served/in-process ratios.
 3. Mixed output lengths (8..256 tokens), in-process: in-flight batching (a freed slot is refilled at once)
    against batch-at-a-time serving of the same requests at the same batch size.
@@ -22,6 +23,7 @@ import os
 import pathlib
 import queue
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -63,10 +65,21 @@ def workload(concurrency, per_client, max_tokens):
 
 
 def run_clients(jobs, one):
-    started = time.perf_counter()
+    """Each client's requests in order, from a thread of its own; returns the records and the wall time. The clock
+    starts once every client has sent one 1-token request of its own: a served client's gRPC channel and stream
+    are then open, as perf_analyzer's are before it measures (opening 16 of them inside the run put up to 300 ms
+    into the first requests' TTFT)."""
+    started = []
+    ready = threading.Barrier(len(jobs), action=lambda: started.append(time.perf_counter()))
+
+    def client(js):
+        one(js[0][0], {**js[0][1], "max_tokens": 1})
+        ready.wait()
+        return [one(p, kw) for p, kw in js]
+
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        records = [r for rs in pool.map(lambda js: [one(p, kw) for p, kw in js], jobs) for r in rs]
-    return records, time.perf_counter() - started
+        records = [r for rs in pool.map(client, jobs) for r in rs]
+    return records, time.perf_counter() - started[0]
 
 
 def served_one(url):
@@ -90,6 +103,34 @@ def served_one(url):
         return {"tokens": tokens, "ttft": first - start, "itl": itl}
 
     return one
+
+
+def perf_analyzer(url: str, concurrency: int, max_tokens: int) -> dict:
+    """perf_analyzer (Triton's C++ load generator, the tool users measure with) on ``ensemble_stream`` at
+    ``concurrency``, the same prompts and sampling as ``workload``: its steady-state requests/s times ``max_tokens``
+    (every request makes exactly that many: ``end_id`` -1). Beside the Python clients it takes less of the CPU the
+    server shares on a small machine."""
+    import sysconfig
+    import tempfile
+
+    rows = [{"text_input": [prompt], "max_tokens": [max_tokens], "end_id": [-1], "temperature": [0.8], "seed": [i]}
+            for i, prompt in enumerate(PROMPTS)]
+    site = pathlib.Path(sysconfig.get_paths()["purelib"])
+    env = {**os.environ, "LD_LIBRARY_PATH": str(site / "nvidia" / "cuda_runtime" / "lib")}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as data:
+        json.dump({"data": rows}, data)
+        data.flush()
+        run = subprocess.run(
+            [str(pathlib.Path(sys.executable).parent / "perf_analyzer"), "-m", "ensemble_stream", "-u", url, "-i",
+             "grpc", "--streaming", "--async", "--input-data", data.name, "--concurrency-range",
+             f"{concurrency}:{concurrency}", "--measurement-interval", "4000", "--max-trials", "3",
+             "--stability-percentage", "100", "--warmup-request-count", str(concurrency)],  # fewer hangs 2.50
+            env=env, capture_output=True, text=True, timeout=600)
+    found = re.search(rf"Concurrency: {concurrency}, throughput: ([\d.]+) infer/sec, latency (\d+) usec", run.stdout)
+    if run.returncode or not found:
+        raise RuntimeError(f"perf_analyzer failed ({run.returncode}): {(run.stdout + run.stderr)[-800:]}")
+    return {"output_tokens_per_s": round(float(found.group(1)) * max_tokens, 1),
+            "requests_per_s": round(float(found.group(1)), 2), "latency_avg_ms": round(int(found.group(2)) / 1000, 1)}
 
 
 def engine_one(engine, tokenizer):
@@ -184,9 +225,10 @@ def peer(engine, tokenizer, cpus, results: dict, max_tokens: int) -> None:
     for c, row in results.items():
         theirs = worker.run(hf_bench, hf, prompt, c, max_tokens, tokenizer.vocab_size, tokenizer.pad_id)
         row["transformers"] = theirs["tokens_per_s"]
+        over = {f"{k}_over_transformers": round(row[k]["output_tokens_per_s"] / theirs["tokens_per_s"], 2)
+                for k in ("served", "perf_analyzer") if k in row}
         print(json.dumps({"concurrency": c, "transformers_batch": c, "transformers_tokens_per_s":
-                          theirs["tokens_per_s"], "served_over_transformers": round(
-                              row["served"]["output_tokens_per_s"] / theirs["tokens_per_s"], 2)}), flush=True)
+                          theirs["tokens_per_s"], **over}), flush=True)
 
 
 def main() -> int:
@@ -202,6 +244,8 @@ def main() -> int:
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers' generate() on the same weights at each concurrency's batch size "
                              "(needs requirements-bench.txt)")
+    parser.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false",
+                        help="serve only the Python clients' load (perf_analyzer also measures each concurrency)")
     a = parser.parse_args()
 
     from preprocessing.tokenizer import Tokenizer
@@ -214,7 +258,9 @@ def main() -> int:
     cfg.device = "cpu"
     set_threads(cfg)  # the same torch threads as the server's engine
     results = {}
-    proc, grpc_url = start_server({"DEVICE": "cpu"})
+    # Ready means every part the server starts is up: the HTTP API's process (on unless API=0) imports for a
+    # second or two after Triton answers, and at --concurrency 16 alone that fell inside the measured run.
+    proc, grpc_url = start_server({"DEVICE": "cpu"}, api=(os.environ.get("API") or "1") == "1")
     every_core = os.sched_getaffinity(0)
     # The client threads keep off the engine thread's core, as they do in-process (engine_cpus pins the same
     # way): a remote client would not compete for it at all.
@@ -224,7 +270,9 @@ def main() -> int:
         for c in a.concurrency:
             records, wall = run_clients(workload(c, a.requests_per_client, a.max_tokens), served_one(grpc_url))
             results[c] = {"served": summarize(records, wall)}
-            print(json.dumps({"concurrency": c, "served": results[c]["served"]}), flush=True)
+            if a.perf_analyzer:
+                results[c]["perf_analyzer"] = perf_analyzer(grpc_url, c, a.max_tokens)
+            print(json.dumps({"concurrency": c, **results[c]}), flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
@@ -243,9 +291,11 @@ def main() -> int:
             engine.stats = EngineStats()  # this concurrency's steps only
             records, wall = run_clients(workload(c, a.requests_per_client, a.max_tokens), engine_one(engine, tokenizer))
             results[c]["in_process"] = summarize(records, wall)
-            served, local = results[c]["served"], results[c]["in_process"]
-            ratio = round(served["output_tokens_per_s"] / local["output_tokens_per_s"], 2)
-            print(json.dumps({"concurrency": c, "in_process": local, "served_over_in_process": ratio,
+            local = results[c]["in_process"]
+            ratios = {f"{k}_over_in_process": round(results[c][k]["output_tokens_per_s"] /
+                                                    local["output_tokens_per_s"], 2)
+                      for k in ("served", "perf_analyzer") if k in results[c]}
+            print(json.dumps({"concurrency": c, "in_process": local, **ratios,
                               "in_process_engine": engine.stats.summary()}), flush=True)
         mixed = mixed_lengths(engine, tokenizer, a.mixed_requests, 16)
         print(json.dumps({"mixed_lengths": mixed}), flush=True)
@@ -257,15 +307,20 @@ def main() -> int:
     if 1 in results and 16 in results:
         scale = results[16]["served"]["output_tokens_per_s"] / results[1]["served"]["output_tokens_per_s"]
         print(json.dumps({"served_c16_over_c1": round(scale, 2)}))
-    print("\nconcurrency | served tok/s | in-process tok/s | ratio | TTFT p50/p99 ms | ITL p50 ms"
-          + (" | transformers tok/s | served / transformers" if a.peer else ""))
+    # "served": the Python clients' run (TTFT and ITL come from it); "perf_analyzer": the same load from perf_analyzer
+    print("\nconcurrency | served tok/s | / in-process | perf_analyzer tok/s | / in-process | in-process tok/s | "
+          "TTFT p50/p99 ms | ITL p50 ms"
+          + (" | transformers tok/s | served / it | perf_analyzer / it" if a.peer else ""))
     for c in cs:
-        s, i = results[c]["served"], results[c]["in_process"]
+        s, i, pa = results[c]["served"], results[c]["in_process"], results[c].get("perf_analyzer")
         hf = results[c].get("transformers")
-        print(f"{c:>11} | {s['output_tokens_per_s']:>12} | {i['output_tokens_per_s']:>16} | "
-              f"{s['output_tokens_per_s'] / i['output_tokens_per_s']:>5.2f} | "
-              f"{s['ttft_p50_ms']}/{s['ttft_p99_ms']} | {s['itl_p50_ms']}"
-              + (f" | {hf:>18} | {s['output_tokens_per_s'] / hf:.2f}" if hf else ""))
+        pa_cells = f"{pa['output_tokens_per_s']:>19} | {pa['output_tokens_per_s'] / i['output_tokens_per_s']:>12.2f}" \
+            if pa else f"{'-':>19} | {'-':>12}"
+        print(f"{c:>11} | {s['output_tokens_per_s']:>12} | {s['output_tokens_per_s'] / i['output_tokens_per_s']:>12.2f}"
+              f" | {pa_cells} | {i['output_tokens_per_s']:>16} | {s['ttft_p50_ms']}/{s['ttft_p99_ms']} | "
+              f"{s['itl_p50_ms']}"
+              + (f" | {hf:>18} | {s['output_tokens_per_s'] / hf:.2f}"
+                 + (f" | {pa['output_tokens_per_s'] / hf:.2f}" if pa else " | -") if hf else ""))
     return 0
 
 
