@@ -73,7 +73,11 @@ def run_clients(jobs, one):
     ready = threading.Barrier(len(jobs), action=lambda: started.append(time.perf_counter()))
 
     def client(js):
-        one(js[0][0], {**js[0][1], "max_tokens": 1})
+        try:
+            one(js[0][0], {**js[0][1], "max_tokens": 1})
+        except BaseException:
+            ready.abort()  # the other clients' wait raises rather than hangs
+            raise
         ready.wait()
         return [one(p, kw) for p, kw in js]
 
@@ -124,7 +128,7 @@ def perf_analyzer(url: str, concurrency: int, max_tokens: int) -> dict:
             [str(pathlib.Path(sys.executable).parent / "perf_analyzer"), "-m", "ensemble_stream", "-u", url, "-i",
              "grpc", "--streaming", "--async", "--input-data", data.name, "--concurrency-range",
              f"{concurrency}:{concurrency}", "--measurement-interval", "4000", "--max-trials", "3",
-             "--stability-percentage", "100", "--warmup-request-count", str(concurrency)],  # fewer hangs 2.50
+             "--stability-percentage", "100", "--warmup-request-count", str(concurrency)],  # 2.50 hangs on fewer
             env=env, capture_output=True, text=True, timeout=600)
     found = re.search(rf"Concurrency: {concurrency}, throughput: ([\d.]+) infer/sec, latency (\d+) usec", run.stdout)
     if run.returncode or not found:
