@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from preprocessing.tokenizer import Tokenizer
+from preprocessing import tokenization
 
 from . import megatron_routes, openai_routes, tokenizer_routes
 from .chat_template import ChatTemplate
@@ -32,8 +32,8 @@ def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:
 
     app = FastAPI(title="megatron-triton API", lifespan=lifespan)
     app.state.settings, app.state.started = settings, int(time.time())
-    app.state.tokenizer = Tokenizer(settings.tokenizer)
-    app.state.template = ChatTemplate(settings.chat_template)
+    app.state.tokenizer = tokenization.from_env({tokenization.ENV: settings.tokenizer})
+    app.state.template = ChatTemplate(settings.chat_template, app.state.tokenizer)
     metrics = ApiMetrics()
 
     app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics)

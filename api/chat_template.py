@@ -1,8 +1,9 @@
-"""Chat messages to one prompt, by a Jinja template: ``CHAT_TEMPLATE`` (a file), else the default below.
+"""Chat messages to one prompt, by a Jinja template: ``CHAT_TEMPLATE`` (a file), else the tokenizer's own
+(a HuggingFace tokenizer's ``chat_template``), else the default below.
 
 The default suits a model trained without a chat format (the demo model): one ``role: content`` line per
-message, then ``assistant:`` for the model to continue. A model trained with its own format needs its own
-template; it receives ``messages`` (role, content) and ``add_generation_prompt``, as Hugging Face templates do.
+message, then ``assistant:`` for the model to continue. A template receives what HuggingFace templates receive:
+``messages`` (role, content), ``add_generation_prompt``, ``bos_token``, ``eos_token`` and ``raise_exception``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,32 @@ DEFAULT_TEMPLATE = (
 )
 
 
+class TemplateRefusal(TemplateError):
+    """A template's ``raise_exception(message)``: the messages break the template's own rule."""
+
+
+def _raise_exception(message: str):
+    raise TemplateRefusal(message)
+
+
 class ChatTemplate:
-    def __init__(self, path: pathlib.Path | None = None):
-        self.source = path.read_text() if path else DEFAULT_TEMPLATE
+    def __init__(self, path: pathlib.Path | None = None, tokenizer=None):
+        own = getattr(tokenizer, "chat_template", None)
+        self.source = path.read_text() if path else (own or DEFAULT_TEMPLATE)
+        # A template written for the model writes its control tokens (<|eot_id|>, [INST], ...) as text.
+        self.writes_special_tokens = self.source != DEFAULT_TEMPLATE
+        self._tokens = {"bos_token": "", "eos_token": ""}
+        if tokenizer is not None:
+            self._tokens = {"bos_token": tokenizer.token_text(tokenizer.bos_id) or "",
+                            "eos_token": tokenizer.token_text(tokenizer.eos_id) or ""}
         # Sandboxed: a template is configuration, but it should not reach the server's Python.
-        self._template = ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(self.source)
+        env = ImmutableSandboxedEnvironment(keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        self._template = env.from_string(self.source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._tokens)
         except TemplateError as err:  # a template that rejects these messages (raise_exception in HF templates)
             raise ValueError(f"the chat template refused the messages: {err}") from None

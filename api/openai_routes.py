@@ -24,11 +24,14 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
     _check_common(body, state)
-    prompts = _texts(body.prompt, state.tokenizer)
+    prompts, ids_given = _texts(body.prompt, state.tokenizer), not isinstance(body.prompt, str) and \
+        bool(body.prompt) and not isinstance(body.prompt[0], str)
     scoring = body.echo and body.logprobs is not None  # the prompt's own log-probs: how harnesses score text
     if body.max_tokens == 0 and not scoring:
         raise ApiError(400, "max_tokens may be 0 only with echo and logprobs (scoring the prompt)", "max_tokens")
     params = _params(body, body.max_tokens)
+    # Token ids travel as text with their special tokens written out, read back as those tokens.
+    params["add_special_tokens"] = (body.add_special_tokens or ids_given) or None
     if body.logprobs is not None:
         params |= {"return_log_probs": True, "top_log_probs": body.logprobs, "return_prompt_log_probs": scoring}
     if body.echo:
@@ -52,7 +55,9 @@ async def chat_completions(body: ChatRequest, request: Request):
         prompt = state.template.render(messages)
     except ValueError as err:
         raise ApiError(400, str(err), "messages") from None
-    prompt_tokens = len(state.tokenizer.encode(prompt))
+    # A template written for the model (CHAT_TEMPLATE, the tokenizer's own) writes its control tokens as text.
+    special = state.template.writes_special_tokens if body.add_special_tokens is None else body.add_special_tokens
+    prompt_tokens = len(state.tokenizer.encode(prompt, parse_special=special))
     room = state.settings.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the messages take {prompt_tokens} tokens, the model's whole context is "
@@ -62,6 +67,7 @@ async def chat_completions(body: ChatRequest, request: Request):
               "max_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
     shape = _Shape("chatcmpl", "chat.completion", state.settings.model_name, chat=True)
     params = _params(body, max_tokens)
+    params["add_special_tokens"] = special or None
     if body.logprobs:
         params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
     return await _respond(state.link, [prompt], params, body, shape, fields)
@@ -86,8 +92,8 @@ def _texts(prompt, tokenizer) -> list[str]:
         if not ids or bad is not None:
             raise ApiError(400, f"'prompt': token ids must be non-empty lists of ids in [0, {tokenizer.vocab_size})"
                                 f"{'' if bad is None else f', got {bad}'}", "prompt")
-        text = tokenizer.decode(ids)
-        if tokenizer.encode(text) != list(ids):
+        text = tokenizer.decode(ids, skip_special=False)
+        if tokenizer.encode(text, parse_special=True) != list(ids):
             raise ApiError(400, "'prompt': these token ids are not how this server's tokenizer writes their text "
                                 "(send the text, or ids from /tokenize)", "prompt")
         texts.append(text)

@@ -65,6 +65,8 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's field; here: special-token texts in the prompt are read as those tokens (else they stay text).
+    add_special_tokens: bool = False
 
 
 class TextPart(_Strict):
@@ -84,6 +86,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Special-token texts in the rendered messages read as those tokens; default: when the template is the
+    # model's own (CHAT_TEMPLATE or the tokenizer's), not the built-in one.
+    add_special_tokens: bool | None = None
 
 
 def unsupported(request: _Sampling) -> str | None:

@@ -15,8 +15,8 @@ class Settings:
     triton_grpc: str  # host:port of Triton's gRPC endpoint
     host: str
     port: int
-    tokenizer: pathlib.Path
     context: int  # the model's context in tokens (prompt + generated)
+    tokenizer: str = ""  # the job's tokenizer spec (JSON, preprocessing/tokenization/spec.py)
     model_name: str = DEFAULT_MODEL_NAME
     api_key: str = ""
     chat_template: pathlib.Path | None = None
@@ -31,8 +31,8 @@ class Settings:
             triton_grpc=env.get("TRITON_GRPC_URL") or f"{local}:{env.get('GRPC_PORT', '8001')}",
             host=host,
             port=_port(env.get("API_PORT", "9000")),
-            tokenizer=pathlib.Path(env.get("TOKENIZER") or ROOT / "demo_model" / "tokenizer.model"),
             context=int(env["MEGATRON_TRITON_CONTEXT"]),
+            tokenizer=_tokenizer_spec(env),
             model_name=env.get("MODEL_NAME") or DEFAULT_MODEL_NAME,
             api_key=env.get("API_KEY", ""),
             chat_template=pathlib.Path(template) if template else None,
@@ -44,3 +44,14 @@ def _port(raw: str) -> int:
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ValueError(f"API_PORT must be a TCP port, got {raw!r}")
     return int(raw)
+
+
+def _tokenizer_spec(env) -> str:
+    """The spec rank 0 exported; run on its own, the API reads TOKENIZER (and TOKENIZER_TYPE) instead."""
+    from preprocessing import tokenization
+
+    if env.get(tokenization.ENV):
+        return env[tokenization.ENV]
+    if not env.get("TOKENIZER"):
+        raise ValueError(f"set TOKENIZER (a tokenizer file or directory) or {tokenization.ENV}")
+    return tokenization.resolve(None, env["TOKENIZER"], env.get("TOKENIZER_TYPE") or None).to_json()

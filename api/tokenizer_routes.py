@@ -1,7 +1,9 @@
-"""vLLM's tokenizer endpoints, with the server's own sentencepiece model: clients need no tokenizer of their own.
+"""vLLM's tokenizer endpoints, with the server's own tokenizer: clients need no tokenizer of their own.
 
-The ensemble encodes a prompt without special tokens, so ``add_special_tokens`` changes nothing here: the ids
-returned are exactly those the model sees.
+The ids returned are exactly those the model sees for the same text on the completions and chat routes:
+Megatron's ids for the checkpoint's tokenizer type (BOS included where that type adds one). ``add_special_tokens``
+says whether special-token texts are read as those tokens, with the same defaults as those routes: no for a
+prompt, yes for messages rendered by a template written for the model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: Text | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
 
 
@@ -42,15 +44,16 @@ async def tokenize(body: TokenizeRequest, request: Request):
     _check_model(body.model, state)
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "send either 'prompt' or 'messages'", "prompt")
-    text = body.prompt
+    text, special = body.prompt, bool(body.add_special_tokens)
     if body.messages is not None:
+        special = state.template.writes_special_tokens if body.add_special_tokens is None else special
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(p.text for p in m.content)} for m in body.messages]
         try:
             text = state.template.render(messages, body.add_generation_prompt)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
-    tokens = state.tokenizer.encode(text)
+    tokens = state.tokenizer.encode(text, parse_special=special)
     return {"count": len(tokens), "max_model_len": state.settings.context, "tokens": tokens, "token_strs": None}
 
 
@@ -62,15 +65,11 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise ApiError(400, f"token id {bad} is outside the vocabulary (0 .. {vocab - 1})", "tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return {"prompt": state.tokenizer.decode(body.tokens, skip_special=False)}
 
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request):
     state = request.app.state
-    sp = state.tokenizer.sp
-    piece = (lambda i: sp.id_to_piece(i) if i >= 0 else None)  # noqa: E731
-    return {"tokenizer_class": "SentencePieceTokenizer", "vocab_size": state.tokenizer.vocab_size,
-            "eos_token": piece(sp.eos_id()), "bos_token": piece(sp.bos_id()), "pad_token": piece(sp.pad_id()),
-            "unk_token": piece(sp.unk_id()), "chat_template": state.template.source,
+    return {**state.tokenizer.info(), "chat_template": state.template.source,
             "max_model_len": state.settings.context, "model_max_length": state.settings.context}

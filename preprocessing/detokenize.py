@@ -11,7 +11,7 @@ concatenate to exactly the unary text.
 
 from __future__ import annotations
 
-from .tokenizer import Tokenizer
+from .tokenization import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
 

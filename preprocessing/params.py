@@ -51,6 +51,7 @@ SCALARS: dict[str, Scalar] = {
     "top_p_decay": Scalar("TYPE_FP32", np.float32),
     "top_p_bound": Scalar("TYPE_FP32", np.float32),
     "add_bos": Scalar("TYPE_BOOL", np.bool_),
+    "add_special_tokens": Scalar("TYPE_BOOL", np.bool_),
 }
 
 MAX_SEED = 2**64 - 1
@@ -85,6 +86,8 @@ class SamplingParams:
     top_p_decay: float = 0.0
     top_p_bound: float = 0.0
     add_bos: bool = False  # the tokenizer's end-of-document token before the prompt (Megatron's add_BOS)
+    # Special-token texts in the prompt (``</s>``, ``<|eot_id|>``, ...) read as those tokens; else they are text
+    add_special_tokens: bool = False
 
     def top_p_at(self, generated: int) -> float:
         """The top_p that the token after ``generated`` generated tokens is drawn with."""

@@ -11,8 +11,9 @@ import os
 
 import numpy as np
 
+from . import tokenization
 from .params import SCALARS, WORD_LISTS, InvalidRequest, from_tensors
-from .tokenizer import Tokenizer
+from .tokenization import TextNotAccepted, Tokenizer
 
 
 def _text(value, field: str) -> str:
@@ -55,7 +56,7 @@ class Preprocessor:
     @classmethod
     def from_env(cls) -> Preprocessor:
         """The tokenizer and context length the server exported for the pipeline models."""
-        return cls(Tokenizer(os.environ["MEGATRON_TRITON_TOKENIZER"]), int(os.environ["MEGATRON_TRITON_CONTEXT"]))
+        return cls(tokenization.from_env(), int(os.environ["MEGATRON_TRITON_CONTEXT"]))
 
     def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``values`` maps lower-case ensemble names to [batch, 1] arrays (absent: default).
@@ -79,10 +80,13 @@ class Preprocessor:
             if len(raw) > limit:  # refused before tokenizing: a huge prompt must not cost the server much
                 raise InvalidRequest("text_input", f"<{len(raw)} bytes>", f"must be at most {limit} bytes "
                                      f"({PROMPT_BYTES_PER_TOKEN} per token of the {self.context}-token context)")
-            prompt = self.tokenizer.encode(_text(raw, "text_input"))
             row_values = {name: values[name][row][0] for name in SCALARS if values.get(name) is not None}
             row_values |= {name: values[name][row] for name in WORD_LISTS if values.get(name) is not None}
             params = from_tensors(row_values)
+            try:
+                prompt = self.tokenizer.encode(_text(raw, "text_input"), parse_special=params.add_special_tokens)
+            except TextNotAccepted as err:
+                raise InvalidRequest("text_input", _text(raw, "text_input")[:32], str(err)) from None
             if params.add_bos:
                 if self.tokenizer.eos_id < 0:
                     raise InvalidRequest("add_bos", True, "this tokenizer has no end-of-document token to add")
@@ -101,7 +105,7 @@ class Postprocessor:
 
     @classmethod
     def from_env(cls) -> Postprocessor:
-        return cls(Tokenizer(os.environ["MEGATRON_TRITON_TOKENIZER"]))
+        return cls(tokenization.from_env())
 
     def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raises ``GenerationFailed`` with megatron_gpt's message when a row carries an ERROR."""

@@ -10,11 +10,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A small sentencepiece model trained like the demo's (byte fallback, lossless), in a second or two."""
-    from preprocessing.tokenizer import Tokenizer
+    from preprocessing.tokenization import load_path
     from tools.demo_model import corpus, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    return Tokenizer(train_tokenizer(corpus()[:200], out, vocab_size=400, seed=0))
+    return load_path(train_tokenizer(corpus()[:200], out, vocab_size=400, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def dummy_prefix_tokenizer(tmp_path_factory):
 
     import sentencepiece as spm
 
-    from preprocessing.tokenizer import Tokenizer
+    from preprocessing.tokenization import load_path
     from tools.demo_model import corpus
 
     model = io.BytesIO()
@@ -33,7 +33,7 @@ def dummy_prefix_tokenizer(tmp_path_factory):
                                    model_type="bpe", byte_fallback=True, minloglevel=2, num_threads=1)
     path = tmp_path_factory.mktemp("tok_llama") / "tokenizer.model"
     path.write_bytes(model.getvalue())
-    return Tokenizer(path)
+    return load_path(path)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -252,7 +252,6 @@ def main() -> int:
                         help="serve only the Python clients' load (perf_analyzer also measures each concurrency)")
     a = parser.parse_args()
 
-    from preprocessing.tokenizer import Tokenizer
     from triton_backend.config import ServerConfig
     from triton_backend.engine.engine import EngineStats
     from triton_backend.model.gpt import init_parallel
@@ -289,7 +288,7 @@ def main() -> int:
     cpus = engine_cpus(cfg)  # pinned as the server pins: this thread, gloo's and the clients off the engine's core
     init_parallel(1, "cpu")
     engine = load_engine(cfg, cpus=cpus).start()
-    tokenizer = Tokenizer(cfg.tokenizer)
+    tokenizer = engine.tokenizer
     try:
         for c in a.concurrency:
             engine.stats = EngineStats()  # this concurrency's steps only

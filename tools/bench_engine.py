@@ -34,7 +34,7 @@ import time
 import torch
 
 from preprocessing.params import SamplingParams
-from preprocessing.tokenizer import Tokenizer
+from preprocessing.tokenization import load_path
 from tools import hf_reference
 from tools.offline import BENCH_PROMPT, bench
 from triton_backend.config import ServerConfig
@@ -162,7 +162,7 @@ def bench_model(name: str, checkpoint: pathlib.Path, batches: list[int], max_tok
                 base: ServerConfig, cpus: set[int] | None, worker: PinnedWorker, bandwidth: dict) -> list[dict]:
     """One model: its engine (the server's settings, a KV cache sized for the run) and the transformers copy of
     its weights, each batch size run by both; one row per batch size, medians over ``rounds``."""
-    tokenizer = Tokenizer(DEMO / "tokenizer.model")
+    tokenizer = load_path(DEMO / "tokenizer.model")
     prompt = tokenizer.encode(BENCH_PROMPT)
     cfg = ServerConfig(**{**base.__dict__, "checkpoint": checkpoint, "tokenizer": DEMO / "tokenizer.model",
                           "max_slots": max(batches),

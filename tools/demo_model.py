@@ -94,9 +94,9 @@ def main() -> None:
     texts = corpus()
     tok_path = train_tokenizer(texts, a.out, a.vocab, a.seed)
 
-    from preprocessing.tokenizer import Tokenizer
+    from preprocessing.tokenization import load_path
 
-    tok = Tokenizer(tok_path)
+    tok = load_path(tok_path)
     ids = torch.tensor([i for text in texts for i in tok.encode(text) + [tok.eos_id]], dtype=torch.long)
     split = int(len(ids) * 0.95)
     train_ids, valid_ids = ids[:split], ids[split:]
@@ -135,7 +135,8 @@ def main() -> None:
         valid_loss = sum(loss_of(model, t[None], g[None]).item() for t, g in zip(tokens, targets)) / len(tokens)
 
     args = arch.to_megatron_args(
-        tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tok_path.resolve()),
+        # raw sentencepiece ids, documents ending on its </s>: what the model was trained on above
+        tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(tok_path.resolve()),
         tensor_model_parallel_size=1, make_vocab_size_divisible_by=128, params_dtype=torch.float32, seed=a.seed,
         train_iters=a.steps, global_batch_size=a.batch, lr=a.lr,
     )

@@ -17,7 +17,7 @@ import time
 import torch
 
 from preprocessing.params import SamplingParams
-from preprocessing.tokenizer import Tokenizer
+from preprocessing.tokenization import Tokenizer
 from triton_backend.config import ServerConfig
 from triton_backend.model.gpt import init_parallel
 from triton_backend.ranks.protocol import follow, make_group
@@ -72,7 +72,7 @@ def main() -> None:
     started = time.perf_counter()
     engine = load_engine(cfg, group, cpus).start()
     load_s = time.perf_counter() - started
-    tokenizer = Tokenizer(cfg.tokenizer)
+    tokenizer = engine.tokenizer
     try:
         if a.bench:
             for batch in a.batch:

@@ -19,7 +19,6 @@ import random
 import torch
 
 from preprocessing.params import SamplingParams
-from preprocessing.tokenizer import Tokenizer
 from triton_backend.config import ServerConfig
 from triton_backend.model.gpt import init_parallel
 from triton_backend.server import load_engine
@@ -37,7 +36,7 @@ def main() -> None:
     cfg = ServerConfig(**{**ServerConfig.from_env().__dict__, "tensor_parallel": 1})
     init_parallel(1, cfg.device)
     engine = load_engine(cfg).start()
-    tokenizer = Tokenizer(cfg.tokenizer)
+    tokenizer = engine.tokenizer
     rng = random.Random(0)
     try:
         def params(seed: int, n: int = a.max_tokens) -> SamplingParams:

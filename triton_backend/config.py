@@ -22,7 +22,8 @@ class ServerConfig:
     """Everything ``make serve`` can set; see the README's configuration table."""
 
     checkpoint: pathlib.Path = DEMO_DIR / "checkpoint"
-    tokenizer: pathlib.Path = DEMO_DIR / "tokenizer.model"
+    tokenizer: str = ""  # a tokenizer file or directory replacing the paths the checkpoint's args record
+    tokenizer_type: str = ""  # replaces the checkpoint's tokenizer_type (preprocessing/tokenization/spec.py)
     tensor_parallel: int = 1
     device: str = ""
     dtype: str = ""  # float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on CPU
@@ -61,7 +62,11 @@ class ServerConfig:
     log_verbose: int = 0
 
     def __post_init__(self):
-        self.checkpoint, self.tokenizer = pathlib.Path(self.checkpoint), pathlib.Path(self.tokenizer)
+        self.checkpoint = pathlib.Path(self.checkpoint)
+        from preprocessing.tokenization import TYPES
+
+        if self.tokenizer_type and self.tokenizer_type not in TYPES:
+            raise ValueError(f"TOKENIZER_TYPE must be one of {', '.join(TYPES)}, got {self.tokenizer_type!r}")
         self.model_repository = pathlib.Path(self.model_repository)
         self.device = self.device or _default_device()
         if self.device not in ("cpu", "cuda"):

@@ -7,12 +7,18 @@
 
 ``--from`` re-saves an existing checkpoint (any format, any TP); ``--random`` writes a seeded random-init
 model of a preset architecture (the same weights at every TP, so outputs can be compared across TP sizes).
-The TP size is the number of ranks torchrun starts.
+The TP size is the number of ranks torchrun starts. ``--tokenizer-type TYPE --tokenizer PATH`` records a
+tokenizer in the checkpoint's args as Megatron training does (its files' paths, and with ``--random`` a
+vocabulary sized to it); for example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
+
+    torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt \
+        --tokenizer-type GPT2BPETokenizer --tokenizer /tmp/tokenizers/gpt2 --out /tmp/gpt_bpe
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -50,6 +56,22 @@ def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
     return math.ceil(vocab / multiple) * multiple
 
 
+def tokenizer_args(path: pathlib.Path | None, kind: str | None) -> dict:
+    """The args Megatron training records for this tokenizer (``_ids``: how many ids it makes, for the
+    vocabulary of a random model)."""
+    from preprocessing import tokenization
+    from preprocessing.tokenization.tiktoken_json import DEFAULT_NUM_SPECIAL_TOKENS
+
+    args: dict = {}
+    if kind == "TikTokenizer" and path is not None:  # the vocabulary size is an arg of its own: the whole file
+        entries = len(json.loads(path.read_text()))
+        args = {"vocab_size": entries + DEFAULT_NUM_SPECIAL_TOKENS, "tiktoken_pattern": "v2",
+                "tiktoken_num_special_tokens": DEFAULT_NUM_SPECIAL_TOKENS}
+    spec = tokenization.resolve(args, path, kind)
+    tokenizer = tokenization.load(spec)
+    return {"tokenizer_type": spec.type, **spec.files, **args, "_ids": tokenizer.vocab_size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -61,7 +83,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--init-std", type=float, default=0.02, help="weight init std (--random)")
     parser.add_argument("--iteration", type=int, default=1)
+    parser.add_argument("--tokenizer-type", help="tokenizer_type to record (with --tokenizer; guessed when left out)")
+    parser.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer file or directory to record")
     a = parser.parse_args()
+    recorded = tokenizer_args(a.tokenizer, a.tokenizer_type) if a.tokenizer or a.tokenizer_type else {}
+    if recorded and a.random:
+        a.vocab = recorded.pop("_ids")
+    recorded.pop("_ids", None)
 
     init_parallel(int(os.environ.get("WORLD_SIZE", "1")), "cpu")
     tp = torch.distributed.get_world_size()
@@ -76,7 +104,7 @@ def main() -> None:
         arch = GPTArchitecture(padded_vocab_size=padded_vocab(a.vocab, tp), **PRESETS[a.random])
         model = build_model(arch, tensor_parallel=tp, init_method_std=a.init_std)
         extra = {"seed": a.seed, "init_method_std": a.init_std}
-    extra.update(tensor_model_parallel_size=tp, ckpt_format=a.format)
+    extra.update(tensor_model_parallel_size=tp, ckpt_format=a.format, **recorded)
     megatron_args = arch.to_megatron_args(**extra)
     if a.format == "legacy":
         checkpoints.legacy.save(model, megatron_args, a.out, a.iteration)

@@ -84,6 +84,17 @@ def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:
     return int(max(0, available) * KV_SHARE_OF_AVAILABLE_RAM / local_ranks)
 
 
+def tokenizer_spec(cfg: ServerConfig):
+    """The job's tokenizer spec: the one ``main`` resolved and exported, else (tools that load an engine in-process)
+    resolved here from the checkpoint's args and TOKENIZER / TOKENIZER_TYPE, and exported for what follows."""
+    from preprocessing import tokenization
+
+    if tokenization.ENV not in os.environ:
+        os.environ[tokenization.ENV] = checkpoints.tokenizer_spec(cfg.checkpoint, cfg.tokenizer,
+                                                                  cfg.tokenizer_type).to_json()
+    return tokenization.TokenizerSpec.from_json(os.environ[tokenization.ENV])
+
+
 def set_threads(cfg: ServerConfig) -> None:
     """Torch's CPU threads: on a CPU-only box Triton, its Python backends and PyTriton need cores too. Measured on
     2 cores (``tools/bench.py``): one torch thread serves 797 tokens/s at concurrency 16, two serve 580 (the
@@ -96,16 +107,18 @@ def set_threads(cfg: ServerConfig) -> None:
 
 
 def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> Engine:
-    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer, in an engine
-    whose thread runs on ``cpus`` (see ``engine_cpus``)."""
-    from preprocessing.tokenizer import Tokenizer
+    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer (the spec ``main``
+    exported), in an engine whose thread runs on ``cpus`` (see ``engine_cpus``)."""
+    from preprocessing import tokenization
 
-    tokenizer = Tokenizer(cfg.tokenizer)
+    spec = tokenizer_spec(cfg)
+    tokenizer = tokenization.load(spec)
+    LOG.info("tokenizer %s: %d ids, end of document %d", spec.describe(), tokenizer.vocab_size, tokenizer.eos_id)
     gpt = load_gpt(cfg)
     if tokenizer.vocab_size > gpt.arch.padded_vocab_size:
         raise checkpoints.CheckpointError(
-            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but the model only "
-            f"{gpt.arch.padded_vocab_size} embeddings")
+            f"tokenizer {spec.describe()} has {tokenizer.vocab_size} ids but the model only "
+            f"{gpt.arch.padded_vocab_size} embeddings (is TOKENIZER_TYPE right?)")
     tp = cfg.tensor_parallel
     return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
                   max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer,
@@ -239,6 +252,17 @@ def main(module: str = "triton_backend.server") -> int:
         print(f"configuration error: {' and '.join(busy)} already in use on {cfg.host} (another server?)",
               file=sys.stderr)
         return 2
+    # Rank 0 checks the tokenizer's files before any collective (followers never tokenize): a missing file ends
+    # the job at once, by name, as a busy port does, instead of after the checkpoint has loaded.
+    from preprocessing import tokenization
+
+    if os.environ.get("RANK", "0") == "0":
+        try:
+            spec = checkpoints.tokenizer_spec(cfg.checkpoint, cfg.tokenizer, cfg.tokenizer_type)
+        except (tokenization.TokenizerError, checkpoints.CheckpointError) as err:
+            print(f"configuration error: {err}", file=sys.stderr)
+            return 2
+        os.environ[tokenization.ENV] = spec.to_json()  # for the serving process, Triton's models and the API
     # The world group waits as long as checkpoint loading may take; steps are bounded by the protocol group's
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)
@@ -260,7 +284,7 @@ def main(module: str = "triton_backend.server") -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         follow(gpt, group)
         return 0
-    except (checkpoints.CheckpointError, FileNotFoundError) as err:
+    except (checkpoints.CheckpointError, tokenization.TokenizerError, FileNotFoundError) as err:
         print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
         return 1
     except CacheBudgetError as err:

@@ -1,6 +1,7 @@
 """Merging and splitting tensor-parallel shards the Megatron way, and refusing checkpoints that do not fit."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -82,3 +83,24 @@ def read_architecture_from(args):
     from triton_backend.model.architecture import GPTArchitecture
 
     return GPTArchitecture.from_megatron_args(args)
+
+
+@pytest.mark.parametrize("field, value", [("qk_layernorm", True), ("use_rope_scaling", True), ("window_size", [128, 0]),
+                                          ("apply_layernorm_1p", True), ("softmax_type", "learnable"),
+                                          ("num_experts", 8)])
+def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(field, value):
+    from triton_backend.model.architecture import GPTArchitecture
+
+    args = {**vars(GPTArchitecture.from_megatron_args(ARGS).to_megatron_args()), field: value}
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+        GPTArchitecture.from_megatron_args(args)
+    served = GPTArchitecture.from_megatron_args({**args, field: None})  # unset: served
+    assert served == GPTArchitecture.from_megatron_args(ARGS)
+
+
+def test_the_epsilon_is_read_under_its_name_before_megatron_core_016():
+    from triton_backend.model.architecture import GPTArchitecture
+
+    args = vars(GPTArchitecture.from_megatron_args(ARGS).to_megatron_args())
+    args["layernorm_epsilon"] = args.pop("norm_epsilon") * 0 + 1e-6
+    assert GPTArchitecture.from_megatron_args(args).norm_epsilon == 1e-6

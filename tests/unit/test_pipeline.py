@@ -114,3 +114,25 @@ def test_scores_carry_each_tokens_text_and_pad_across_rows(tiny_tokenizer):
     assert out["PROMPT_TOKEN_IDS"][0].tolist() == prompt and out["PROMPT_TOKEN_IDS"].shape == (2, n)
     empty = score_tensors(np.array([[b""]], dtype=object), 1)
     assert all(v.size == 0 for v in empty.values())
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"])
+def test_special_token_texts_in_a_prompt_stay_text_unless_asked(tmp_path, tiny_tokenizer, kind):
+    from preprocessing.tokenization import TokenizerSpec, build, load, load_path
+
+    if kind == "SentencePieceTokenizer":
+        tok = load(TokenizerSpec(kind, {"tokenizer_model": str(tiny_tokenizer.path)}))
+    elif kind == "HuggingFaceTokenizer":
+        tok = load_path(build.huggingface_directory(tmp_path, build.corpus()[:40], vocab_size=512))
+    else:
+        tok = load_path(build.gpt2_bpe(tmp_path, build.corpus()[:40], vocab_size=512))
+    pre = Preprocessor(tok, CONTEXT)
+    texts = sorted(tok.special_tokens)
+    rows = {"text_input": strings(*texts), "max_tokens": np.ones((len(texts), 1), np.int32)}
+    plain = pre(rows)
+    parsed = pre({**rows, "add_special_tokens": np.ones((len(texts), 1), np.bool_)})
+    for row, text in enumerate(texts):
+        ids = plain["INPUT_IDS"][row, : plain["INPUT_LENGTH"][row, 0]].tolist()
+        assert tok.special_tokens[text] not in ids[len(tok.leading):], text  # typed, it is text
+        asked = parsed["INPUT_IDS"][row, : parsed["INPUT_LENGTH"][row, 0]].tolist()
+        assert tok.special_tokens[text] in asked, text

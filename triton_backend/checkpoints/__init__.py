@@ -15,7 +15,7 @@ from . import legacy, torch_dist
 from .layout import TRACKER, CheckpointError
 from .torch_dist import save
 
-__all__ = ["TRACKER", "CheckpointError", "load_weights", "read_architecture", "read_args", "save"]
+__all__ = ["TRACKER", "CheckpointError", "load_weights", "read_architecture", "read_args", "save", "tokenizer_spec"]
 
 
 def read_args(path: str | pathlib.Path):
@@ -43,3 +43,13 @@ def load_weights(model, path: str | pathlib.Path, arch: GPTArchitecture) -> None
         legacy.load_weights(model, path, arch.swiglu)
     else:
         torch_dist.load_weights(model, path)
+
+
+def tokenizer_spec(path: str | pathlib.Path, tokenizer: str = "", tokenizer_type: str = ""):
+    """The tokenizer the checkpoint's args name, with the TOKENIZER / TOKENIZER_TYPE overrides; its files checked
+    (``TokenizerError`` names the type, the arg and the paths looked for)."""
+    from preprocessing import tokenization
+
+    args = read_args(path)
+    values = vars(args) if not isinstance(args, dict) else args
+    return tokenization.resolve(values, tokenizer or None, tokenizer_type or None, checkpoint=path)

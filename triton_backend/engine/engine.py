@@ -396,7 +396,7 @@ class Engine:
 
     def _bad_sequences(self, bad_words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """Token sequences of each bad word, as written and after a space (how it appears mid-text)."""
-        sequences = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w)}
+        sequences = {tuple(self.tokenizer.encode(v, leading=False)) for w in bad_words for v in (w, " " + w)}
         return tuple(s for s in sequences if s)
 
     def _step(self, chunks: list[_Chunk]) -> None:

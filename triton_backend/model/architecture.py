@@ -13,6 +13,36 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+# Megatron's names that changed (megatron-core 0.16 renamed several): the old name is read when the new one is
+# absent.
+RENAMED = {"norm_epsilon": "layernorm_epsilon"}
+
+# Recorded fields that change the model's math and that this server does not compute: a checkpoint that sets
+# one is refused at start, by name, rather than served wrong without a word. Each entry: the field and the
+# values that are the plain model.
+NOT_SERVED = {
+    "qk_layernorm": (None, False),
+    "rotary_interleaved": (None, False),
+    "use_rope_scaling": (None, False),
+    "layernorm_zero_centered_gamma": (None, False),
+    "apply_layernorm_1p": (None, False),  # layernorm_zero_centered_gamma's name before 0.16
+    "squared_relu": (None, False),
+    "openai_gelu": (None, False),
+    "window_size": (None,),
+    "multi_latent_attention": (None, False),
+    "softmax_type": (None, "vanilla"),
+    "num_experts": (None, 0),
+    "add_qkv_bias": (None, False),
+    "apply_residual_connection_post_layernorm": (None, False),
+    "mrope_section": (None,),
+}
+
+
+def refused_fields(values: dict) -> list[str]:
+    """The recorded fields this server cannot serve (``field=value``), in NOT_SERVED's order."""
+    return [f"{name}={values[name]!r}" for name, plain in NOT_SERVED.items()
+            if name in values and values[name] not in plain]
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTArchitecture:
@@ -38,8 +68,16 @@ class GPTArchitecture:
 
     @classmethod
     def from_megatron_args(cls, args: argparse.Namespace | dict) -> GPTArchitecture:
-        """Read the architecture from a Megatron ``args`` namespace; unknown fields are ignored."""
+        """Read the architecture from a Megatron ``args`` namespace. Fields that change the math and are not
+        served (``NOT_SERVED``) raise ``ValueError`` naming them; the others that do not shape the model are
+        ignored."""
         values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        values = {**{new: values[old] for new, old in RENAMED.items() if new not in values and old in values},
+                  **values}
+        refused = refused_fields(values)
+        if refused:
+            raise ValueError(f"the checkpoint's args set {', '.join(refused)}, which this server does not compute "
+                             "yet; serving it would give wrong text")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
         if missing:

@@ -41,7 +41,6 @@ def pipeline_env(cfg: ServerConfig, context: int) -> None:
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    os.environ["MEGATRON_TRITON_TOKENIZER"] = str(cfg.tokenizer.resolve())
     os.environ["MEGATRON_TRITON_CONTEXT"] = str(context)
 
 
@@ -140,7 +139,7 @@ def _serve(cfg: ServerConfig, engine: RemoteEngine, control: ControlChannel) -> 
 def start_api(cfg: ServerConfig, context: int) -> subprocess.Popen:
     """The HTTP API (``python -m api``), a client of this Triton over gRPC, on API_PORT."""
     env = {**os.environ, "HOST": cfg.host, "GRPC_PORT": str(cfg.grpc_port), "API_PORT": str(cfg.api_port),
-           "TOKENIZER": str(cfg.tokenizer.resolve()), "MEGATRON_TRITON_CONTEXT": str(context),
+           "MEGATRON_TRITON_CONTEXT": str(context),
            "MAX_REQUEST_S": str(cfg.max_request_s)}
     LOG.info("HTTP API (OpenAI, Megatron) on :%d", cfg.api_port)
     return subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env)
@@ -180,14 +179,14 @@ def remove_shared_memory(pid: int) -> None:
 
 
 def main(argv=None) -> int:
-    from preprocessing.tokenizer import Tokenizer
+    from preprocessing import tokenization
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     fd, vocab_size, context = (int(a) for a in (argv or sys.argv)[1:4])
     # Rank 0 orders the shutdown (it drains first); its own end closes the link, which ends this process too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = ServerConfig.from_env()  # rank 0 passes DEVICE resolved, so no torch is imported here
-    engine = RemoteEngine(Connection(fd), vocab_size, context, Tokenizer(cfg.tokenizer))
+    engine = RemoteEngine(Connection(fd), vocab_size, context, tokenization.from_env())
     signal.signal(signal.SIGTERM, lambda *_: engine.stopped.set())
     serve(cfg, engine)
     return 0 if engine.stopped.is_set() else 1  # else Triton failed

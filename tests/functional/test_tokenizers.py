@@ -1,0 +1,101 @@
+"""Checkpoints as Megatron training saved them: the tokenizer their args name, found where it is, on every way in.
+
+One tiny random model records a Llama-3-style HuggingFace tokenizer at a training-machine path that does not exist
+here; served with TOKENIZER pointing at the files, every route gives transformers' ids and the model's own chat
+template. A checkpoint whose tokenizer files are nowhere is refused at start, naming them, with no rank left waiting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import openai
+import pytest
+import requests
+
+from client import GenerationClient
+from preprocessing.tokenization import build
+
+from .conftest import start_server, stop_server
+from .test_tensor_parallel import make_checkpoint
+
+MODEL = "megatron-gpt"
+TEXTS = ["Grüße 🙂 from the", "user text <|eot_id|> more", "def f(x):\n    return"]
+
+
+@pytest.fixture(scope="module")
+def hf_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_tokenizer")
+    trained = build.huggingface_directory(root / "at_training", vocab_size=1024)
+    ckpt = make_checkpoint(root / "ckpt", 1, "--random", "gpt", "--init-std", "0.2", "--tokenizer-type",
+                           "HuggingFaceTokenizer", "--tokenizer", str(trained))
+    moved = root / "here"
+    shutil.move(trained, moved)  # the recorded path is gone, as on a serving machine
+    return ckpt, moved
+
+
+@pytest.fixture(scope="module")
+def hf_server(tmp_path_factory, hf_files):
+    ckpt, tokenizer = hf_files
+    s = start_server(tmp_path_factory.mktemp("hf_server"), CHECKPOINT=str(ckpt), TOKENIZER=str(tokenizer))
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_files):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_files[1]))
+
+
+def test_tokenize_gives_transformers_ids(hf_server, reference):
+    base = f"http://{hf_server.api}"
+    for text in TEXTS:
+        plain = requests.post(f"{base}/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
+        special = requests.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": True},
+                                timeout=30).json()["tokens"]
+        assert plain == reference(text, split_special_tokens=True).input_ids  # a typed <|eot_id|> stays text
+        assert special == reference(text).input_ids
+    info = requests.get(f"{base}/tokenizer_info", timeout=30).json()
+    assert info["tokenizer_class"] == "HuggingFaceTokenizer" and info["eos_token"] == "<|eot_id|>"
+    assert info["chat_template"] == reference.chat_template
+
+
+def test_the_ensembles_count_and_stream_with_the_checkpoints_tokenizer(hf_server, reference):
+    with GenerationClient(hf_server.grpc, "grpc") as client:
+        for text in TEXTS:
+            unary = client.generate(text, max_tokens=16, temperature=0, end_id=-1)
+            assert unary.num_input_tokens == len(reference(text, split_special_tokens=True).input_ids)
+            deltas = [r.text for r in client.stream(text, max_tokens=16, temperature=0, end_id=-1)]
+            assert "".join(deltas) == unary.text and unary.num_output_tokens == 16
+            # a streamed character is never split (a random model may still write bytes that are no character)
+            assert sum(d.count("\ufffd") for d in deltas) == unary.text.count("\ufffd")
+            parsed = client.generate(text, max_tokens=1, add_special_tokens=True)
+            assert parsed.num_input_tokens == len(reference(text).input_ids)
+
+
+def test_chat_uses_the_tokenizers_own_template(hf_server, reference):
+    api = openai.OpenAI(base_url=f"http://{hf_server.api}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a loop."}]
+    r = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert r.usage.prompt_tokens == len(expected["input_ids"])  # one BOS, control tokens read as such
+    c = api.completions.create(model=MODEL, prompt=[int(i) for i in expected["input_ids"]], max_tokens=8,
+                               temperature=0)
+    assert c.choices[0].text == r.choices[0].message.content  # the same ids through the completions route
+
+
+def test_a_checkpoint_whose_tokenizer_is_nowhere_is_refused_at_start(tmp_path):
+    files = build.gpt2_bpe(tmp_path / "gpt2", build.corpus()[:60], vocab_size=512)
+    ckpt = make_checkpoint(tmp_path / "ckpt", 1, "--random", "gpt", "--tokenizer-type", "GPT2BPETokenizer",
+                           "--tokenizer", str(files))
+    shutil.rmtree(files)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="server exited"):
+        start_server(tmp_path / "srv", TP="2", CHECKPOINT=str(ckpt))
+    assert time.monotonic() - started < 120  # no rank waits for another
+    log = (tmp_path / "srv" / "server.log").read_text()
+    assert "configuration error: tokenizer GPT2BPETokenizer: vocab_file not found" in log
+    assert str(files / "vocab.json") in log and "TokenizerError" not in log  # a message, not our traceback
