@@ -9,7 +9,7 @@
 model of a preset architecture (the same weights at every TP, so outputs can be compared across TP sizes).
 The TP size is the number of ranks torchrun starts. ``--tokenizer-type TYPE --tokenizer PATH`` records a
 tokenizer in the checkpoint's args as Megatron training does (its files' paths, and with ``--random`` a
-vocabulary sized to it); for example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
+vocabulary sized to it); ``--random`` without them records the demo model's sentencepiece tokenizer. For example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
 
     torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt \
         --tokenizer-type GPT2BPETokenizer --tokenizer /tmp/tokenizers/gpt2 --out /tmp/gpt_bpe
@@ -26,6 +26,7 @@ import pathlib
 import torch
 
 from triton_backend import checkpoints
+from triton_backend.config import DEMO_DIR
 from triton_backend.model.architecture import GPTArchitecture
 from triton_backend.model.gpt import build_model, init_parallel
 
@@ -48,6 +49,9 @@ PRESETS = {
                  normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                  untie_embeddings_and_output_weights=True),
 }
+
+
+DEMO_TOKENIZER = DEMO_DIR / "tokenizer.model"
 
 
 def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
@@ -90,6 +94,8 @@ def main() -> None:
     if recorded and a.random:
         a.vocab = recorded.pop("_ids")
     recorded.pop("_ids", None)
+    if a.random and not recorded:  # the presets' default: the demo model's tokenizer (4,096 ids, --vocab's default)
+        recorded = {"tokenizer_type": "GPTSentencePieceTokenizer", "tokenizer_model": str(DEMO_TOKENIZER)}
 
     init_parallel(int(os.environ.get("WORLD_SIZE", "1")), "cpu")
     tp = torch.distributed.get_world_size()

@@ -100,8 +100,9 @@ class HuggingFaceTokenizer(_ByteLevel):
         self.chat_template = _chat_template(directory, config)
         self._names = {i: _token(config.get(k)) for k, i in (("eos_token", self.eos_id), ("bos_token", self.bos_id),
                                                               ("unk_token", self.unk_id), ("pad_token", self.pad_id))}
+        # informational (/tokenizer_info): the post-processor itself puts BOS first when encoding
         probe = plain.encode("", add_special_tokens=True).ids
-        self.leading = tuple(probe) if probe and probe[0] == self.bos_id else ()
+        self.leading = (self.bos_id,) if self.bos_id is not None and probe[:1] == [self.bos_id] else ()
 
     def token_text(self, token_id):
         if token_id is None:
