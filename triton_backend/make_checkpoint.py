@@ -9,7 +9,8 @@
 model of a preset architecture (the same weights at every TP, so outputs can be compared across TP sizes).
 The TP size is the number of ranks torchrun starts. ``--tokenizer-type TYPE --tokenizer PATH`` records a
 tokenizer in the checkpoint's args as Megatron training does (its files' paths, and with ``--random`` a
-vocabulary sized to it); ``--random`` without them records the demo model's sentencepiece tokenizer. For example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
+vocabulary sized to it); ``--random`` without them records the demo model's sentencepiece tokenizer.
+For example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
 
     torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt \
         --tokenizer-type GPT2BPETokenizer --tokenizer /tmp/tokenizers/gpt2 --out /tmp/gpt_bpe
