@@ -12,7 +12,9 @@ Two families map onto stock transformers classes:
 * GPT-2 style (learned absolute positions, LayerNorm, GELU): ``GPT2LMHeadModel``. Megatron's GELU here is
   ``F.gelu``, the exact erf form (``GPTArchitecture.transformer_config``), so ``activation_function="gelu"``;
   GPT-2's own ``"gelu_new"`` is the tanh approximation and moves the demo model's logits by 3e-3 (5.7e-6 with "gelu").
-* Llama style (rotary positions, RMSNorm, SwiGLU, optional grouped-query attention): ``LlamaForCausalLM``.
+* Llama style (rotary positions, RMSNorm, SwiGLU, optional grouped-query attention): ``LlamaForCausalLM``, with
+  Llama-3.1's ``rope_type: llama3`` where the checkpoint sets ``use_rope_scaling``; with ``qk_layernorm``,
+  ``Qwen3ForCausalLM`` (the same model with an RMSNorm over each head's query and key before RoPE).
 
 Megatron fuses Q, K and V into one ``linear_qkv`` whose output rows are grouped per query group: for each group,
 its query heads, then its key head, then its value head (``SelfAttention.get_query_key_value_tensors`` views the
@@ -53,9 +55,12 @@ def family(arch: GPTArchitecture) -> str:
                                           "other than hidden_size / heads")
         return "gpt2"
     if llama:
-        if arch.rotary_percent != 1.0:
-            raise UnsupportedArchitecture(f"rotary_percent={arch.rotary_percent}: LlamaForCausalLM rotates every "
-                                          "channel of a head")
+        if arch.rotary_percent != 1.0 or arch.rotary_interleaved:
+            raise UnsupportedArchitecture(f"rotary_percent={arch.rotary_percent}, rotary_interleaved="
+                                          f"{arch.rotary_interleaved}: LlamaForCausalLM rotates every channel of a "
+                                          "head, by halves")
+        if arch.squared_relu:
+            raise UnsupportedArchitecture("squared_relu: LlamaForCausalLM's MLP is SwiGLU")
         return "llama"
     raise UnsupportedArchitecture(
         f"no transformers counterpart for position_embedding_type={arch.position_embedding_type!r}, "
@@ -126,17 +131,23 @@ def to_gpt2(state: dict, arch: GPTArchitecture):
 def to_llama(state: dict, arch: GPTArchitecture):
     """``LlamaForCausalLM`` with ``state``'s weights. Megatron's SwiGLU ``linear_fc1`` is [gate; up] stacked
     (its GLU applies the activation to the first half), and both rotate the halves of a head alike."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     heads = arch.num_attention_heads
-    config = LlamaConfig(vocab_size=arch.padded_vocab_size, hidden_size=arch.hidden_size,
+    rope = {"rope_type": "default", "rope_theta": float(arch.rotary_base)}
+    if arch.use_rope_scaling:  # as Megatron hard-codes it: low 1, high 4, original context 8192
+        rope.update(rope_type="llama3", factor=float(arch.rope_scaling_factor), low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+    config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if arch.qk_layernorm else \
+        (LlamaConfig, LlamaForCausalLM)
+    config = config_class(vocab_size=arch.padded_vocab_size, hidden_size=arch.hidden_size,
                          intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
                          num_attention_heads=heads, num_key_value_heads=arch.num_query_groups or heads,
                          head_dim=arch.kv_channels or arch.hidden_size // heads,
                          max_position_embeddings=arch.max_position_embeddings, rms_norm_eps=arch.norm_epsilon,
-                         rope_parameters={"rope_type": "default", "rope_theta": float(arch.rotary_base)},
-                         attention_bias=arch.add_bias_linear, mlp_bias=arch.add_bias_linear,
-                         tie_word_embeddings=not arch.untie_embeddings_and_output_weights)
+                         rope_parameters=rope, attention_bias=arch.add_bias_linear,
+                         tie_word_embeddings=not arch.untie_embeddings_and_output_weights,
+                         **({} if arch.qk_layernorm else {"mlp_bias": arch.add_bias_linear}))
     hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
           "model.norm.weight": state["decoder.final_layernorm.weight"]}
     hf["lm_head.weight"] = state.get("output_layer.weight", hf["model.embed_tokens.weight"])
@@ -151,9 +162,12 @@ def to_llama(state: dict, arch: GPTArchitecture):
                        g + "self_attn.o_proj." + kind: state[m + "self_attention.linear_proj." + kind],
                        g + "mlp.gate_proj." + kind: gate, g + "mlp.up_proj." + kind: up,
                        g + "mlp.down_proj." + kind: state[m + "mlp.linear_fc2." + kind]})
+        if arch.qk_layernorm:
+            hf[g + "self_attn.q_norm.weight"] = state[m + "self_attention.q_layernorm.weight"]
+            hf[g + "self_attn.k_norm.weight"] = state[m + "self_attention.k_layernorm.weight"]
         hf[g + "input_layernorm.weight"] = state[m + "input_layernorm.weight"]
         hf[g + "post_attention_layernorm.weight"] = state[m + "pre_mlp_layernorm.weight"]
-    return _filled(LlamaForCausalLM(config), hf)
+    return _filled(model_class(config), hf)
 
 
 def _filled(model, weights: dict):

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import time
 
 import torch
 
@@ -45,6 +46,12 @@ PRESETS = {
                      max_position_embeddings=2048, seq_length=2048),
     # Llama-style with a 4,096-token context and little compute per token, so that the KV cache (paging,
     # prefix caching, chunked prefill) is what a CPU benchmark measures.
+    # Llama-3.1-style: grouped-query attention, Llama-3.1's RoPE scaling and base, untied output; with a Llama-3-style
+    # HuggingFace tokenizer trained on the demo corpus, written beside the checkpoint unless --tokenizer names one.
+    "llama3": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=2, kv_channels=16,
+                   ffn_hidden_size=384, max_position_embeddings=1024, seq_length=1024, position_embedding_type="rope",
+                   rotary_base=500000, use_rope_scaling=True, normalization="RMSNorm", swiglu=True,
+                   add_bias_linear=False, untie_embeddings_and_output_weights=True),
     "long": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
                  ffn_hidden_size=384, max_position_embeddings=4096, seq_length=4096, position_embedding_type="rope",
                  normalization="RMSNorm", swiglu=True, add_bias_linear=False,
@@ -59,6 +66,19 @@ def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron's vocabulary padding: a multiple of ``divisible_by * tp``."""
     multiple = divisible_by * tp
     return math.ceil(vocab / multiple) * multiple
+
+
+def llama3_tokenizer(directory: pathlib.Path) -> pathlib.Path:
+    """The ``llama3`` preset's tokenizer directory: rank 0 trains it, the other ranks wait for its last file."""
+    from preprocessing.tokenization import build
+
+    if os.environ.get("RANK", "0") == "0":
+        build.huggingface_directory(directory)
+    else:
+        deadline = time.monotonic() + 120
+        while not (directory / "tokenizer_config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return directory
 
 
 def tokenizer_args(path: pathlib.Path | None, kind: str | None) -> dict:
@@ -91,6 +111,8 @@ def main() -> None:
     parser.add_argument("--tokenizer-type", help="tokenizer_type to record (with --tokenizer; guessed when left out)")
     parser.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer file or directory to record")
     a = parser.parse_args()
+    if a.random == "llama3" and not (a.tokenizer or a.tokenizer_type):
+        a.tokenizer, a.tokenizer_type = llama3_tokenizer(a.out / "tokenizer"), "HuggingFaceTokenizer"
     recorded = tokenizer_args(a.tokenizer, a.tokenizer_type) if a.tokenizer or a.tokenizer_type else {}
     if recorded and a.random:
         a.vocab = recorded.pop("_ids")

@@ -1,8 +1,10 @@
 """Checkpoints as Megatron training saved them: the tokenizer their args name, found where it is, on every way in.
 
-One tiny random model records a Llama-3-style HuggingFace tokenizer at a training-machine path that does not exist
-here; served with TOKENIZER pointing at the files, every route gives transformers' ids and the model's own chat
-template. A checkpoint whose tokenizer files are nowhere is refused at start, naming them, with no rank left waiting.
+The ``llama3`` preset (grouped-query attention, Llama-3.1's RoPE scaling, a Llama-3-style HuggingFace tokenizer)
+is written, then moved: the path its args record no longer exists, as on a serving machine, and the server
+finds the tokenizer beside the checkpoint. Every route gives transformers' ids and the model's own chat
+template, and the served model transformers' greedy text and log-probs. A checkpoint whose tokenizer files are
+nowhere is refused at start, naming them, with no rank left waiting.
 """
 
 from __future__ import annotations
@@ -26,19 +28,17 @@ TEXTS = ["Grüße 🙂 from the", "user text <|eot_id|> more", "def f(x):\n    r
 
 @pytest.fixture(scope="module")
 def hf_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_tokenizer")
-    trained = build.huggingface_directory(root / "at_training", vocab_size=1024)
-    ckpt = make_checkpoint(root / "ckpt", 1, "--random", "gpt", "--init-std", "0.2", "--tokenizer-type",
-                           "HuggingFaceTokenizer", "--tokenizer", str(trained))
+    root = tmp_path_factory.mktemp("llama3")
+    trained = make_checkpoint(root / "at_training", 1, "--random", "llama3", "--init-std", "0.2")
     moved = root / "here"
-    shutil.move(trained, moved)  # the recorded path is gone, as on a serving machine
-    return ckpt, moved
+    shutil.move(trained, moved)  # the recorded tokenizer path is gone
+    return moved, moved / "tokenizer"
 
 
 @pytest.fixture(scope="module")
 def hf_server(tmp_path_factory, hf_files):
-    ckpt, tokenizer = hf_files
-    s = start_server(tmp_path_factory.mktemp("hf_server"), CHECKPOINT=str(ckpt), TOKENIZER=str(tokenizer))
+    ckpt, _ = hf_files
+    s = start_server(tmp_path_factory.mktemp("hf_server"), CHECKPOINT=str(ckpt))
     yield s
     stop_server(s)
 
@@ -85,6 +85,28 @@ def test_chat_uses_the_tokenizers_own_template(hf_server, reference):
     c = api.completions.create(model=MODEL, prompt=[int(i) for i in expected["input_ids"]], max_tokens=8,
                                temperature=0)
     assert c.choices[0].text == r.choices[0].message.content  # the same ids through the completions route
+
+
+def test_the_served_model_gives_transformers_greedy_text_and_log_probs(hf_server, hf_files, reference):
+    import torch
+
+    from tools.hf_reference import load_hf
+
+    hf, _ = load_hf(hf_files[0])  # LlamaForCausalLM with rope_type llama3, on the checkpoint's weights
+    api = openai.OpenAI(base_url=f"http://{hf_server.api}/v1", api_key="unused", max_retries=0, timeout=120)
+    for text in TEXTS[:2]:
+        ids = reference(text, split_special_tokens=True).input_ids  # as the completions route reads a prompt
+        out = list(ids)
+        with torch.no_grad():  # greedy by transformers' forward (its generate() drifts from it under llama3 RoPE)
+            for _ in range(12):
+                out.append(int(hf(torch.tensor([out])).logits[0, -1].argmax()))
+            scores = torch.log_softmax(hf(torch.tensor([out])).logits[0, len(ids) - 1:-1].float(), dim=-1)
+        new = out[len(ids):]
+        served = api.completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0, logprobs=0,
+                                        extra_body={"ignore_eos": True})
+        assert served.choices[0].text == reference.decode(new, skip_special_tokens=True)
+        want = [float(scores[i, t]) for i, t in enumerate(new)]
+        assert max(abs(a - b) for a, b in zip(served.choices[0].logprobs.token_logprobs, want)) < 1e-3
 
 
 def test_a_checkpoint_whose_tokenizer_is_nowhere_is_refused_at_start(tmp_path):

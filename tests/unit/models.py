@@ -7,6 +7,8 @@ cache that loses or misplaces the context still "matches" an uncached run. These
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from triton_backend.model.architecture import GPTArchitecture
@@ -19,6 +21,9 @@ ROTARY_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=
                               ffn_hidden_size=96, padded_vocab_size=128, max_position_embeddings=64, seq_length=64,
                               position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                               add_bias_linear=False, untie_embeddings_and_output_weights=True)
+# The fields newer Megatron models record: qk-norm, Llama-3.1's RoPE scaling, interleaved rotary; and squared ReLU.
+FIELDS_ARCH = dataclasses.replace(ROTARY_ARCH, qk_layernorm=True, use_rope_scaling=True, rotary_interleaved=True)
+SQUARED_RELU_ARCH = dataclasses.replace(ARCH, squared_relu=True)
 # With a sentencepiece tokenizer of up to 512 pieces (the tests' tiny one has 400), for stop and bad words.
 TEXT_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
                             padded_vocab_size=512, max_position_embeddings=128, seq_length=128)

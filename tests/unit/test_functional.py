@@ -15,15 +15,26 @@ from triton_backend.engine.engine import Engine
 from triton_backend.model import functional, graphs
 from triton_backend.model.gpt import CachedGPT
 
-from .models import ARCH, EOS, ROTARY_ARCH, VOCAB, assert_uses_the_whole_context, context_model, run_two_ranks
+from .models import (
+    ARCH,
+    EOS,
+    FIELDS_ARCH,
+    ROTARY_ARCH,
+    SQUARED_RELU_ARCH,
+    VOCAB,
+    assert_uses_the_whole_context,
+    context_model,
+    run_two_ranks,
+)
 
 PROMPTS = [[5, 17, 33, 4, 90, 61, 12], [6, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 9, 100, 64, 1, 22, 35, 48, 50],
            [7, 1], [30, 31, 32, 34, 36, 37, 38, 39, 41, 42, 43]]
 
 
-@pytest.fixture(scope="module", params=["gpt", "rotary"])
+@pytest.fixture(scope="module", params=["gpt", "rotary", "qknorm_ropescaling_interleaved", "squared_relu"])
 def arch_and_model(request):
-    arch = ARCH if request.param == "gpt" else ROTARY_ARCH
+    arch = {"gpt": ARCH, "rotary": ROTARY_ARCH, "qknorm_ropescaling_interleaved": FIELDS_ARCH,
+            "squared_relu": SQUARED_RELU_ARCH}[request.param]
     model = context_model(arch)
     assert_uses_the_whole_context(model)
     return arch, model

@@ -85,7 +85,8 @@ def read_architecture_from(args):
     return GPTArchitecture.from_megatron_args(args)
 
 
-@pytest.mark.parametrize("field, value", [("qk_layernorm", True), ("use_rope_scaling", True), ("window_size", [128, 0]),
+@pytest.mark.parametrize("field, value", [("mtp_num_layers", 1), ("layernorm_zero_centered_gamma", True),
+                                          ("window_size", [128, 0]),
                                           ("apply_layernorm_1p", True), ("softmax_type", "learnable"),
                                           ("num_experts", 8)])
 def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(field, value):

@@ -21,13 +21,11 @@ RENAMED = {"norm_epsilon": "layernorm_epsilon"}
 # one is refused at start, by name, rather than served wrong without a word. Each entry: the field and the
 # values that are the plain model.
 NOT_SERVED = {
-    "qk_layernorm": (None, False),
-    "rotary_interleaved": (None, False),
-    "use_rope_scaling": (None, False),
     "layernorm_zero_centered_gamma": (None, False),
     "apply_layernorm_1p": (None, False),  # layernorm_zero_centered_gamma's name before 0.16
-    "squared_relu": (None, False),
     "openai_gelu": (None, False),
+    "rotary_seq_len_interpolation_factor": (None, 1, 1.0),
+    "qk_l2_norm": (None, False),
     "window_size": (None,),
     "multi_latent_attention": (None, False),
     "softmax_type": (None, "vanilla"),
@@ -35,7 +33,18 @@ NOT_SERVED = {
     "add_qkv_bias": (None, False),
     "apply_residual_connection_post_layernorm": (None, False),
     "mrope_section": (None,),
+    "softmax_scale": (None,),
+    "attention_output_gate": (None, False),
+    "no_rope_freq": (None,),
+    "glu_linear_offset": (None, 0, 0.0),
+    "activation_func_clamp_value": (None,),
+    "experimental_attention_variant": (None,),
+    "linear_attention_freq": (None,),
+    "is_hybrid_model": (None, False),
+    "heterogeneous_layers_config_path": (None,),
+    "mtp_num_layers": (None, 0),  # multi-token prediction layers: their weights have no place in the served model
 }
+# Every TransformerConfig field is read, refused here, or declared harmless: model/config_fields.py.
 
 
 def refused_fields(values: dict) -> list[str]:
@@ -65,6 +74,11 @@ class GPTArchitecture:
     untie_embeddings_and_output_weights: bool = False
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    rotary_interleaved: bool = False  # rotate channel pairs (0, 1), (2, 3), ... instead of the two halves
+    use_rope_scaling: bool = False  # Llama-3.1's frequency scaling (low 1, high 4, original context 8192)
+    rope_scaling_factor: float = 8.0
+    qk_layernorm: bool = False  # each head's query and key normalised (the model's norm type) before RoPE
+    squared_relu: bool = False  # the MLP's activation is relu(x) ** 2
 
     @classmethod
     def from_megatron_args(cls, args: argparse.Namespace | dict) -> GPTArchitecture:
@@ -82,7 +96,7 @@ class GPTArchitecture:
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
         if missing:
             raise ValueError(f"checkpoint args lack required model fields: {', '.join(missing)}")
-        kept = {k: v for k, v in values.items() if k in names}
+        kept = {k: v for k, v in values.items() if k in names and v is not None}
         if not values.get("group_query_attention", False):
             kept["num_query_groups"] = None
         return cls(**kept)
@@ -122,7 +136,7 @@ class GPTArchitecture:
             normalization=self.normalization,
             layernorm_epsilon=self.norm_epsilon,
             gated_linear_unit=self.swiglu,
-            activation_func=F.silu if self.swiglu else F.gelu,
+            activation_func=self._activation(),
             add_bias_linear=self.add_bias_linear,
             hidden_dropout=0.0,
             attention_dropout=0.0,
@@ -137,4 +151,13 @@ class GPTArchitecture:
             persist_layer_norm=False,
             gradient_accumulation_fusion=False,
             apply_rope_fusion=False,
+            rotary_interleaved=self.rotary_interleaved,
+            qk_layernorm=self.qk_layernorm,
         )
+
+    def _activation(self):
+        if self.squared_relu:
+            from megatron.core.activations import squared_relu
+
+            return squared_relu
+        return F.silu if self.swiglu else F.gelu

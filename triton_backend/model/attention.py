@@ -36,12 +36,16 @@ class Rotary:
     ``long`` preset's capacity run the per-layer recomputation was 8 % of a step.
     """
 
-    def __init__(self, config, head_dim: int, rotary_percent: float, rotary_base: int):
+    def __init__(self, config, head_dim: int, rotary_percent: float, rotary_base: int,
+                 rope_scaling_factor: float | None = None):
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
         self.config = config
+        # Megatron's frequencies, Llama-3.1's scaling included (``rope_scaling_factor``, as Megatron applies it)
+        scaling = {"rope_scaling": True, "rope_scaling_factor": rope_scaling_factor} if rope_scaling_factor else {}
         self.inv_freq = RotaryEmbedding(head_dim, rotary_percent, rotary_base=rotary_base,
-                                        use_cpu_initialization=True).inv_freq
+                                        use_cpu_initialization=True, **scaling).inv_freq
+        self.interleaved = bool(config.rotary_interleaved)
         self.plain = not (config.rotary_interleaved or config.apply_rope_fusion
                           or getattr(config, "multi_latent_attention", False))
 
@@ -49,6 +53,8 @@ class Rotary:
         """Megatron's angles for ``positions`` [b, s]: [s, b, 1, rot]."""
         inv_freq = self.inv_freq.to(positions.device)  # pragma: no mutate
         freqs = positions.t()[..., None].float() * inv_freq  # [s, b, rot / 2]
+        if self.interleaved:  # each angle twice in a row, for channel pairs (0, 1), (2, 3), ... as Megatron lays it
+            return torch.stack([freqs, freqs], dim=-1).flatten(-2)[:, :, None, :]
         return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
 
     def angles(self, positions: torch.Tensor):

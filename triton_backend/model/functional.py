@@ -75,6 +75,14 @@ class _Layer:
     fc1_bias: torch.Tensor | None
     fc2: _Linear
     fc2_bias: torch.Tensor | None
+    q_norm: _Norm | None = None  # qk_layernorm: each head's query and key, before RoPE
+    k_norm: _Norm | None = None
+
+
+def _qk_norm(module) -> _Norm | None:
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return None if module is None or isinstance(module, IdentityOp) else _norm(module)
 
 
 def _norm(module) -> _Norm:
@@ -101,6 +109,7 @@ def supported(model) -> str | None:
     if on:
         return "unsupported settings: " + ", ".join(on)
     norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    qk_norms = (IdentityOp, *norms)  # qk_layernorm: a norm over each head's channels, or none
     if not isinstance(model.decoder.final_layernorm, norms):
         return f"final norm {type(model.decoder.final_layernorm).__name__}"
     for layer in model.decoder.layers:
@@ -108,8 +117,8 @@ def supported(model) -> str | None:
         parts = {"input_layernorm": isinstance(layer.input_layernorm, norms),
                  "pre_mlp_layernorm": isinstance(layer.pre_mlp_layernorm, norms),
                  "core_attention": isinstance(attention.core_attention, PagedAttention),
-                 "q_layernorm": attention.q_layernorm is None or isinstance(attention.q_layernorm, IdentityOp),
-                 "k_layernorm": attention.k_layernorm is None or isinstance(attention.k_layernorm, IdentityOp),
+                 "q_layernorm": attention.q_layernorm is None or isinstance(attention.q_layernorm, qk_norms),
+                 "k_layernorm": attention.k_layernorm is None or isinstance(attention.k_layernorm, qk_norms),
                  "cross_attention": isinstance(layer.cross_attention, IdentityOp),
                  "linear_qkv": not attention.linear_qkv.skip_bias_add,
                  "mlp": hasattr(layer.mlp, "linear_fc1") and layer.mlp.linear_fc1.skip_bias_add}
@@ -232,7 +241,8 @@ class FunctionalGPT:
             self.layers.append(_Layer(
                 _norm(layer.input_layernorm), _pack(a.linear_qkv.weight), a.linear_qkv.bias, a.core_attention,
                 _pack(a.linear_proj.weight), a.linear_proj.bias, _norm(layer.pre_mlp_layernorm),
-                _pack(m.linear_fc1.weight), m.linear_fc1.bias, _pack(m.linear_fc2.weight), m.linear_fc2.bias))
+                _pack(m.linear_fc1.weight), m.linear_fc1.bias, _pack(m.linear_fc2.weight), m.linear_fc2.bias,
+                _qk_norm(a.q_layernorm), _qk_norm(a.k_layernorm)))
         a = model.decoder.layers[0].self_attention
         self.groups = a.num_query_groups_per_partition
         self.heads = a.num_attention_heads_per_partition
@@ -269,7 +279,10 @@ class FunctionalGPT:
         per_group = self.heads // self.groups
         qkv = _biased(layer.qkv(x), layer.qkv_bias).view(n, self.groups, -1)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        out = attend(layer.attention, q.reshape(n, self.heads, self.head_dim), k, v)
+        q = q.reshape(n, self.heads, self.head_dim)
+        if layer.q_norm is not None:  # Megatron's qk_layernorm, over each head's channels
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        out = attend(layer.attention, q, k, v)
         return self._row_parallel(out, layer.proj, layer.proj_bias)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ def layer_spec(arch: GPTArchitecture):
     """Megatron's local (no Transformer Engine) GPT layer spec with our cache-aware core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    spec = get_gpt_layer_local_spec(normalization=arch.normalization, qk_layernorm=arch.qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = PagedAttention
     return spec
 
@@ -78,7 +78,8 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
     )
     if rope:
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
-        rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base)
+        rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base,
+                        arch.rope_scaling_factor if arch.use_rope_scaling else None)
         for module in model.modules():
             if isinstance(module, PagedAttention):
                 module.rotary = rotary
