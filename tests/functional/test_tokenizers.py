@@ -109,6 +109,60 @@ def test_the_served_model_gives_transformers_greedy_text_and_log_probs(hf_server
         assert max(abs(a - b) for a, b in zip(served.choices[0].logprobs.token_logprobs, want)) < 1e-3
 
 
+def test_odd_prompts_get_their_answer_or_a_named_400(hf_server, reference):
+    import random
+
+    base = f"http://{hf_server.api}/v1/completions"
+    rng = random.Random(0)
+
+    def complete(prompt_json: str):
+        body = f'{{"model": "{MODEL}", "max_tokens": 4, "temperature": 0, "prompt": {prompt_json}}}'
+        return requests.post(base, data=body.encode(), headers={"content-type": "application/json"}, timeout=60)
+
+    lone = complete('"a \\ud800 b"')
+    assert lone.status_code == 400 and lone.json()["error"]["param"] == "prompt"
+    huge = complete(f'"{"word " * 20_000}"')
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "prompt"
+    for _ in range(5):  # random bytes read as text: any code point
+        text = bytes(rng.randrange(256) for _ in range(200)).decode("latin-1")
+        r = requests.post(base, json={"model": MODEL, "prompt": text, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+            reference(text, split_special_tokens=True).input_ids)
+    for special in sorted(reference.all_special_tokens + ["<|start_header_id|>", "<|end_header_id|>"]):
+        r = requests.post(base, json={"model": MODEL, "prompt": special, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text  # typed, a special token is text
+        assert r.json()["usage"]["prompt_tokens"] == len(reference(special, split_special_tokens=True).input_ids)
+
+
+def test_a_gpt2_bpe_checkpoint_serves_transformers_gpt2_text_at_tp2(tmp_path):
+    """Megatron's GPT-345M recipe in small: GPT2BPETokenizer recorded with its vocab and merges, GPT-2 layers."""
+    import torch
+    from transformers import GPT2Tokenizer
+
+    from tools.hf_reference import load_hf
+
+    files = build.gpt2_bpe(tmp_path / "gpt2", build.corpus()[:200], vocab_size=1024)
+    ckpt = make_checkpoint(tmp_path / "ckpt", 2, "--random", "gpt", "--init-std", "0.2", "--tokenizer-type",
+                           "GPT2BPETokenizer", "--tokenizer", str(files))
+    reference = GPT2Tokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
+    hf, _ = load_hf(ckpt)
+    server = start_server(tmp_path / "srv", TP="2", CHECKPOINT=str(ckpt))
+    try:
+        api = openai.OpenAI(base_url=f"http://{server.api}/v1", api_key="unused", max_retries=0, timeout=120)
+        for text in ["The for statement", "Grüße <|endoftext|> 🙂"]:
+            ids = reference(text, split_special_tokens=True).input_ids
+            out = list(ids)
+            with torch.no_grad():
+                for _ in range(10):
+                    out.append(int(hf(torch.tensor([out])).logits[0, -1, :len(reference)].argmax()))
+            served = api.completions.create(model=MODEL, prompt=text, max_tokens=10, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert served.usage.prompt_tokens == len(ids)  # no BOS; the typed <|endoftext|> is text
+            assert served.choices[0].text == reference.decode(out[len(ids):])
+    finally:
+        stop_server(server)
+
+
 def test_a_checkpoint_whose_tokenizer_is_nowhere_is_refused_at_start(tmp_path):
     files = build.gpt2_bpe(tmp_path / "gpt2", build.corpus()[:60], vocab_size=512)
     ckpt = make_checkpoint(tmp_path / "ckpt", 1, "--random", "gpt", "--tokenizer-type", "GPT2BPETokenizer",
