@@ -24,6 +24,7 @@ ROTARY_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=
 # The fields newer Megatron models record: qk-norm, Llama-3.1's RoPE scaling, interleaved rotary; and squared ReLU.
 FIELDS_ARCH = dataclasses.replace(ROTARY_ARCH, qk_layernorm=True, use_rope_scaling=True, rotary_interleaved=True)
 SQUARED_RELU_ARCH = dataclasses.replace(ARCH, squared_relu=True)
+ZERO_CENTERED_ARCH = dataclasses.replace(ARCH, layernorm_zero_centered_gamma=True)
 # With a sentencepiece tokenizer of up to 512 pieces (the tests' tiny one has 400), for stop and bad words.
 TEXT_ARCH = GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
                             padded_vocab_size=512, max_position_embeddings=128, seq_length=128)

@@ -22,6 +22,7 @@ from .models import (
     ROTARY_ARCH,
     SQUARED_RELU_ARCH,
     VOCAB,
+    ZERO_CENTERED_ARCH,
     assert_uses_the_whole_context,
     context_model,
     run_two_ranks,
@@ -31,10 +32,11 @@ PROMPTS = [[5, 17, 33, 4, 90, 61, 12], [6, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 
            [7, 1], [30, 31, 32, 34, 36, 37, 38, 39, 41, 42, 43]]
 
 
-@pytest.fixture(scope="module", params=["gpt", "rotary", "qknorm_ropescaling_interleaved", "squared_relu"])
+@pytest.fixture(scope="module", params=["gpt", "rotary", "qknorm_ropescaling_interleaved", "squared_relu",
+                                        "zero_centered_gamma"])
 def arch_and_model(request):
     arch = {"gpt": ARCH, "rotary": ROTARY_ARCH, "qknorm_ropescaling_interleaved": FIELDS_ARCH,
-            "squared_relu": SQUARED_RELU_ARCH}[request.param]
+            "squared_relu": SQUARED_RELU_ARCH, "zero_centered_gamma": ZERO_CENTERED_ARCH}[request.param]
     model = context_model(arch)
     assert_uses_the_whole_context(model)
     return arch, model
@@ -269,3 +271,20 @@ def test_fast_and_megatron_forward_generate_the_same_at_tp2():
             assert tokens == want_tokens == packed_tokens
             assert logprobs == want_logprobs
             assert packed_logprobs == pytest.approx(want_logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("base", [ARCH, ROTARY_ARCH], ids=["LayerNorm", "RMSNorm"])
+def test_zero_centered_gamma_scales_by_one_plus_the_stored_weight(base):
+    """Megatron's layernorm_zero_centered_gamma, by its definition: a model that stores w - 1 computes what the
+    plain model with w computes."""
+    import dataclasses
+
+    plain = context_model(base)
+    centred = context_model(dataclasses.replace(base, layernorm_zero_centered_gamma=True), seed=1)
+    state = {k: v - 1 if k.endswith("layernorm.weight") else v for k, v in plain.state_dict().items()}
+    assert any(k.endswith("layernorm.weight") for k in state)
+    centred.load_state_dict(state)
+    ids = torch.tensor([PROMPTS[1]])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        assert torch.allclose(centred(ids, positions, None), plain(ids, positions, None), atol=1e-5)

@@ -85,9 +85,8 @@ def read_architecture_from(args):
     return GPTArchitecture.from_megatron_args(args)
 
 
-@pytest.mark.parametrize("field, value", [("mtp_num_layers", 1), ("layernorm_zero_centered_gamma", True),
-                                          ("window_size", [128, 0]),
-                                          ("apply_layernorm_1p", True), ("softmax_type", "learnable"),
+@pytest.mark.parametrize("field, value", [("mtp_num_layers", 1), ("multi_latent_attention", True),
+                                          ("window_size", [128, 0]), ("softmax_type", "learnable"),
                                           ("num_experts", 8)])
 def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(field, value):
     from triton_backend.model.architecture import GPTArchitecture
@@ -99,9 +98,11 @@ def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(fiel
     assert served == GPTArchitecture.from_megatron_args(ARGS)
 
 
-def test_the_epsilon_is_read_under_its_name_before_megatron_core_016():
+def test_fields_are_read_under_their_names_before_megatron_core_016():
     from triton_backend.model.architecture import GPTArchitecture
 
     args = vars(GPTArchitecture.from_megatron_args(ARGS).to_megatron_args())
     args["layernorm_epsilon"] = args.pop("norm_epsilon") * 0 + 1e-6
-    assert GPTArchitecture.from_megatron_args(args).norm_epsilon == 1e-6
+    args["apply_layernorm_1p"] = args.pop("layernorm_zero_centered_gamma") or True
+    arch = GPTArchitecture.from_megatron_args(args)
+    assert arch.norm_epsilon == 1e-6 and arch.layernorm_zero_centered_gamma

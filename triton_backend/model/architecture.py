@@ -15,14 +15,12 @@ import torch.nn.functional as F
 
 # Megatron's names that changed (megatron-core 0.16 renamed several): the old name is read when the new one is
 # absent.
-RENAMED = {"norm_epsilon": "layernorm_epsilon"}
+RENAMED = {"norm_epsilon": "layernorm_epsilon", "layernorm_zero_centered_gamma": "apply_layernorm_1p"}
 
 # Recorded fields that change the model's math and that this server does not compute: a checkpoint that sets
 # one is refused at start, by name, rather than served wrong without a word. Each entry: the field and the
 # values that are the plain model.
 NOT_SERVED = {
-    "layernorm_zero_centered_gamma": (None, False),
-    "apply_layernorm_1p": (None, False),  # layernorm_zero_centered_gamma's name before 0.16
     "openai_gelu": (None, False),
     "rotary_seq_len_interpolation_factor": (None, 1, 1.0),
     "qk_l2_norm": (None, False),
@@ -79,6 +77,7 @@ class GPTArchitecture:
     rope_scaling_factor: float = 8.0
     qk_layernorm: bool = False  # each head's query and key normalised (the model's norm type) before RoPE
     squared_relu: bool = False  # the MLP's activation is relu(x) ** 2
+    layernorm_zero_centered_gamma: bool = False  # norms scale by 1 + the stored weight (apply_layernorm_1p)
 
     @classmethod
     def from_megatron_args(cls, args: argparse.Namespace | dict) -> GPTArchitecture:

@@ -12,10 +12,10 @@ from __future__ import annotations
 # layernorm_epsilon, squared_relu or swiglu for activation_func).
 READ = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
         "layernorm_epsilon", "add_bias_linear", "gated_linear_unit", "activation_func", "normalization",
-        "qk_layernorm", "rotary_interleaved"}
+        "qk_layernorm", "rotary_interleaved", "layernorm_zero_centered_gamma"}
 
 # Refused when set (config name -> the args name ``NOT_SERVED`` checks).
-REFUSED = {"layernorm_zero_centered_gamma": "layernorm_zero_centered_gamma", "window_size": "window_size",
+REFUSED = {"window_size": "window_size",
            "multi_latent_attention": "multi_latent_attention", "softmax_type": "softmax_type",
            "num_moe_experts": "num_experts", "add_qkv_bias": "add_qkv_bias",
            "apply_residual_connection_post_layernorm": "apply_residual_connection_post_layernorm",

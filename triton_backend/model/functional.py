@@ -86,6 +86,11 @@ def _qk_norm(module) -> _Norm | None:
 
 
 def _norm(module) -> _Norm:
+    from .gpt import ZeroCenteredNorm
+
+    if isinstance(module, ZeroCenteredNorm):  # the scale 1 + weight, made once (the weights do not change)
+        scale = (module.weight + 1).detach()
+        return _Norm("rms" if module.rms else "layer", module.normalized_shape, scale, module.bias, module.eps)
     if isinstance(module, torch.nn.LayerNorm):
         return _Norm("layer", tuple(module.normalized_shape), module.weight, module.bias, module.eps)
     return _Norm("rms", tuple(module.normalized_shape), module.weight, None, module.eps)
@@ -108,7 +113,9 @@ def supported(model) -> str | None:
     on = [name for name, value in flags.items() if value]
     if on:
         return "unsupported settings: " + ", ".join(on)
-    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    from .gpt import ZeroCenteredNorm
+
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm, ZeroCenteredNorm)
     qk_norms = (IdentityOp, *norms)  # qk_layernorm: a norm over each head's channels, or none
     if not isinstance(model.decoder.final_layernorm, norms):
         return f"final norm {type(model.decoder.final_layernorm).__name__}"

@@ -76,6 +76,8 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
         position_embedding_type="none" if rope else arch.position_embedding_type,
         parallel_output=True,  # logits stay vocab-parallel; CachedGPT gathers only the rows it needs
     )
+    if arch.layernorm_zero_centered_gamma:
+        zero_centre_norms(model)
     if rope:
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
         rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base,
@@ -84,6 +86,34 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
             if isinstance(module, PagedAttention):
                 module.rotary = rotary
     return model
+
+
+class ZeroCenteredNorm(torch.nn.Module):
+    """Megatron's ``layernorm_zero_centered_gamma`` (``apply_layernorm_1p``): the stored weight is centred on zero
+    and the norm scales by 1 + weight. Megatron's local layer spec has no such norm (its torch norms refuse the
+    setting), so the model is built with plain norms and each is wrapped here, keeping its parameters (and names).
+    """
+
+    def __init__(self, norm: torch.nn.LayerNorm | torch.nn.RMSNorm):
+        super().__init__()
+        self.rms = isinstance(norm, torch.nn.RMSNorm)
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        self.weight = norm.weight
+        self.bias = None if self.rms else norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight + 1
+        if self.rms:
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, scale, self.eps)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, scale, self.bias, self.eps)
+
+
+def zero_centre_norms(model: torch.nn.Module) -> None:
+    """Wrap every norm of ``model`` in ``ZeroCenteredNorm``, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                setattr(parent, name, ZeroCenteredNorm(child))
 
 
 def kv_bytes_per_token(arch: GPTArchitecture, tensor_parallel: int, dtype: torch.dtype) -> int:
