@@ -14,7 +14,8 @@ Two families map onto stock transformers classes:
   GPT-2's own ``"gelu_new"`` is the tanh approximation and moves the demo model's logits by 3e-3 (5.7e-6 with "gelu").
 * Llama style (rotary positions, RMSNorm, SwiGLU, optional grouped-query attention): ``LlamaForCausalLM``, with
   Llama-3.1's ``rope_type: llama3`` where the checkpoint sets ``use_rope_scaling``; with ``qk_layernorm``,
-  ``Qwen3ForCausalLM`` (the same model with an RMSNorm over each head's query and key before RoPE).
+  ``Qwen3ForCausalLM`` (the same model with an RMSNorm over each head's query and key before RoPE); with a
+  sliding window, ``MistralForCausalLM`` (its ``sliding_window`` counts the token itself: Megatron's left + 1).
 
 Megatron fuses Q, K and V into one ``linear_qkv`` whose output rows are grouped per query group: for each group,
 its query heads, then its key head, then its value head (``SelfAttention.get_query_key_value_tensors`` views the
@@ -131,7 +132,8 @@ def to_gpt2(state: dict, arch: GPTArchitecture):
 def to_llama(state: dict, arch: GPTArchitecture):
     """``LlamaForCausalLM`` with ``state``'s weights. Megatron's SwiGLU ``linear_fc1`` is [gate; up] stacked
     (its GLU applies the activation to the first half), and both rotate the halves of a head alike."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, \
+        Qwen3ForCausalLM
 
     heads = arch.num_attention_heads
     rope = {"rope_type": "default", "rope_theta": float(arch.rotary_base)}
@@ -140,6 +142,12 @@ def to_llama(state: dict, arch: GPTArchitecture):
                     high_freq_factor=4.0, original_max_position_embeddings=8192)
     config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if arch.qk_layernorm else \
         (LlamaConfig, LlamaForCausalLM)
+    extra = {} if arch.qk_layernorm else {"mlp_bias": arch.add_bias_linear}
+    if arch.attention_window is not None:
+        if arch.qk_layernorm:
+            raise UnsupportedArchitecture("qk_layernorm with a sliding window has no transformers counterpart here")
+        config_class, model_class = MistralConfig, MistralForCausalLM
+        extra = {"sliding_window": arch.attention_window + 1}
     config = config_class(vocab_size=arch.padded_vocab_size, hidden_size=arch.hidden_size,
                          intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
                          num_attention_heads=heads, num_key_value_heads=arch.num_query_groups or heads,
@@ -147,7 +155,7 @@ def to_llama(state: dict, arch: GPTArchitecture):
                          max_position_embeddings=arch.max_position_embeddings, rms_norm_eps=arch.norm_epsilon,
                          rope_parameters=rope, attention_bias=arch.add_bias_linear,
                          tie_word_embeddings=not arch.untie_embeddings_and_output_weights,
-                         **({} if arch.qk_layernorm else {"mlp_bias": arch.add_bias_linear}))
+                         **extra)
     hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
           "model.norm.weight": state["decoder.final_layernorm.weight"]}
     hf["lm_head.weight"] = state.get("output_layer.weight", hf["model.embed_tokens.weight"])

@@ -86,7 +86,7 @@ def read_architecture_from(args):
 
 
 @pytest.mark.parametrize("field, value", [("mtp_num_layers", 1), ("multi_latent_attention", True),
-                                          ("window_size", [128, 0]), ("softmax_type", "learnable"),
+                                          ("window_attn_skip_freq", 4), ("softmax_type", "learnable"),
                                           ("num_experts", 8)])
 def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(field, value):
     from triton_backend.model.architecture import GPTArchitecture
@@ -106,3 +106,13 @@ def test_fields_are_read_under_their_names_before_megatron_core_016():
     args["apply_layernorm_1p"] = args.pop("layernorm_zero_centered_gamma") or True
     arch = GPTArchitecture.from_megatron_args(args)
     assert arch.norm_epsilon == 1e-6 and arch.layernorm_zero_centered_gamma
+
+
+def test_a_window_that_looks_ahead_is_refused_and_a_causal_one_read():
+    from triton_backend.model.architecture import GPTArchitecture
+
+    args = vars(GPTArchitecture.from_megatron_args(ARGS).to_megatron_args())
+    with pytest.raises(ValueError, match=re.escape("window_size=[8, 8]: only a causal window (left, 0)")):
+        GPTArchitecture.from_megatron_args({**args, "window_size": [8, 8]})
+    assert GPTArchitecture.from_megatron_args({**args, "window_size": [8, 0]}).attention_window == 8
+    assert GPTArchitecture.from_megatron_args({**args, "window_size": [-1, 0]}).attention_window is None

@@ -1,5 +1,6 @@
 """The architecture fields newer Megatron models record, held to transformers on the same weights: Llama with
-Llama-3.1's RoPE scaling (``rope_type: llama3``), Qwen3 for qk-norm, GPT-2 for the classic family. The engine
+Llama-3.1's RoPE scaling (``rope_type: llama3``), Qwen3 for qk-norm, Mistral for a sliding window, GPT-2 for the
+classic family. The engine
 (paged cache, fast path, as rank 0 serves) gives transformers' greedy tokens, with log-probs within 1e-3."""
 
 import dataclasses
@@ -19,6 +20,7 @@ CASES = {
     "llama": ROTARY_ARCH,
     "llama3.1_rope_scaling": dataclasses.replace(ROTARY_ARCH, use_rope_scaling=True),
     "qwen3_qk_norm": dataclasses.replace(ROTARY_ARCH, qk_layernorm=True, use_rope_scaling=True),
+    "mistral_sliding_window": dataclasses.replace(ROTARY_ARCH, window_size=(6, 0)),
 }
 PROMPTS = [[5, 17, 33, 4, 90, 61, 12], [6, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 9, 100, 64, 1, 22, 35, 48, 50]]
 
@@ -40,9 +42,11 @@ def test_logits_equal_transformers(pair):
     assert max_logit_difference(model, hf, ids) < 1e-4
 
 
-def test_the_engine_generates_transformers_greedy_tokens_and_log_probs(pair):
+@pytest.mark.parametrize("prefill_tokens", [256, 5])  # whole prompts, or chunks of 5 beside the decodes
+def test_the_engine_generates_transformers_greedy_tokens_and_log_probs(pair, prefill_tokens):
     arch, model, hf = pair
-    engine = Engine(CachedGPT(model, arch, max_slots=4, block_size=4), VOCAB, -1).start()
+    engine = Engine(CachedGPT(model, arch, max_slots=4, block_size=4), VOCAB, -1,
+                    prefill_tokens=prefill_tokens).start()
     try:
         runs = [engine.submit(p, SamplingParams(max_tokens=16, temperature=0.0, end_id=-1, return_log_probs=True))
                 for p in PROMPTS]

@@ -82,13 +82,14 @@ SPAN_SLACK = 2
 
 
 def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths,
-         pairs: bool = True) -> StepContext:
+         pairs: bool = True, window: int | None = None) -> StepContext:
     """The step for packed tokens at ``positions`` ([N]), in segments of ``lengths`` (one per sequence, in
     packed order); sequence i's block table is the next ``table_lengths[i]`` entries of ``tables``. A segment of
     one token is a decode (it may also be a one-token prompt); a longer one a prompt chunk. Raises
     ``ValueError`` on a malformed step. Vectorised with numpy: at 64 rows a loop over tokens and blocks cost
     more than the attention it plans. ``pairs``: plan the decodes' (row, block) pairs for the torch attention
-    (not needed where the CPU kernel reads the tables)."""
+    (not needed where the CPU kernel reads the tables). ``window``: a decode sees only itself and the ``window``
+    keys before it (sliding-window attention; the pairs then mask the older ones)."""
     bs, device = cache.block_size, positions.device
     pos = positions.cpu().numpy().astype(np.int64)
     lengths, tables, table_lengths = (np.asarray(x, dtype=np.int64).reshape(-1)
@@ -120,13 +121,14 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
         step.tables, step.table_starts, step.lengths = (np.ascontiguousarray(x, dtype=np.int64) for x in (
             tables, table_starts[decodes], first[decodes] + 1))
         if pairs:
-            _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device)
+            _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device, window)
         else:
             step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
     return step
 
 
-def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: int, device) -> None:
+def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: int, device,
+                  window: int | None = None) -> None:
     """Each decode row reads blocks 0 .. position // bs of its table: the first reader of a block reads it in
     place (pairs 0 .. span-1 are the pool's blocks in order), any later one gets an extra, gathered pair."""
     counts = position // bs + 1
@@ -151,6 +153,12 @@ def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: i
     step.extra_blocks = torch.from_numpy(pair_block[extra]).to(device) if extra.any() else None  # pragma: no mutate
     seen_all = torch.from_numpy(np.concatenate([seen, pair_seen[extra]])).to(device)  # pragma: no mutate
     step.valid = torch.arange(bs, device=device)[None, :] < seen_all[:, None]  # pragma: no mutate
+    if window is not None:  # and not before the window: key position >= the row's position - window
+        lowest = position[pair_row] - window - j * bs  # first place in the pair's block the row may see
+        lowest_all = torch.from_numpy(np.concatenate([np.zeros(span, dtype=np.int64), lowest[extra]])).to(device)
+        primary_rows = pair_block[primary]
+        lowest_all[torch.from_numpy(primary_rows).to(device)] = torch.from_numpy(lowest[primary]).to(device)
+        step.valid &= torch.arange(bs, device=device)[None, :] >= lowest_all[:, None]
     # added to the scores: -inf where a pair may not look (a block nobody decoding holds: everywhere)
     bias = torch.zeros(step.valid.shape, device=device)  # pragma: no mutate
     step.bias = bias.masked_fill_(~step.valid, float("-inf"))[:, None, None]

@@ -24,7 +24,7 @@ NOT_SERVED = {
     "openai_gelu": (None, False),
     "rotary_seq_len_interpolation_factor": (None, 1, 1.0),
     "qk_l2_norm": (None, False),
-    "window_size": (None,),
+    "window_attn_skip_freq": (None,),  # some layers full, some windowed: every layer here shares one window
     "multi_latent_attention": (None, False),
     "softmax_type": (None, "vanilla"),
     "num_experts": (None, 0),
@@ -78,6 +78,16 @@ class GPTArchitecture:
     qk_layernorm: bool = False  # each head's query and key normalised (the model's norm type) before RoPE
     squared_relu: bool = False  # the MLP's activation is relu(x) ** 2
     layernorm_zero_centered_gamma: bool = False  # norms scale by 1 + the stored weight (apply_layernorm_1p)
+    # Sliding-window attention (left, right), as flash attention takes it: a token sees itself and the ``left``
+    # tokens before it; right must be 0 (causal). None or a negative left: the whole context.
+    window_size: tuple[int, int] | None = None
+
+    @property
+    def attention_window(self) -> int | None:
+        """How many earlier tokens a token sees besides itself, or None for all of them."""
+        if self.window_size is None or self.window_size[0] < 0:
+            return None
+        return int(self.window_size[0])
 
     @classmethod
     def from_megatron_args(cls, args: argparse.Namespace | dict) -> GPTArchitecture:
@@ -96,6 +106,11 @@ class GPTArchitecture:
         if missing:
             raise ValueError(f"checkpoint args lack required model fields: {', '.join(missing)}")
         kept = {k: v for k, v in values.items() if k in names and v is not None}
+        if "window_size" in kept:
+            window = tuple(int(w) for w in kept["window_size"])
+            if len(window) != 2 or window[1] not in (0, -1):
+                raise ValueError(f"window_size={kept['window_size']!r}: only a causal window (left, 0) is served")
+            kept["window_size"] = window
         if not values.get("group_query_attention", False):
             kept["num_query_groups"] = None
         return cls(**kept)

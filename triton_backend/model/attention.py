@@ -97,6 +97,7 @@ class PagedAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.step: StepContext | None = None
         self.rotary: Rotary | None = None  # set by build_model for rotary-position models
+        self.window: int | None = None  # sliding-window attention (set by build_model): earlier keys a token sees
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_):
         if self.step is not None:
@@ -108,7 +109,11 @@ class PagedAttention(MegatronModule):
             positions = positions[None].expand(query.shape[1], -1)
             query, key = self.rotary(query, positions), self.rotary(key, positions)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self._sdpa(q, k, v, causal=True)
+        if self.window is None:
+            out = self._sdpa(q, k, v, causal=True)
+        else:
+            places = torch.arange(q.shape[2], device=q.device)  # pragma: no mutate
+            out = self._sdpa(q, k, v, mask=self._visible(places, places))
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
@@ -158,12 +163,22 @@ class PagedAttention(MegatronModule):
         qs = q[part].transpose(0, 1)[None]  # [1, heads, L, d]
         if chunk.blocks is None:  # from position 0: its own keys are all it reads
             ks, vs = (t[part].transpose(0, 1)[None] for t in (k, v))
-            return self._sdpa(qs, ks, vs, causal=True)[0].transpose(0, 1).flatten(1)
+            if self.window is None:
+                return self._sdpa(qs, ks, vs, causal=True)[0].transpose(0, 1).flatten(1)
+            places = torch.arange(chunk.length, device=q.device)  # pragma: no mutate
+            return self._sdpa(qs, ks, vs, mask=self._visible(places, places))[0].transpose(0, 1).flatten(1)
         end = chunk.first + chunk.length
         ks, vs = (t[chunk.blocks].transpose(0, 1).flatten(1, 2)[None, :, :end] for t in (keys, values))
         key_pos = torch.arange(end, device=q.device)  # pragma: no mutate
-        mask = key_pos[None, :] <= chunk.first + torch.arange(chunk.length, device=q.device)[:, None]
+        mask = self._visible(chunk.first + torch.arange(chunk.length, device=q.device), key_pos)
         return self._sdpa(qs, ks, vs, mask=mask)[0].transpose(0, 1).flatten(1)
+
+    def _visible(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """[queries, keys]: which keys each query sees (causal, and within the window when there is one)."""
+        mask = key_pos[None, :] <= query_pos[:, None]
+        if self.window is not None:
+            mask &= key_pos[None, :] >= query_pos[:, None] - self.window
+        return mask
 
     def _decode(self, step: StepContext, q, keys, values):
         """One token per sequence: softmax over the (row, block) pairs of ``step`` ([n, heads, d] -> [n, heads*d]).

@@ -12,10 +12,10 @@ from __future__ import annotations
 # layernorm_epsilon, squared_relu or swiglu for activation_func).
 READ = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
         "layernorm_epsilon", "add_bias_linear", "gated_linear_unit", "activation_func", "normalization",
-        "qk_layernorm", "rotary_interleaved", "layernorm_zero_centered_gamma"}
+        "qk_layernorm", "rotary_interleaved", "layernorm_zero_centered_gamma", "window_size"}
 
 # Refused when set (config name -> the args name ``NOT_SERVED`` checks).
-REFUSED = {"window_size": "window_size",
+REFUSED = {"window_attn_skip_freq": "window_attn_skip_freq",
            "multi_latent_attention": "multi_latent_attention", "softmax_type": "softmax_type",
            "num_moe_experts": "num_experts", "add_qkv_bias": "add_qkv_bias",
            "apply_residual_connection_post_layernorm": "apply_residual_connection_post_layernorm",
@@ -68,7 +68,6 @@ HARMLESS = {
         "use_kitchen_attention", "kitchen_attention_backend", "flash_decode", "batch_invariant_mode",
         "use_inference_optimized_layers", "mlp_chunks_for_prefill", "hetereogenous_dist_checkpoint",
         "use_mamba_mem_eff_path", "disable_bf16_reduced_precision_matmul", "activation_func_fp8_input_store",
-        "window_attn_skip_freq",  # only with window_size, which is refused
     },
     # Numerically neutral at inference: query-key layer scaling divides the scores by the layer number and the
     # softmax multiplies it back; the server's attention takes its softmax in float32 whatever the setting.

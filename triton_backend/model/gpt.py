@@ -78,6 +78,9 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
     )
     if arch.layernorm_zero_centered_gamma:
         zero_centre_norms(model)
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.window = arch.attention_window
     if rope:
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
         rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base,
@@ -172,7 +175,9 @@ class CachedGPT:
         fast = fast and why is None
         # graphs: "auto" replays decode steps as CUDA graphs on CUDA (graphs.py), "eager" runs the same
         # static-shape steps without capture (the tests' way on CPU), "off" never; both need the fast path
-        static = fast and (graphs == "eager" or (graphs == "auto" and param.device.type == "cuda"))
+        self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
+        static = fast and self.window is None and (graphs == "eager" or (graphs == "auto" and
+                                                                         param.device.type == "cuda"))
         self.cache = PagedKVCache(arch.num_layers, num_blocks, block_size, groups, head_dim, param.dtype,
                                   param.device, scratch=static)
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
@@ -183,7 +188,7 @@ class CachedGPT:
         self.tp = tp
         # decode attention by the CPU kernel where it applies and builds (decode_kernel.py), else torch's
         self.kernel = decode_kernel.applies(self.cache.keys[0], arch.num_attention_heads // (groups * tp)) \
-            and decode_kernel.library() is not None
+            and decode_kernel.library() is not None and self.window is None
         if why is not None:
             LOG.warning("Megatron's own forward runs every step (%s)", why)
         self.fast = functional.FunctionalGPT(model) if fast else None
@@ -209,7 +214,7 @@ class CachedGPT:
                 self.graphs, logits = None, None
             if logits is not None:
                 return gather_vocab(logits.float().contiguous(), self.tp)
-        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel)
+        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window)
         if self.fast is not None:
             return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:
