@@ -132,8 +132,14 @@ def to_gpt2(state: dict, arch: GPTArchitecture):
 def to_llama(state: dict, arch: GPTArchitecture):
     """``LlamaForCausalLM`` with ``state``'s weights. Megatron's SwiGLU ``linear_fc1`` is [gate; up] stacked
     (its GLU applies the activation to the first half), and both rotate the halves of a head alike."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, \
-        Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     heads = arch.num_attention_heads
     rope = {"rope_type": "default", "rope_theta": float(arch.rotary_base)}
