@@ -1,6 +1,6 @@
 # GPU image: the Megatron-core GPT ensemble behind Triton (PyTriton bundles the tritonserver binary).
 #   docker build -t megatron-triton .
-#   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -v /ckpt:/ckpt \
+#   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -p 9000:9000 -v /ckpt:/ckpt \
 #     -e CHECKPOINT=/ckpt/megatron -e TOKENIZER=/ckpt/tokenizer megatron-triton
 FROM nvcr.io/nvidia/pytorch:24.12-py3
 

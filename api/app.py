@@ -20,7 +20,7 @@ from .metrics import ApiMetrics
 from .settings import Settings
 from .triton import TritonLink
 
-OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json"}  # the rest needs the key when API_KEY is set
+OPEN_PATHS = {"/health"}  # every other route needs the key when API_KEY is set (scrapers send it as a bearer token)
 
 
 def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:

@@ -2,7 +2,8 @@
 (a HuggingFace tokenizer's ``chat_template``), else the default below.
 
 The default suits a model trained without a chat format (the demo model): one ``role: content`` line per
-message, then ``assistant:`` for the model to continue. A template receives what HuggingFace templates receive:
+message (``role (name): content`` when the message has a ``name``), then ``assistant:`` for the model to
+continue. A template receives what HuggingFace templates receive:
 ``messages`` (role, content), ``add_generation_prompt``, ``bos_token``, ``eos_token`` and ``raise_exception``.
 """
 
@@ -14,8 +15,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TEMPLATE = (
-    "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% for message in messages %}{{ message.role }}{% if message.name %} ({{ message.name }}){% endif %}: "
+    "{{ message.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 
@@ -48,3 +49,15 @@ class ChatTemplate:
                                          **self._tokens)
         except TemplateError as err:  # a template that rejects these messages (raise_exception in HF templates)
             raise ValueError(f"the chat template refused the messages: {err}") from None
+
+
+def message_dicts(messages) -> list[dict]:
+    """The request's messages as templates take them: role, content (text parts joined), and name when given."""
+    out = []
+    for m in messages:
+        message = {"role": m.role, "content": m.content if isinstance(m.content, str)
+                   else "".join(part.text for part in m.content)}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import logprobs
+from .chat_template import message_dicts
 from .errors import OPENAI_FIELDS, ApiError
 from .openai_schema import MAX_SEED, ChatRequest, CompletionRequest, unsupported
 from .triton import Output, TritonError
@@ -24,20 +25,28 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
     _check_common(body, state)
-    prompts, ids_given = _texts(body.prompt, state.tokenizer), not isinstance(body.prompt, str) and \
-        bool(body.prompt) and not isinstance(body.prompt[0], str)
+    prompts = await asyncio.to_thread(_texts, body.prompt, state.tokenizer)  # tokenizes: off the event loop
+    ids_given = not isinstance(body.prompt, str) and bool(body.prompt) and not isinstance(body.prompt[0], str)
     scoring = body.echo and body.logprobs is not None  # the prompt's own log-probs: how harnesses score text
     if body.max_tokens == 0 and not scoring:
         raise ApiError(400, "max_tokens may be 0 only with echo and logprobs (scoring the prompt)", "max_tokens")
-    params = _params(body, body.max_tokens)
     # Token ids travel as text with their special tokens written out, read back as those tokens.
-    params["add_special_tokens"] = (body.add_special_tokens or ids_given) or None
+    special = bool(body.add_special_tokens or ids_given)
+    rooms = None
+    if body.max_tokens is None:  # null: up to the context, for each prompt
+        lengths = await asyncio.to_thread(lambda: [len(state.tokenizer.encode(p, special)) for p in prompts])
+        rooms = [state.settings.context - n for n in lengths]
+        if min(rooms) < 1:
+            raise ApiError(400, f"a prompt takes {max(lengths)} tokens, the model's whole context is "
+                                f"{state.settings.context}", "prompt")
+    params = _params(body, body.max_tokens)
+    params["add_special_tokens"] = special or None
     if body.logprobs is not None:
         params |= {"return_log_probs": True, "top_log_probs": body.logprobs, "return_prompt_log_probs": scoring}
     if body.echo:
         params["exclude_input_in_output"] = False
     shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
-    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS)
+    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS, rooms)
 
 
 @router.post("/v1/chat/completions")
@@ -49,15 +58,14 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise ApiError(400, "set max_completion_tokens or max_tokens, not both", "max_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else "".join(part.text for part in m.content)} for m in body.messages]
     try:
-        prompt = state.template.render(messages)
+        prompt = state.template.render(message_dicts(body.messages))
     except ValueError as err:
         raise ApiError(400, str(err), "messages") from None
     # A template written for the model (CHAT_TEMPLATE, the tokenizer's own) writes its control tokens as text.
     special = state.template.writes_special_tokens if body.add_special_tokens is None else body.add_special_tokens
-    prompt_tokens = len(state.tokenizer.encode(prompt, parse_special=special))
+    # Tokenizing a long prompt takes milliseconds: off the event loop, which serves every other request.
+    prompt_tokens = len(await asyncio.to_thread(state.tokenizer.encode, prompt, special))
     room = state.settings.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the messages take {prompt_tokens} tokens, the model's whole context is "
@@ -160,13 +168,17 @@ class _Shape:
         return logprobs.completion(out, offset, prompt=first and body.echo)
 
 
-def _requests(prompts: list[str], params: dict, n: int) -> list[tuple[int, str, dict]]:
-    """One ensemble request per choice: prompt i's choices are n*i .. n*i+n-1, seeded seed, seed+1, ..."""
+def _requests(prompts: list[str], params: dict, n: int, max_tokens: list[int] | None = None):
+    """One ensemble request per choice: prompt i's choices are n*i .. n*i+n-1, seeded seed, seed+1, ...
+    (``max_tokens``: each prompt's own, where the request left it to the context)."""
     out = []
     for i, prompt in enumerate(prompts):
         for j in range(n):
             seed = params["seed"]
-            out.append((i * n + j, prompt, {**params, "seed": None if seed is None else (seed + j) % (MAX_SEED + 1)}))
+            own = {**params, "seed": None if seed is None else (seed + j) % (MAX_SEED + 1)}
+            if max_tokens is not None:
+                own["max_tokens"] = max_tokens[i]
+            out.append((i * n + j, prompt, own))
     return out
 
 
@@ -175,8 +187,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _respond(link, prompts, params, body, shape: _Shape, fields: dict):
-    requests = _requests(prompts, params, body.n)
+async def _respond(link, prompts, params, body, shape: _Shape, fields: dict, max_tokens: list[int] | None = None):
+    requests = _requests(prompts, params, body.n, max_tokens)
     if body.stream:
         return await _stream(link, requests, body, shape, fields)
     try:

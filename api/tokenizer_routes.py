@@ -8,11 +8,13 @@ prompt, yes for messages rendered by a template written for the model.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from .chat_template import message_dicts
 from .errors import ApiError
 from .openai_schema import Message, Text, _Strict
 
@@ -47,13 +49,11 @@ async def tokenize(body: TokenizeRequest, request: Request):
     text, special = body.prompt, bool(body.add_special_tokens)
     if body.messages is not None:
         special = state.template.writes_special_tokens if body.add_special_tokens is None else special
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                     else "".join(p.text for p in m.content)} for m in body.messages]
         try:
-            text = state.template.render(messages, body.add_generation_prompt)
+            text = state.template.render(message_dicts(body.messages), body.add_generation_prompt)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
-    tokens = state.tokenizer.encode(text, parse_special=special)
+    tokens = await asyncio.to_thread(state.tokenizer.encode, text, special)  # off the event loop
     return {"count": len(tokens), "max_model_len": state.settings.context, "tokens": tokens, "token_strs": None}
 
 

@@ -242,6 +242,24 @@ def test_megatron_validation_messages(server, body, message):
     assert reply.status_code == 400 and message in reply.json()["message"], reply.text
 
 
+def test_max_tokens_null_means_up_to_the_context(api, server):
+    prompts = [PROMPT, "A class"]
+    r = api.completions.create(model=MODEL, prompt=prompts, max_tokens=None, temperature=0,
+                               extra_body={"ignore_eos": True})
+    counts = [requests.post(f"http://{server.api}/tokenize", json={"prompt": p}, timeout=30).json()["count"]
+              for p in prompts]
+    assert [c.finish_reason for c in r.choices] == ["length", "length"]
+    assert r.usage.completion_tokens == sum(256 - n for n in counts)  # each prompt to the end of its context
+
+
+def test_a_message_name_is_rendered_not_dropped(server):
+    base = f"http://{server.api}"
+    plain = {"messages": [{"role": "user", "content": "hi"}]}
+    named = {"messages": [{"role": "user", "content": "hi", "name": "ada"}]}
+    counts = [requests.post(f"{base}/tokenize", json=b, timeout=30).json()["count"] for b in (plain, named)]
+    assert counts[1] > counts[0]
+
+
 def test_tokenizer_endpoints_use_the_servers_tokenizer(server, ensemble):
     base = f"http://{server.api}"
     tokens = requests.post(f"{base}/tokenize", json={"prompt": PROMPT}, timeout=30).json()
@@ -284,6 +302,9 @@ def test_an_api_key_guards_every_route_but_health(server):
         assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         assert requests.put(f"{base}/api", json={"prompts": ["a"]}, timeout=30).status_code == 401
         assert requests.post(f"{base}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+        for path in ("/metrics", "/docs", "/openapi.json", "/v1/models", "/tokenizer_info"):
+            assert requests.get(f"{base}{path}", timeout=30).status_code == 401, path
+        assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=30).ok
         keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         assert keyed.completions.create(**body).choices[0].text
         with pytest.raises(openai.AuthenticationError):
