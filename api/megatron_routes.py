@@ -7,11 +7,10 @@ as its own ensemble request; the text returned is the prompt followed by what wa
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from . import fanout
 from .errors import MEGATRON_FIELDS, ApiError
 from .triton import TritonError
 
@@ -126,7 +125,7 @@ async def generate(request: Request):
     prompts, params = parse(body)
     link = request.app.state.link
     try:
-        outputs = await asyncio.gather(*(link.generate(prompt, params) for prompt in prompts))
+        outputs = await fanout.gather(link.generate(prompt, params) for prompt in prompts)
     except TritonError as err:
         raise ApiError.from_triton(err, MEGATRON_FIELDS) from None
     stop = (params["stop_words"] or [""])[0]

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from . import logprobs
+from . import fanout, logprobs
 from .chat_template import message_dicts
 from .errors import OPENAI_FIELDS, ApiError
 from .openai_schema import MAX_SEED, ChatRequest, CompletionRequest, unsupported
@@ -46,7 +46,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo:
         params["exclude_input_in_output"] = False
     shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
-    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS, rooms)
+    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS, rooms,
+                          state.settings.max_queue)
 
 
 @router.post("/v1/chat/completions")
@@ -78,7 +79,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     params["add_special_tokens"] = special or None
     if body.logprobs:
         params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
-    return await _respond(state.link, [prompt], params, body, shape, fields)
+    return await _respond(state.link, [prompt], params, body, shape, fields, max_queue=state.settings.max_queue)
 
 
 def _texts(prompt, tokenizer) -> list[str]:
@@ -187,12 +188,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _respond(link, prompts, params, body, shape: _Shape, fields: dict, max_tokens: list[int] | None = None):
+async def _respond(link, prompts, params, body, shape: _Shape, fields: dict, max_tokens: list[int] | None = None,
+                   max_queue: int | None = None):
+    if max_queue is not None and len(prompts) * body.n > max_queue:  # refused whole, before any of it runs
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} generations, more "
+                            f"than the server queues at once ({max_queue})", "n" if body.n > 1 else "prompt")
     requests = _requests(prompts, params, body.n, max_tokens)
     if body.stream:
         return await _stream(link, requests, body, shape, fields)
-    try:
-        outputs = await asyncio.gather(*(link.generate(prompt, p) for _, prompt, p in requests))
+    try:  # when one choice fails, the others are cancelled (their gRPC calls with them)
+        outputs = await fanout.gather(link.generate(prompt, p) for _, prompt, p in requests)
     except TritonError as err:
         raise ApiError.from_triton(err, fields) from None
     choices = [shape.choice(index, out.text, out.finish_reason, scores=shape.scores(out, body, 0, True)[0])
@@ -204,13 +209,16 @@ async def _respond(link, prompts, params, body, shape: _Shape, fields: dict, max
 
 async def _stream(link, requests, body, shape: _Shape, fields: dict):
     """Server-sent events. Each request's first response is awaited before answering, so a request Triton
-    refuses gets its 400 rather than a stream that carries an error."""
+    refuses gets its 400 rather than a stream that carries an error; its siblings are cancelled then (a stream
+    still waiting for its first response is stopped before it is closed)."""
     streams = [link.stream(prompt, p) for _, prompt, p in requests]
     try:
-        firsts = await asyncio.gather(*(anext(s) for s in streams))
-    except TritonError as err:
-        await asyncio.gather(*(s.aclose() for s in streams))
-        raise ApiError.from_triton(err, fields) from None
+        firsts = await fanout.gather(anext(s) for s in streams)
+    except BaseException as err:
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+        if isinstance(err, TritonError):
+            raise ApiError.from_triton(err, fields) from None
+        raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = _events(streams, firsts, [index for index, _, _ in requests], body, shape, include_usage)
     return StreamingResponse(events, media_type="text/event-stream")
@@ -267,11 +275,11 @@ async def _events(streams, firsts: list[Output], indexes: list[int], body, shape
                 yield _sse(shape.envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], None, chunk=True))
         async for k, item in merged:
-            if isinstance(item, TritonError):
+            if isinstance(item, TritonError):  # the call failed: its other choices stop too (closing ``merged``)
                 error = ApiError.from_triton(item, {})
                 yield _sse({"error": {"message": error.message, "type": error.kind,
                                       "param": error.param, "code": error.code}})
-                continue
+                break
             prompt_tokens[k], completion[k] = item.prompt_tokens, item.completion_tokens
             scores, offsets[k] = shape.scores(item, body, offsets[k], not started[k])
             started[k] = True

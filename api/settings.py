@@ -21,6 +21,7 @@ class Settings:
     api_key: str = ""
     chat_template: pathlib.Path | None = None
     timeout_s: float = 600.0  # a unary request's deadline on its way through Triton
+    max_queue: int = 1024  # the engine's MAX_QUEUE: one call may not fan out to more requests than it takes
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -37,6 +38,7 @@ class Settings:
             api_key=env.get("API_KEY", ""),
             chat_template=pathlib.Path(template) if template else None,
             timeout_s=float(env.get("MAX_REQUEST_S") or 600),
+            max_queue=int(env.get("MAX_QUEUE") or 1024),
         )
 
 

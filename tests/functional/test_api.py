@@ -314,6 +314,26 @@ def test_an_api_key_guards_every_route_but_health(server):
         process.wait(30)
 
 
+def test_a_refused_stream_cancels_its_siblings_and_answers_400(server):
+    """One choice of a streamed fan-out refused (its prompt fills the context): the call gets that 400, and the
+    sibling already generating is cancelled in the engine, not left running to its end."""
+    from .test_streaming import idle, llm_metrics, settled_metrics, wait_for
+
+    before = settled_metrics(server)["llm_requests_cancelled_total"]
+    body = {"model": MODEL, "prompt": [PROMPT, "word " * 400], "max_tokens": 200, "ignore_eos": True,
+            "stream": True}  # the second prompt is beyond the 256-token context
+    r = requests.post(f"http://{server.api}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert wait_for(lambda: llm_metrics(server)["llm_requests_cancelled_total"] > before, 10)
+    assert idle(settled_metrics(server))
+
+
+def test_a_fan_out_beyond_the_queue_is_refused_up_front(api):
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model=MODEL, prompt=[PROMPT] * 128, n=16, max_tokens=1)
+    assert err.value.body["param"] == "n" and "2048 generations" in err.value.body["message"]
+
+
 def test_a_client_that_drops_a_stream_frees_its_sequence(server, api):
     """Closing the connection mid-stream cancels the generation in the engine; the server goes on serving."""
     from .test_streaming import idle, settled_metrics
