@@ -5,7 +5,9 @@
 For the bench's prompts (``tools/bench.py``): encoding each prompt (what preprocessing does), and following 64
 generated tokens one at a time as the serving process does for a stream (``TextTracker``: incremental decoding,
 text held back at a split character), under the demo model's sentencepiece, a GPT-2 BPE, a Llama-3-style
-HuggingFace tokenizer (``tokenizers``' byte-level BPE) and a TikTokenizer. With ``--served-tokens-per-s`` (a
+HuggingFace tokenizer (``tokenizers``' byte-level BPE) and a TikTokenizer; and, as the peer, transformers'
+``AutoTokenizer`` on the same HuggingFace files (what Megatron training and vLLM call) behind the same
+incremental decoding. With ``--served-tokens-per-s`` (a
 served run's output tokens/s, e.g. from ``tools/served_cpu.py --concurrency 64``), prints the share of a served
 token's time that tokenizing its request and detokenizing it take.
 """
@@ -22,19 +24,37 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from preprocessing.detokenize import TextTracker  # noqa: E402
-from preprocessing.tokenization import build, load, load_path, resolve  # noqa: E402
+from preprocessing.tokenization import Tokenizer, build, load, load_path, resolve  # noqa: E402
 from tools.bench import PROMPTS  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+class TransformersPeer(Tokenizer):
+    """transformers' ``AutoTokenizer`` behind the same interface (and so the same incremental decoding)."""
+
+    def __init__(self, directory: pathlib.Path):
+        from transformers import AutoTokenizer
+
+        super().__init__({})
+        self.auto = AutoTokenizer.from_pretrained(str(directory))
+
+    def encode(self, text, parse_special=False, leading=True):
+        return self.auto(text, add_special_tokens=leading, split_special_tokens=not parse_special).input_ids
+
+    def decode(self, ids, skip_special=True):
+        return self.auto.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+
 def tokenizers(workdir: pathlib.Path) -> dict:
     gpt2 = build.gpt2_bpe(workdir / "gpt2")
     tik = build.tiktoken_vocabulary(workdir / "tiktoken.json", gpt2)
+    hf = build.huggingface_directory(workdir / "hf")
     return {
         "sentencepiece (demo)": load_path(ROOT / "demo_model" / "tokenizer.model"),
         "GPT-2 BPE": load_path(gpt2),
-        "HuggingFace byte-level": load_path(build.huggingface_directory(workdir / "hf")),
+        "HuggingFace byte-level": load_path(hf),
+        "  transformers (peer)": TransformersPeer(hf),
         "TikTokenizer": load(resolve({"tokenizer_type": "TikTokenizer", "tokenizer_model": str(tik),
                                       "vocab_size": 1000 + len(json.loads(tik.read_text()))})),
     }

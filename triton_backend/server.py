@@ -84,12 +84,13 @@ def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:
     return int(max(0, available) * KV_SHARE_OF_AVAILABLE_RAM / local_ranks)
 
 
-def tokenizer_spec(cfg: ServerConfig):
-    """The job's tokenizer spec: the one ``main`` resolved and exported, else (tools that load an engine in-process)
-    resolved here from the checkpoint's args and TOKENIZER / TOKENIZER_TYPE, and exported for what follows."""
+def tokenizer_spec(cfg: ServerConfig, fresh: bool = False):
+    """The job's tokenizer spec: the one already exported (``main`` exports it, ``fresh``), else resolved here from
+    the checkpoint's args and TOKENIZER / TOKENIZER_TYPE, its files checked, and exported for what follows (the
+    serving process, Triton's models and the API inherit it)."""
     from preprocessing import tokenization
 
-    if tokenization.ENV not in os.environ:
+    if fresh or tokenization.ENV not in os.environ:
         os.environ[tokenization.ENV] = checkpoints.tokenizer_spec(cfg.checkpoint, cfg.tokenizer,
                                                                   cfg.tokenizer_type).to_json()
     return tokenization.TokenizerSpec.from_json(os.environ[tokenization.ENV])
@@ -258,11 +259,10 @@ def main(module: str = "triton_backend.server") -> int:
 
     if os.environ.get("RANK", "0") == "0":
         try:
-            spec = checkpoints.tokenizer_spec(cfg.checkpoint, cfg.tokenizer, cfg.tokenizer_type)
+            tokenizer_spec(cfg, fresh=True)
         except (tokenization.TokenizerError, checkpoints.CheckpointError) as err:
             print(f"configuration error: {err}", file=sys.stderr)
             return 2
-        os.environ[tokenization.ENV] = spec.to_json()  # for the serving process, Triton's models and the API
     # The world group waits as long as checkpoint loading may take; steps are bounded by the protocol group's
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)

@@ -20,16 +20,14 @@ GPT2_EOD = "<|endoftext|>"
 
 
 class _ByteLevel(Tokenizer):
-    """A ``tokenizers.Tokenizer``: ``_plain`` reads special-token texts as text, ``_parsing`` as their ids."""
+    """A ``tokenizers.Tokenizer``: ``_plain`` reads special-token texts as text, ``_parsing`` as their ids. The
+    library splits on special tokens and adds BOS itself, so ``encode`` and ``decode`` are its own."""
 
     def _setup(self, plain: HFTokenizer, parsing: HFTokenizer, special: dict[str, int]) -> None:
         plain.encode_special_tokens = True  # special-token texts are split like any other text
         self._plain, self._parsing = plain, parsing
         super().__init__(special)
         self.vocab_size = max([plain.get_vocab_size(with_added_tokens=True), *(i + 1 for i in special.values())])
-
-    def _encode_plain(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str, parse_special: bool = False, leading: bool = True) -> list[int]:
         ids = (self._parsing if parse_special else self._plain).encode(text, add_special_tokens=leading).ids
