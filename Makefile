@@ -6,15 +6,16 @@ DEMO := demo_model
 
 # Serving configuration, read by triton_backend/config.py (see README "Configuration").
 TP ?= 1
-export TP CHECKPOINT TOKENIZER TOKENIZER_TYPE DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
+PP ?= 1
+export TP PP PP_MICROBATCHES CHECKPOINT TOKENIZER TOKENIZER_TYPE DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
        MAX_BATCH_SIZE MAX_QUEUE MAX_REQUEST_S DRAIN_TIMEOUT_S ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
        KV_CACHE_MB PREFIX_CACHING COMPILE CUDA_GRAPHS PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache bench-api bench-engine bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache bench-pp bench-api bench-engine bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(TP) -m triton_backend.server
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $$(( $(TP) * $(PP) )) -m triton_backend.server
 
 test: setup demo-model
 	$(VENV)/bin/ruff check .
@@ -41,6 +42,10 @@ bench-api: setup demo-model
 BENCH_ENGINE_ARGS ?=
 bench-engine: setup demo-model $(VENV)/.bench-installed
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 1 -m tools.bench_engine $(BENCH_ENGINE_ARGS)
+
+# Pipeline stages in-process: batches in flight against one at a time, resident weights per rank (gpt-350m).
+bench-pp: setup demo-model $(VENV)/.bench-installed
+	$(PY) tools/bench_pp.py
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -25,6 +25,8 @@ class ServerConfig:
     tokenizer: str = ""  # a tokenizer file or directory replacing the paths the checkpoint's args record
     tokenizer_type: str = ""  # replaces the checkpoint's tokenizer_type (preprocessing/tokenization/spec.py)
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # PP: pipeline stages; the job has TP x PP ranks (ranks/pipeline.py)
+    pp_microbatches: int = 0  # groups of running sequences in the pipeline at once; 0: PP (1: Megatron's way)
     device: str = ""
     dtype: str = ""  # float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on CPU
     host: str = "0.0.0.0"
@@ -83,17 +85,26 @@ class ServerConfig:
             raise ValueError(f"{names} must differ, got {ports}")
         if self.api not in (0, 1):
             raise ValueError(f"API must be 0 or 1, got {self.api}")
-        for name in ("tensor_parallel", "max_batch_size", "instances", "max_slots", "max_queue", "collective_timeout_s",
-                     "load_timeout_s"):
+        for name in ("tensor_parallel", "pipeline_parallel", "max_batch_size", "instances", "max_slots", "max_queue",
+                     "collective_timeout_s", "load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("prefix_caching", "compile", "cuda_graphs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{_variable(name)} must be 0 or 1, got {getattr(self, name)}")
-        for name in ("kv_cache_mb", "prefill_tokens", "queue_delay_us", "max_request_s", "drain_timeout_s",
-                     "stream_responses_per_s", "torch_threads", "log_verbose"):
+        for name in ("pp_microbatches", "kv_cache_mb", "prefill_tokens", "queue_delay_us", "max_request_s",
+                     "drain_timeout_s", "stream_responses_per_s", "torch_threads", "log_verbose"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_variable(name)} must be 0 or more, got {getattr(self, name)}")
+
+    @property
+    def microbatches(self) -> int:
+        """Steps in flight in the pipeline (PP_MICROBATCHES, else one per stage)."""
+        return self.pp_microbatches or self.pipeline_parallel
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
 
     def port_fields(self) -> list[str]:
         """The ports this job listens on (the API's only when it runs)."""
@@ -137,6 +148,9 @@ class ServerConfig:
         return cls(**values)
 
 
+_SHORT = {"tensor_parallel": "TP", "pipeline_parallel": "PP"}
+
+
 def _variable(name: str) -> str:
     """The environment (and make) variable of a field."""
-    return "TP" if name == "tensor_parallel" else name.upper()
+    return _SHORT.get(name, name.upper())

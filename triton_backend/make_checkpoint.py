@@ -5,9 +5,12 @@
     torchrun --standalone --nproc-per-node 2 -m triton_backend.make_checkpoint \\
         --random llama --vocab 4096 --format torch_dist --out /tmp/llama_tp2
 
-``--from`` re-saves an existing checkpoint (any format, any TP); ``--random`` writes a seeded random-init
-model of a preset architecture (the same weights at every TP, so outputs can be compared across TP sizes).
-The TP size is the number of ranks torchrun starts. ``--tokenizer-type TYPE --tokenizer PATH`` records a
+``--from`` re-saves an existing checkpoint (any format, any TP x PP); ``--random`` writes a seeded random-init
+model of a preset architecture (the same weights at every TP and PP, so outputs can be compared across them).
+The TP size is the number of ranks torchrun starts divided by ``--pp`` (default 1), the pipeline stages: in
+the legacy format each stage's shards go to ``mp_rank_TT_PPP`` as Megatron training writes them (every rank
+holds its TP shard of the whole model and writes one stage of it); torch_dist shards are the same at any
+layout, and the args record the pipeline size. ``--tokenizer-type TYPE --tokenizer PATH`` records a
 tokenizer in the checkpoint's args as Megatron training does (its files' paths, and with ``--random`` a
 vocabulary sized to it); ``--random`` without them records the demo model's sentencepiece tokenizer.
 For example, with the GPT-2 BPE ``tools/make_tokenizers.py`` writes:
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--init-std", type=float, default=0.02, help="weight init std (--random)")
     parser.add_argument("--iteration", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (the job's ranks / PP is its TP)")
     parser.add_argument("--tokenizer-type", help="tokenizer_type to record (with --tokenizer; guessed when left out)")
     parser.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer file or directory to record")
     a = parser.parse_args()
@@ -120,8 +124,13 @@ def main() -> None:
     if a.random and not recorded:  # the presets' default: the demo model's tokenizer (4,096 ids, --vocab's default)
         recorded = {"tokenizer_type": "GPTSentencePieceTokenizer", "tokenizer_model": str(DEMO_TOKENIZER)}
 
-    init_parallel(int(os.environ.get("WORLD_SIZE", "1")), "cpu")
-    tp = torch.distributed.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.pp < 1 or world % a.pp:
+        parser.error(f"--pp {a.pp} must divide the {world} ranks torchrun started")
+    # Ranks with the same TP rank build the same whole shard (Megatron's data-parallel replicas): each writes
+    # one pipeline stage of it.
+    init_parallel(world // a.pp, "cpu")
+    tp = world // a.pp
     torch.manual_seed(a.seed)
     if a.source:
         args = checkpoints.read_args(a.source)
@@ -133,15 +142,20 @@ def main() -> None:
         arch = GPTArchitecture(padded_vocab_size=padded_vocab(a.vocab, tp), **PRESETS[a.random])
         model = build_model(arch, tensor_parallel=tp, init_method_std=a.init_std)
         extra = {"seed": a.seed, "init_method_std": a.init_std}
-    extra.update(tensor_model_parallel_size=tp, ckpt_format=a.format, **recorded)
+    extra.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=a.pp, ckpt_format=a.format, **recorded)
     megatron_args = arch.to_megatron_args(**extra)
     if a.format == "legacy":
-        checkpoints.legacy.save(model, megatron_args, a.out, a.iteration)
+        try:
+            stages = arch.stage_layers(a.pp) if a.pp > 1 else None
+        except ValueError as err:
+            parser.error(str(err))
+        stage = torch.distributed.get_rank() // tp
+        checkpoints.legacy.save(model, megatron_args, a.out, a.iteration, stages, stage)
     else:
         checkpoints.save(model, megatron_args, a.out, a.iteration)
     if torch.distributed.get_rank() == 0:
         params = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())
-        print(f"wrote a {a.format} checkpoint at TP={tp} to {a.out}: {params / 1e6:.1f} M parameters")
+        print(f"wrote a {a.format} checkpoint at TP={tp} x PP={a.pp} to {a.out}: {params / 1e6:.1f} M parameters")
     torch.distributed.destroy_process_group()
 
 

@@ -34,7 +34,8 @@ from triton_backend.model.gpt import (
     init_parallel,
     kv_bytes_per_token,
 )
-from triton_backend.ranks import session
+from triton_backend.ranks import pipeline, session
+from triton_backend.ranks.pipeline import PipelineLeader
 from triton_backend.ranks.protocol import Leader, follow, make_group
 from triton_backend.serving.engine_link import EngineHost
 from triton_backend.serving.frontend import remove_shared_memory
@@ -49,17 +50,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_gpt(cfg: ServerConfig) -> CachedGPT:
     """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready."""
-    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel)
-    model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel)
+    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel)
+    model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel, cfg.pipeline_parallel)
     checkpoints.load_weights(model, cfg.checkpoint, arch)
     model = model.to(cfg.device)
     max_len = min(arch.seq_length, arch.max_position_embeddings)
-    per_token = kv_bytes_per_token(arch, cfg.tensor_parallel, DTYPES[cfg.dtype])
+    layers = len(model.decoder.layers)  # this pipeline stage's
+    per_token = kv_bytes_per_token(arch, cfg.tensor_parallel, DTYPES[cfg.dtype], layers)
     block = CachedGPT.BLOCK_SIZE
     # the fast path's packed weights are made after the cache: their memory is not there to take
     packing = functional.packed_bytes(model) if cfg.compile and functional.supported(model) is None else 0
     blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, kv_budget(cfg, packing))
-    if torch.distributed.get_world_size() > 1:  # every rank must hold the same blocks
+    if torch.distributed.get_world_size() > 1:  # every rank (every stage) must hold the same blocks
         agreed = torch.tensor([blocks], device=cfg.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
         blocks = int(agreed)
@@ -75,7 +77,7 @@ def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:
     (on CPU shared with the job's other ranks on this machine, and less the ``pending_bytes`` the model will
     still take: its packed weights)."""
     if cfg.kv_cache_mb:
-        return cfg.kv_cache_mb * 2**20
+        return int(cfg.kv_cache_mb * 2**20)
     if cfg.device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return int(free * KV_SHARE_OF_FREE_MEMORY)
@@ -107,8 +109,9 @@ def set_threads(cfg: ServerConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> Engine:
-    """Rank 0: the model (leading the followers over ``group`` when TP > 1) and the tokenizer (the spec ``main``
+def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None, stage_group=None) -> Engine:
+    """Rank 0: the model (leading the followers over ``group`` when TP > 1, launching steps into the pipeline
+    when PP > 1, ``stage_group`` being the first stage's TP group) and the tokenizer (the spec ``main``
     exported), in an engine whose thread runs on ``cpus`` (see ``engine_cpus``)."""
     from preprocessing import tokenization
 
@@ -120,9 +123,13 @@ def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None) -> 
         raise checkpoints.CheckpointError(
             f"tokenizer {spec.describe()} has {tokenizer.vocab_size} ids but the model only "
             f"{gpt.arch.padded_vocab_size} embeddings (is TOKENIZER_TYPE right?)")
-    tp = cfg.tensor_parallel
-    return Engine(Leader(gpt, group) if tp > 1 else gpt, tokenizer.vocab_size, tokenizer.eos_id,
-                  max_queue=cfg.max_queue, failures_fatal=tp > 1, tokenizer=tokenizer,
+    tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
+    if pp > 1:
+        model = PipelineLeader(gpt, tp, pp, cfg.microbatches, group, stage_group)
+    else:
+        model = Leader(gpt, group) if tp > 1 else gpt
+    return Engine(model, tokenizer.vocab_size, tokenizer.eos_id,
+                  max_queue=cfg.max_queue, failures_fatal=cfg.world_size > 1, tokenizer=tokenizer,
                   max_request_s=cfg.max_request_s, cpus=cpus, prefix_caching=bool(cfg.prefix_caching),
                   prefill_tokens=cfg.prefill_tokens or (2048 if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
 
@@ -138,7 +145,7 @@ def engine_cpus(cfg: ServerConfig) -> set[int] | None:
     tools/bench.py --concurrency 16 --requests-per-client 8``, two runs each). Off with ``PIN_ENGINE=0``,
     and where there is no core to spare.
     """
-    if not cfg.pin_engine or cfg.device != "cpu" or cfg.tensor_parallel != 1:
+    if not cfg.pin_engine or cfg.device != "cpu" or cfg.world_size != 1:
         return None
     cores = sorted(os.sched_getaffinity(0))
     n = torch.get_num_threads()
@@ -267,22 +274,30 @@ def main(module: str = "triton_backend.server") -> int:
     # timeout (followers) and by rank 0's watchdog (COLLECTIVE_TIMEOUT_S).
     set_threads(cfg)
     # Before init_parallel: gloo starts a score of polling threads, and they must keep off the engine's core.
-    cpus = engine_cpus(cfg)  # None unless TP=1, where this is rank 0
-    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s)
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    if world != cfg.tensor_parallel:
-        print(f"configuration error: TP={cfg.tensor_parallel} but torchrun started {world} ranks", file=sys.stderr)
+    cpus = engine_cpus(cfg)  # None unless one rank, rank 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.world_size:
+        print(f"configuration error: TP={cfg.tensor_parallel} x PP={cfg.pipeline_parallel} needs "
+              f"{cfg.world_size} ranks but torchrun started {world}", file=sys.stderr)
         return 2
+    init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s,
+                  pipeline_parallel=cfg.pipeline_parallel)
+    rank = torch.distributed.get_rank()
     group = make_group(cfg.collective_timeout_s) if world > 1 else None
+    tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
+    stage_groups = pipeline.make_stage_groups(tp, pp, cfg.collective_timeout_s) if pp > 1 else [None]
     try:
         if rank == 0:
-            return lead(cfg, started, group, cpus, module)
+            return lead(cfg, started, group, cpus, module, stage_groups[0])
         gpt = load_gpt(cfg)
         # Once loaded, a follower leaves when rank 0 says so (after draining) or when rank 0 is gone (the
         # protocol group's timeout): a SIGTERM from torchrun must not end it in the middle of the drain.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        follow(gpt, group)
+        if pp > 1:
+            pipeline.follow(gpt, tp, pp, group, stage_groups[rank // tp])
+        else:
+            follow(gpt, group)
         return 0
     except (checkpoints.CheckpointError, tokenization.TokenizerError, FileNotFoundError) as err:
         print(f"rank {rank}: cannot load the model: {err}", file=sys.stderr)
@@ -295,12 +310,12 @@ def main(module: str = "triton_backend.server") -> int:
 
 
 def lead(cfg: ServerConfig, started: float, group=None, cpus: set[int] | None = None,
-         module: str = "triton_backend.server") -> int:
+         module: str = "triton_backend.server", stage_group=None) -> int:
     """Rank 0: load, start the engine (which leads the followers) and the serving process, serve until stopped
     or failed."""
-    engine = load_engine(cfg, group, cpus)
-    LOG.info("model loaded in %.1f s on %s (%s, TP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
-             cfg.tensor_parallel)
+    engine = load_engine(cfg, group, cpus, stage_group)
+    LOG.info("model loaded in %.1f s on %s (%s, TP=%d, PP=%d)", time.monotonic() - started, cfg.device, cfg.dtype,
+             cfg.tensor_parallel, cfg.pipeline_parallel)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     engine.start()

@@ -42,6 +42,11 @@ class Server:
         return "\n".join([*head, *(["[...]"] if head else []), *lines[-n:]])
 
 
+def ranks(env) -> int:
+    """The job's ranks: TP x PP."""
+    return int(env.get("TP") or 1) * int(env.get("PP") or 1)
+
+
 def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env) -> Server:
     """Start ``torchrun -m module`` (the server, or a test's wrapper of it) with ``env`` and wait until ready."""
     http, grpc, metrics, api = free_ports(4)
@@ -51,7 +56,7 @@ def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env
                "API_PORT": str(api), "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     process = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc-per-node", environ.get("TP", "1"), "-m", module],
+        [str(torchrun), "--standalone", "--nproc-per-node", str(ranks(environ)), "-m", module],
         cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log,

@@ -166,7 +166,7 @@ def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
 def test_a_row_that_breaks_sampling_fails_alone(gpt, start_engine, monkeypatch):
     """When sampling a step raises because of one row, that request fails and the others in the step get exactly
     the tokens they get without it."""
-    import triton_backend.engine.engine as engine_module
+    import triton_backend.engine.outputs as engine_module
 
     real_sample = engine_module.sample
     poison = 0.123  # the broken request's temperature

@@ -47,10 +47,19 @@ def test_architecture_and_tp_problems_are_read_from_legacy_args(tmp_path):
         read_architecture(tmp_path, tensor_parallel=8)
 
 
-def test_missing_args_and_pipeline_shards_are_refused(tmp_path):
-    (tmp_path / "a" / "iter_0000001" / "mp_rank_00_000").mkdir(parents=True)
+def test_incomplete_or_mixed_shard_grids_and_missing_checkpoints_are_refused(tmp_path):
+    iteration = tmp_path / "a" / "iter_0000001"
+    for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001"):
+        (iteration / name).mkdir(parents=True)
     (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("1")
-    with pytest.raises(CheckpointError, match="pipeline-parallel"):
+    with pytest.raises(CheckpointError, match="lacks the shards mp_rank_01_001"):
+        legacy_checkpoint.shard_files(tmp_path / "a")
+    (iteration / "mp_rank_01_001").mkdir()
+    grid = legacy_checkpoint.shard_grid(tmp_path / "a")
+    assert [[f.parent.name for f in stage] for stage in grid] == [["mp_rank_00_000", "mp_rank_01_000"],
+                                                                  ["mp_rank_00_001", "mp_rank_01_001"]]
+    (iteration / "mp_rank_02").mkdir()
+    with pytest.raises(CheckpointError, match="one kind only"):
         legacy_checkpoint.shard_files(tmp_path / "a")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_architecture(tmp_path / "nowhere")
@@ -68,14 +77,14 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
     del broken[name]
     write_shards(tmp_path / "missing", 1, ARGS, [broken])
     with pytest.raises(CheckpointError, match=f"'{name}' is missing from mp_rank_00"):
-        legacy_checkpoint.load_weights(build_model(arch), tmp_path / "missing", swiglu=False)
+        legacy_checkpoint.load_weights(build_model(arch), tmp_path / "missing", arch)
     broken[name] = torch.zeros(3, 3)
     write_shards(tmp_path / "shape", 1, ARGS, [broken])
     with pytest.raises(CheckpointError, match=f"'{name}' has shape \\(3, 3\\)"):
-        legacy_checkpoint.load_weights(build_model(arch), tmp_path / "shape", swiglu=False)
+        legacy_checkpoint.load_weights(build_model(arch), tmp_path / "shape", arch)
     write_shards(tmp_path / "good", 1, ARGS, [state])
     fresh = build_model(arch)
-    legacy_checkpoint.load_weights(fresh, tmp_path / "good", swiglu=False)
+    legacy_checkpoint.load_weights(fresh, tmp_path / "good", arch)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items() if torch.is_tensor(v))
 
 

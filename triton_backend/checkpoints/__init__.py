@@ -25,8 +25,9 @@ def read_args(path: str | pathlib.Path):
     return legacy.read_args(path) if legacy.is_legacy(path) else torch_dist.read_args(path)
 
 
-def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1) -> GPTArchitecture:
-    """The model's architecture from the checkpoint's args, checked against the served TP size."""
+def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1,
+                      pipeline_parallel: int = 1) -> GPTArchitecture:
+    """The model's architecture from the checkpoint's args, checked against the served TP and PP sizes."""
     try:
         arch = GPTArchitecture.from_megatron_args(read_args(path))
     except (TypeError, ValueError) as err:
@@ -34,13 +35,17 @@ def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1) -> GPT
     problem = arch.tensor_parallel_problem(tensor_parallel)
     if problem:
         raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")
+    try:
+        arch.stage_layers(pipeline_parallel)
+    except ValueError as err:
+        raise CheckpointError(f"{path} cannot be served at PP={pipeline_parallel}: {err}") from None
     return arch
 
 
 def load_weights(model, path: str | pathlib.Path, arch: GPTArchitecture) -> None:
     """Load (and reshard) the weights of ``path`` into ``model``, strictly: every tensor must be there."""
     if legacy.is_legacy(path):
-        legacy.load_weights(model, path, arch.swiglu)
+        legacy.load_weights(model, path, arch)
     else:
         torch_dist.load_weights(model, path)
 

@@ -1,13 +1,18 @@
-"""Legacy Megatron-LM checkpoints (``--ckpt-format torch``): one ``model_optim_rng.pt`` per tensor-parallel rank.
+"""Legacy Megatron-LM checkpoints (``--ckpt-format torch``): one ``model_optim_rng.pt`` per model-parallel rank.
 
     <dir>/latest_checkpointed_iteration.txt
-    <dir>/iter_0000300/mp_rank_00/model_optim_rng.pt   {"args", "model", "iteration", "checkpoint_version"}
-    <dir>/iter_0000300/mp_rank_01/model_optim_rng.pt   ...
+    <dir>/iter_0000300/mp_rank_00/model_optim_rng.pt       {"args", "model", "iteration", "checkpoint_version"}
+    <dir>/iter_0000300/mp_rank_01/model_optim_rng.pt       ...                     (tensor parallelism only)
+    <dir>/iter_0000300/mp_rank_00_000/model_optim_rng.pt   TP rank 00 of pipeline stage 000, ...
 
-Shards saved at TP=m are merged and re-split for the served TP=n the way Megatron partitions them: each
-tensor-parallel parameter along its ``partition_dim`` (QKV is laid out per query group and the vocabulary
-is padded to a multiple of the TP size, so a contiguous split is right), SwiGLU's fc1 as two halves
-(gate and up) split separately; every other tensor is replicated.
+Shards saved at TP=m x PP=p are read for any served TP=n x PP=q. Tensor parallelism: each tensor-parallel
+parameter is merged and re-split along its ``partition_dim`` the way Megatron partitions it (QKV is laid out per
+query group and the vocabulary is padded to a multiple of the TP size, so a contiguous split is right),
+SwiGLU's fc1 as two halves (gate and up) split separately; every other tensor is replicated. Pipeline
+parallelism: a stage's file numbers its layers from 0, so each served layer is found by its global index in the
+saved stage that held it (both splits are Megatron's, ``GPTArchitecture.stage_layers``); the embedding is in
+the first saved stage, the final norm and output layer in the last. A last stage whose output layer is tied to
+the embedding keeps a copy of it, as Megatron's does.
 """
 
 from __future__ import annotations
@@ -20,23 +25,37 @@ import torch
 from .layout import TRACKER, CheckpointError, iteration_dir
 
 SHARD_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"mp_rank_(\d{2})(_\d{3})?$")
-
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
 def is_legacy(path: str | pathlib.Path) -> bool:
-    return (iteration_dir(path) / "mp_rank_00" / SHARD_FILE).is_file()
+    directory = iteration_dir(path)
+    return any((directory / name / SHARD_FILE).is_file() for name in ("mp_rank_00", "mp_rank_00_000"))
+
+
+def shard_grid(path: str | pathlib.Path) -> list[list[pathlib.Path]]:
+    """The saved shards as ``grid[pipeline stage][tensor-parallel rank]`` (one stage without pipeline parallelism),
+    every one of them present."""
+    directory = iteration_dir(path)
+    found = {}
+    for p in directory.iterdir() if directory.is_dir() else []:
+        match = _RANK_DIR.match(p.name)
+        if match:
+            found[(int(match.group(2) or 0), int(match.group(1)))] = (p / SHARD_FILE, match.group(2) is not None)
+    if not found or len({piped for _, piped in found.values()}) > 1:
+        raise CheckpointError(f"{directory} does not hold mp_rank_TT or mp_rank_TT_PPP shards (one kind only)")
+    stages, ranks = 1 + max(s for s, _ in found), 1 + max(t for _, t in found)
+    missing = [f"mp_rank_{t:02d}" + (f"_{s:03d}" if stages > 1 or next(iter(found.values()))[1] else "")
+               for s in range(stages) for t in range(ranks) if (s, t) not in found]
+    if missing:
+        raise CheckpointError(f"{directory} lacks the shards {', '.join(missing[:4])}")
+    return [[found[(s, t)][0] for t in range(ranks)] for s in range(stages)]
 
 
 def shard_files(path: str | pathlib.Path) -> list[pathlib.Path]:
-    directory = iteration_dir(path)
-    ranks = sorted(p for p in directory.iterdir() if _RANK_DIR.match(p.name))
-    if any(_RANK_DIR.match(p.name).group(2) for p in ranks):
-        raise CheckpointError(f"{directory} is pipeline-parallel (mp_rank_XX_YYY); only tensor parallelism is served")
-    files = [p / SHARD_FILE for p in ranks]
-    if not files or [int(_RANK_DIR.match(p.name).group(1)) for p in ranks] != list(range(len(ranks))):
-        raise CheckpointError(f"{directory} does not hold mp_rank_00..mp_rank_NN shards")
-    return files
+    """Every shard file, first stage first."""
+    return [f for stage in shard_grid(path) for f in stage]
 
 
 def _load(file: pathlib.Path) -> dict:
@@ -72,26 +91,63 @@ def split(full: torch.Tensor, dim: int, parts: int, index: int, halves: bool) ->
     return torch.cat([gate.chunk(parts, dim)[index], up.chunk(parts, dim)[index]], dim)
 
 
-def load_weights(model, path: str | pathlib.Path, swiglu: bool) -> None:
-    """Fill ``model`` (this rank's shard at the served TP) from a legacy checkpoint saved at any TP."""
+class _Source:
+    """The saved shards, read lazily stage by stage, and where each tensor of the served stage comes from."""
+
+    def __init__(self, path, arch):
+        self.path = path
+        self.grid = shard_grid(path)
+        self.stages = arch.stage_layers(len(self.grid))  # the saved split (the recorded one fits it)
+        self.tied = not arch.untie_embeddings_and_output_weights
+        self._states: dict[int, list[dict]] = {}
+
+    def states(self, stage: int) -> list[dict]:
+        if stage not in self._states:
+            self._states[stage] = [_load(f)["model"] for f in self.grid[stage]]
+        return self._states[stage]
+
+    def locate(self, name: str, first_layer: int) -> tuple[int, str]:
+        """(saved stage, name there) of the served stage's tensor ``name``, whose layers start at ``first_layer``."""
+        layer = _LAYER.match(name)
+        if layer:
+            index = first_layer + int(layer.group(1))
+            stage = next(s for s, layers in enumerate(self.stages) if index in layers)
+            return stage, f"decoder.layers.{index - self.stages[stage].start}.{layer.group(2)}"
+        if name.startswith("embedding."):
+            return 0, name
+        last = len(self.stages) - 1
+        if name == "output_layer.weight" and self.tied and name not in self.states(last)[0]:
+            return 0, "embedding.word_embeddings.weight"  # a tied output layer saved in one stage: the embedding
+        return last, name
+
+
+def load_weights(model, path: str | pathlib.Path, arch) -> None:
+    """Fill ``model`` (this rank's shard at the served TP, its pipeline stage at the served PP) from a legacy
+    checkpoint saved at any TP x PP."""
     from megatron.core import parallel_state
 
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    files = shard_files(path)
-    sources = [_load(f)["model"] for f in files]
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    source = _Source(path, arch)
+    first_layer = arch.stage_layers(pp)[stage].start
     params = dict(model.named_parameters())
-    target = {}
+    target, used = {}, set()
     for name, current in model.state_dict().items():
         if name.endswith("_extra_state"):
             target[name] = current
             continue
-        missing = [str(f.parent.name) for f, sd in zip(files, sources) if name not in sd]
+        at, saved = source.locate(name, first_layer)
+        states = source.states(at)
+        files = source.grid[at]
+        missing = [str(f.parent.name) for f, sd in zip(files, states) if saved not in sd]
         if missing:
-            raise CheckpointError(f"{path}: tensor '{name}' is missing from {', '.join(missing)}")
-        shards = [sd[name] for sd in sources]
+            raise CheckpointError(f"{path}: tensor '{saved}' is missing from {', '.join(missing)}")
+        used.add((at, saved))
+        shards = [sd[saved] for sd in states]
         param = params.get(name)
         if param is not None and getattr(param, "tensor_model_parallel", False):
-            dim, halves = param.partition_dim, _is_swiglu_fc1(name, swiglu)
+            dim, halves = param.partition_dim, _is_swiglu_fc1(name, arch.swiglu)
             tensor = split(merge(shards, dim, halves), dim, tp, rank, halves)
         else:
             tensor = shards[0]
@@ -100,22 +156,54 @@ def load_weights(model, path: str | pathlib.Path, swiglu: bool) -> None:
                 f"{path}: tensor '{name}' has shape {tuple(tensor.shape)} at TP={tp} (saved at TP={len(files)}) "
                 f"but the model built from its args expects {tuple(current.shape)}")
         target[name] = tensor.to(current.dtype)
-    extra = sorted(k for k in sources[0] if k not in target and not k.endswith("_extra_state"))
-    if extra:
-        raise CheckpointError(f"{path}: tensors the model does not have: {', '.join(extra[:5])}")
+    if pp == 1:  # the whole model was read: whatever it did not use does not belong to it
+        last = len(source.grid) - 1
+        extra = sorted(f"{k}" for s in range(len(source.grid)) for k in source.states(s)[0]
+                       if (s, k) not in used and not k.endswith("_extra_state")
+                       and not (source.tied and s == last and s > 0 and k == "output_layer.weight"))
+        if extra:
+            raise CheckpointError(f"{path}: tensors the model does not have: {', '.join(extra[:5])}")
     model.load_state_dict(target, strict=True)
 
 
-def save(model, args, directory: str | pathlib.Path, iteration: int) -> pathlib.Path:
-    """Write this rank's shard the way Megatron-LM's ``--ckpt-format torch`` does."""
+def stage_state(state: dict, layers: range, first: bool, last: bool, tied: bool) -> dict:
+    """The part of a whole model's state dict a pipeline stage of ``layers`` saves, its layers numbered from 0
+    (Megatron's legacy layout); a tied last stage keeps its copy of the embedding as ``output_layer.weight``."""
+    out = {}
+    for name, tensor in state.items():
+        layer = _LAYER.match(name)
+        if layer:
+            index = int(layer.group(1))
+            if index in layers:
+                out[f"decoder.layers.{index - layers.start}.{layer.group(2)}"] = tensor
+        elif name.startswith("embedding."):
+            if first:
+                out[name] = tensor
+        elif last:
+            out[name] = tensor
+    if last and tied and not first:
+        out["output_layer.weight"] = state["embedding.word_embeddings.weight"]
+    return out
+
+
+def save(model, args, directory: str | pathlib.Path, iteration: int, stages: list[range] | None = None,
+         stage: int | None = None) -> pathlib.Path:
+    """Write this rank's shard the way Megatron-LM's ``--ckpt-format torch`` does. With ``stages`` (a pipeline
+    split of the whole ``model``), write stage ``stage``'s part of it as ``mp_rank_TT_PPP``."""
     from megatron.core import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     directory = pathlib.Path(directory)
-    target = directory / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
+    state = model.state_dict()
+    name = f"mp_rank_{rank:02d}"
+    if stages is not None:
+        tied = not getattr(args, "untie_embeddings_and_output_weights", False)
+        state = stage_state(state, stages[stage], stage == 0, stage == len(stages) - 1, tied)
+        name += f"_{stage:03d}"
+    target = directory / f"iter_{iteration:07d}" / name
     target.mkdir(parents=True, exist_ok=True)
-    state = {"args": args, "model": model.state_dict(), "iteration": iteration, "checkpoint_version": 3.0}
-    torch.save(state, target / SHARD_FILE)
+    torch.save({"args": args, "model": state, "iteration": iteration, "checkpoint_version": 3.0},
+               target / SHARD_FILE)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (directory / TRACKER).write_text(str(iteration))

@@ -26,7 +26,8 @@ from preprocessing.params import SamplingParams
 from triton_backend.cache.blocks import BlockPool
 
 from .generation import EngineBusy, Generation, new_generation, validate
-from .sampling import RowSampler, alternatives, model_log_probs, sample
+from .outputs import Scored, StepOutputs, compute, failure
+from .sampling import RowSampler
 from .sequence import Sequence
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "Generation"]
@@ -44,6 +45,16 @@ class _Chunk:
     row: Sequence
     length: int  # tokens this step runs for the row
     sample: bool  # the chunk ends the row's pending tokens: its last logits give the next token
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step on its way through the model: what it runs, and what its outputs are for."""
+
+    chunks: list[_Chunk]
+    scored: list[Sequence]  # one per ``Scored`` of the step, in order
+    sampled: list[Sequence]  # one per sampled row, in order
+    outputs: StepOutputs | None = None  # already there when the step ran in this process
 
 
 @dataclasses.dataclass
@@ -69,16 +80,14 @@ class EngineStats:
                 f"{self.step_seconds / steps * 1e3:.1f} ms per step, {self.step_seconds:.1f} s busy")
 
 
-def _failure(err: BaseException) -> str:
-    """The error a request gets when the engine failed it (a step, or its own sampling)."""
-    return f"generation failed: {type(err).__name__}: {err}"
-
-
 class Engine:
     """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads.
 
     ``gpt`` is a ``CachedGPT`` or, with tensor parallelism, a ``protocol.Leader`` over one: only the engine
-    thread runs it, so every collective is issued from one thread in one order. With ``failures_fatal`` a
+    thread runs it, so every collective is issued from one thread in one order. With pipeline stages it is a
+    ``pipeline.PipelineLeader``: steps are launched into it and their outputs collected later, and the running
+    sequences are split in ``gpt.microbatches`` groups whose steps are in the pipeline at once (a group's next
+    step is scheduled when its previous one's tokens are back). With ``failures_fatal`` a
     failed step stops the engine (``fatal`` is set): ranks may disagree after it, so the job must end. An
     exception anywhere else on the engine thread (a step hook, admission, a listener) always does.
     """
@@ -108,6 +117,10 @@ class Engine:
             raise ValueError(f"a KV cache of {self.blocks.num_blocks} blocks cannot hold one {self.context}-token "
                              f"sequence")
         self.max_slots = gpt.max_slots
+        self.microbatches = getattr(gpt, "microbatches", 1)  # steps in flight at once (pipeline stages)
+        self._in_flight: collections.deque[_Launched] = collections.deque()
+        self._last_group = -1  # the group whose step was launched last
+        self._released: list[int] = []  # sequences retired since the last launch (their copies at the last stage)
         # The slot layout this cache replaced, kept as the benchmarks' baseline (tools/bench_cache.py): every
         # sequence takes blocks for the whole context when it is admitted.
         self.reserve_context = reserve_context
@@ -192,6 +205,8 @@ class Engine:
             self.fatal = err
         finally:
             try:
+                if self.fatal is None:
+                    self._settle()
                 self._drain("the server is shutting down" if self.fatal is None else
                             f"the engine failed: {self.fatal}")
                 self._after_step()
@@ -202,6 +217,12 @@ class Engine:
                 self.fatal = self.fatal or err
             finally:
                 self.ended.set()
+
+    def _settle(self) -> None:
+        """Collect the steps still in the pipeline (their tokens are not kept): every stage then ends idle."""
+        while self._in_flight:
+            if self._in_flight.popleft().outputs is None:
+                self.gpt.collect()
 
     def alive(self) -> bool:
         """False once the engine thread has ended (stopped, or failed: then ``fatal`` says why)."""
@@ -219,16 +240,21 @@ class Engine:
             hook()
 
     def _serve_once(self) -> bool:
-        """Wait for work, retire abandoned requests, admit and run one step; False when the engine must stop."""
+        """Wait for work, retire abandoned requests, admit and launch one step, collect the oldest step in flight
+        when no other may be launched; False when the engine must stop."""
         with self._wake:
-            if not (self._stopping or self._busy()):
+            if not (self._stopping or self._busy() or self._in_flight):
                 self._wake.wait(self.HEARTBEAT_S)
             if self._stopping:
                 return False
             self._end_abandoned()
-            chunks = self._schedule() if self._busy() else []
-            idle = not chunks
-        if idle:
+            chunks = []
+            if len(self._in_flight) < self.microbatches and self._busy():
+                for group in self._free_groups():  # the first with work (another may hold the blocks it needs)
+                    chunks = self._schedule(group)
+                    if chunks:
+                        break
+        if not chunks and not self._in_flight:
             if hasattr(self.gpt, "heartbeat"):
                 try:
                     self.gpt.heartbeat()
@@ -239,13 +265,18 @@ class Engine:
             return True
         self.step_started = time.monotonic()
         try:
-            self._step(chunks)
+            if chunks:
+                self._launch(chunks)
+            if self._in_flight and (len(self._in_flight) >= self.microbatches or not chunks):
+                self._collect()
         except Exception as err:  # a failed step fails its rows, and the server only when it must
             LOG.exception("engine step failed")
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give back what the failed step held, for the steps to come
+            self._in_flight.clear()
             for row in list(self._running):
-                self._retire(row, error=_failure(err))
+                row.in_flight = False
+                self._retire(row, error=failure(err))
             if self.failures_fatal:
                 self.fatal = err
                 return False
@@ -254,21 +285,11 @@ class Engine:
             self.step_started = None
         return True
 
-    def _sample_each(self, rows: list[Sequence], logits: torch.Tensor):
-        """Sample row by row after the whole step failed: the rows that fail again end with an error, the others
-        get the token the step would have given them (their uniform draws are kept, see ``RowSampler``)."""
-        self.stats.steps_sampled_again += 1
-        kept, tokens, logprobs = [], [], []
-        for i, row in enumerate(rows):
-            try:
-                (token,), (logprob,) = sample(logits[i : i + 1], [row.sampler], self.vocab_size)
-            except Exception as err:
-                self._retire(row, error=_failure(err))
-            else:
-                kept.append(row)
-                tokens.append(token)
-                logprobs.append(logprob)
-        return kept, tokens, logprobs
+    def _free_groups(self) -> list[int]:
+        """The groups of sequences with no step in flight, the one after the last launched first (round robin)."""
+        busy = {launched.chunks[0].row.group for launched in self._in_flight}
+        order = [(self._last_group + 1 + i) % self.microbatches for i in range(self.microbatches)]
+        return [g for g in order if g not in busy]
 
     def _end_abandoned(self) -> None:
         """Retire cancelled and over-age requests, waiting or running (called under the lock, between steps)."""
@@ -314,23 +335,26 @@ class Engine:
             generation._done.set()
             generation._notify()
 
-    def _schedule(self) -> list[_Chunk]:
-        """What the next step runs (called under the lock): the next token of every decoding sequence, then the
-        next chunks of prompts being read, then new sequences (resumed ones first) while the step's prompt
-        budget, ``max_slots`` and the KV blocks allow. Blocks for all of it are taken here; when they run out,
-        the newest sequences are preempted."""
+    def _schedule(self, group: int = 0) -> list[_Chunk]:
+        """What the next step of ``group`` runs (called under the lock): the next token of every decoding sequence,
+        then the next chunks of prompts being read, then new sequences (resumed ones first) while the step's
+        prompt budget, ``max_slots`` (a share of it per group) and the KV blocks allow. Blocks for all of it are
+        taken here; when they run out, the group's newest sequences are preempted (never one in flight)."""
         while True:
-            decoding = [r for r in self._running if r.pending() == 1]
-            if self._reserve(decoding, [1] * len(decoding)):
+            members = [r for r in self._running if r.group == group]
+            decoding = [r for r in members if r.pending() == 1]
+            if self._reserve(decoding, [1] * len(decoding), members):
                 break
         chunks = [_Chunk(r, 1, True) for r in decoding]
         budget = self.prefill_tokens
-        for row in [r for r in self._running if r.pending() > 1]:
+        for row in [r for r in members if r.pending() > 1]:
             n = self._grow(row, self._chunk(row, budget))
             if n:
                 chunks.append(_Chunk(row, n, n == row.pending()))
                 budget -= n
-        while budget > 0 and len(self._running) < self.max_slots and (self._preempted or self._waiting):
+        share = -(-self.max_slots // self.microbatches)
+        while budget > 0 and len(self._running) < self.max_slots and len(members) < share \
+                and (self._preempted or self._waiting):
             resumed = bool(self._preempted)
             row = self._preempted[0] if resumed else self._new_row(self._waiting[0])
             row.start_from_cache(self.blocks)
@@ -341,12 +365,14 @@ class Engine:
             if not resumed:
                 self.blocks.count_lookup(len(row.generation.prompt), row.computed)
             (self._preempted if resumed else self._waiting).popleft()
+            row.group = group
             self._running.append(row)  # counted as running from here on (load, drain)
+            members.append(row)
             chunks.append(_Chunk(row, n, n == row.pending()))
             budget -= n
-        if not chunks and self._running:  # prompts that hold every block and none can go on: make room
-            self._preempt(self._running[-1])
-            return self._schedule()
+        if not chunks and members:  # prompts that hold every block and none can go on: make room
+            self._preempt(members[-1])
+            return self._schedule(group)
         self.stats.peak_running = max(self.stats.peak_running, len(self._running))
         return chunks
 
@@ -378,11 +404,12 @@ class Engine:
     def _grow(self, row: Sequence, n: int) -> int:
         return row.grow(self.blocks, n, reserve=self.context if self.reserve_context else 0)
 
-    def _reserve(self, rows: list[Sequence], counts: list[int]) -> bool:
-        """Blocks for the decode tokens of ``rows``; False when one was preempted for lack of them (start over)."""
+    def _reserve(self, rows: list[Sequence], counts: list[int], members: list[Sequence]) -> bool:
+        """Blocks for the decode tokens of ``rows``; False when the newest of ``members`` was preempted for lack of
+        them (start over)."""
         for row, n in zip(rows, counts):
             if self._grow(row, n) < n:
-                self._preempt(self._running[-1])
+                self._preempt(members[-1])
                 return False
         return True
 
@@ -399,11 +426,14 @@ class Engine:
         sequences = {tuple(self.tokenizer.encode(v, leading=False)) for w in bad_words for v in (w, " " + w)}
         return tuple(s for s in sequences if s)
 
-    def _step(self, chunks: list[_Chunk]) -> None:
-        """One forward pass over every chunk, packed into one row (``kv_cache.plan``), then the next token of each
-        sequence whose pending tokens it finished, and the log-probs of the prompt positions being scored."""
+    def _launch(self, chunks: list[_Chunk]) -> None:
+        """Start one forward pass over every chunk, packed into one row (``kv_cache.plan``); it yields the next
+        token of each sequence whose pending tokens it finishes, and the log-probs of the prompt positions being
+        scored. In this process (no pipeline) the outputs are there at once; through a pipeline they are
+        collected later (``_collect``)."""
         tokens, positions, lengths, tables, table_lengths, last = [], [], [], [], [], []
-        scored: list[tuple[Sequence, int, int]] = []  # (row, first position, count) whose logits are wanted
+        scored: list[tuple[Sequence, Scored]] = []
+        sampled: list[Sequence] = []
         for c in chunks:
             r = c.row
             start = len(tokens)
@@ -416,67 +446,63 @@ class Engine:
                 first = len(r.generation.prompt_logprobs)
                 count = min(r.computed + c.length, len(r.generation.prompt) - 1) - first
                 if count > 0:
-                    scored.append((r, len(last), count))
+                    scored.append((r, Scored(r.sampler, len(last), count, first)))
                     last += range(start + first - r.computed, start + first - r.computed + count)
-            if c.sample:
+            if c.sample and r.generation.params.max_tokens > 0:  # max_tokens 0: scored only, nothing to sample
+                sampled.append(r)
                 last.append(len(tokens) - 1)
         device = self.gpt.device  # pragma: no mutate
-        logits = self.gpt.forward(*(torch.tensor(x, dtype=torch.long).to(device)  # pragma: no mutate
-                                    for x in (tokens, positions, last, lengths, tables, table_lengths)))
+        step = [torch.tensor(x, dtype=torch.long).to(device)  # pragma: no mutate
+                for x in (tokens, positions, last, lengths, tables, table_lengths)]
+        launched = _Launched(chunks, [r for r, _ in scored], sampled)
         for c in chunks:
-            c.row.computed += c.length
-            c.row.publish(self.blocks)
+            c.row.in_flight = True
+        if hasattr(self.gpt, "launch"):
+            released, self._released = self._released, []
+            self.gpt.launch(step, [(r.id, s) for r, s in scored], [(r.id, r.sampler) for r in sampled], released,
+                            self.vocab_size)
+        else:
+            logits = self.gpt.forward(*step)
+            launched.outputs = compute(logits, [s for _, s in scored], [r.sampler for r in sampled], self.vocab_size)
+        self._in_flight.append(launched)
+        self._last_group = chunks[0].row.group
+
+    def _collect(self) -> None:
+        """The oldest step in flight's outputs, applied: the cache holds its tokens, its sequences advance."""
+        launched = self._in_flight.popleft()
+        out = launched.outputs if launched.outputs is not None else self.gpt.collect()
+        chunks = launched.chunks
+        for c in chunks:
+            c.row.in_flight = False
+            if not c.row.generation.done:  # retired while in flight (cancelled): its blocks are gone already
+                c.row.computed += c.length
+                c.row.publish(self.blocks)
         self.stats.steps += 1
         prompts = sum(c.length > 1 or not c.row.sampler.generated for c in chunks)
         self.stats.prefills += bool(prompts)
         self.stats.prompt_chunks += prompts
-        sampled = len(last) - sum(count for _, _, count in scored)
-        self.stats.rows_decoded += sampled
-        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, sampled)
-        if scored:
-            self._score(scored, logits)
-            keep = torch.ones(len(last), dtype=torch.bool)
-            for _, at, count in scored:
-                keep[at:at + count] = False
-            logits = logits[keep.to(logits.device)]  # pragma: no mutate
-        self._advance([c.row for c in chunks if c.sample], logits)
-
-    def _score(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
-        """Record the log-prob (and the alternatives, when asked) of the prompt tokens these logits predict."""
-        for row, at, count in scored:
+        self.stats.rows_decoded += len(launched.sampled)
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(launched.sampled))
+        self.stats.steps_sampled_again += out.sampled_again
+        for row, (logprobs, top) in zip(launched.scored, out.scores):
             g = row.generation
-            first = len(g.prompt_logprobs)
-            log_probs = model_log_probs(logits[at:at + count], self.vocab_size)
-            targets = torch.tensor(g.prompt[first + 1:first + 1 + count], device=log_probs.device)
-            g.prompt_logprobs += log_probs.gather(1, targets[:, None])[:, 0].tolist()
-            if g.params.top_log_probs:
-                g.prompt_top += alternatives(log_probs, [g.params.top_log_probs] * count)
+            g.prompt_logprobs += logprobs
+            if top is not None:
+                g.prompt_top += top
+        for c in chunks:
+            g = c.row.generation
+            if c.sample and g.params.max_tokens == 0 and not g.done:
+                self._retire(c.row, reason="length")
+        self._advance(launched.sampled, out)
 
-    def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        if any(r.generation.params.max_tokens == 0 for r in rows):  # scored only: nothing to generate
-            keep = [i for i, r in enumerate(rows) if r.generation.params.max_tokens > 0]
-            for r in rows:
-                if r.generation.params.max_tokens == 0:
-                    self._retire(r, reason="length")
-            rows, logits = [rows[i] for i in keep], logits[keep]
-            if not rows:
-                return
-        asking = [i for i, r in enumerate(rows) if r.generation.params.top_log_probs]
-        tops = {}
-        if asking:  # no tensor work on the steps where no row asks (the common case)
-            counts = [rows[i].generation.params.top_log_probs for i in asking]
-            log_probs = model_log_probs(logits[asking], self.vocab_size)
-            found = alternatives(log_probs, counts)
-            # with the row's log-probs: its token's is read from them, so that it equals its own alternative's
-            # (``sample`` computes it another way, equal only to rounding)
-            tops = {id(rows[i]): (top, log_probs[j]) for j, (i, top) in enumerate(zip(asking, found))}
-        try:
-            tokens, logprobs = sample(logits, [r.sampler for r in rows], self.vocab_size)
-        except Exception:  # one request's parameters broke sampling: that request alone must fail
-            LOG.exception("sampling a step failed; sampling its rows one by one")
-            rows, tokens, logprobs = self._sample_each(rows, logits)
-        for row, token, logprob in zip(rows, tokens, logprobs):
+    def _advance(self, rows: list[Sequence], out: StepOutputs) -> None:
+        for row, token, logprob, top, error in zip(rows, out.tokens, out.logprobs, out.tops, out.errors):
             g, s = row.generation, row.sampler
+            if g.done:  # retired while its step was in flight
+                continue
+            if error is not None:
+                self._retire(row, error=error)
+                continue
             if token == s.end_id:
                 self._retire(row, reason="stop")
                 continue
@@ -484,10 +510,8 @@ class Engine:
             g.tokens.append(token)
             if g.first_token_at is None:
                 g.first_token_at = time.monotonic()
-            if g.params.top_log_probs:
-                top, row_log_probs = tops[id(row)]
+            if top is not None:
                 g.top.append(top)
-                logprob = row_log_probs[token].item()
             g.logprobs.append(logprob)
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
@@ -514,6 +538,8 @@ class Engine:
         if row in self._preempted:
             self._preempted.remove(row)
         row.release(self.blocks)
+        if hasattr(self.gpt, "launch"):
+            self._released.append(row.id)  # the pipeline's last stage drops its copy of the sampler
         if not self._busy():
             self._wake.notify_all()  # for ``drain``
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from triton_backend.cache.blocks import BlockPool, block_keys
 
 from .generation import Generation
 from .sampling import RowSampler
 
+_ids = itertools.count()
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(eq=False)  # a sequence is itself: found in the engine's lists by identity
 class Sequence:
     generation: Generation
     sampler: RowSampler
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))  # names it to a pipeline's last stage
+    group: int = 0  # the batch it runs in while several are in flight (pipeline stages)
+    in_flight: bool = False  # a step that runs it was launched and its outputs are not back yet
     blocks: list[int] = dataclasses.field(default_factory=list)  # its block table
     computed: int = 0  # tokens (prompt, then generated) whose keys and values are in the cache
     published: int = 0  # full blocks made findable by their prefix (``BlockPool.publish``)

@@ -81,6 +81,9 @@ class GPTArchitecture:
     # Sliding-window attention (left, right), as flash attention takes it: a token sees itself and the ``left``
     # tokens before it; right must be 0 (causal). None or a negative left: the whole context.
     window_size: tuple[int, int] | None = None
+    # Uneven pipeline splits as training recorded them (Megatron's names); used when they fit the served PP
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     @property
     def attention_window(self) -> int | None:
@@ -126,6 +129,34 @@ class GPTArchitecture:
             return f"position_embedding_type={self.position_embedding_type!r} is not supported"
         return None
 
+    def stage_layers(self, pipeline_parallel: int) -> list[range]:
+        """The layers (0-based, global) each of ``pipeline_parallel`` stages holds, as Megatron training splits them:
+        the recorded first/last stage sizes when they fit this many stages, else evenly. ``ValueError`` when the
+        layers cannot be split so (Megatron's own rules, by its own functions)."""
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        if pipeline_parallel == 1:
+            return [range(self.num_layers)]
+        uneven = {"num_layers_in_first_pipeline_stage": self.num_layers_in_first_pipeline_stage,
+                  "num_layers_in_last_pipeline_stage": self.num_layers_in_last_pipeline_stage}
+        even = dict.fromkeys(uneven)
+        for fields in (uneven, even):  # the recorded split, else an even one
+            try:  # Megatron checks by assert and ValueError alike
+                config = self.transformer_config(pipeline_parallel=pipeline_parallel, **fields)
+                stages = []
+                for rank in range(pipeline_parallel):
+                    start = get_transformer_layer_offset(config, pp_rank=rank)
+                    stages.append(range(start, start + get_num_layers_to_build(config, pp_rank=rank)))
+            except (AssertionError, ValueError):
+                continue
+            if all(len(s) > 0 for s in stages) and stages[-1].stop == self.num_layers:
+                return stages
+        recorded = ", ".join(f"{k}={v}" for k, v in uneven.items() if v is not None)
+        raise ValueError(f"num_layers={self.num_layers} cannot be split in {pipeline_parallel} pipeline stages"
+                         f"{' (recorded: ' + recorded + ')' if recorded else ''}: an even split needs num_layers "
+                         "divisible by PP, an uneven one num_layers_in_first/last_pipeline_stage that fit it")
+
     def to_megatron_args(self, **extra) -> argparse.Namespace:
         """The namespace Megatron training would have saved for this architecture."""
         values = dataclasses.asdict(self)
@@ -133,11 +164,21 @@ class GPTArchitecture:
         values.update(extra)
         return argparse.Namespace(**values)
 
-    def transformer_config(self, params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1, **overrides):
-        """Megatron-core ``TransformerConfig`` for inference (no dropout, CPU-safe initialisation)."""
+    def transformer_config(self, params_dtype: torch.dtype = torch.float32, tensor_parallel: int = 1,
+                           pipeline_parallel: int = 1, **overrides):
+        """Megatron-core ``TransformerConfig`` for inference (no dropout, CPU-safe initialisation); at
+        ``pipeline_parallel`` > 1 with the recorded uneven split when it fits (``stage_layers``)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        return TransformerConfig(**{**self._config_fields(params_dtype, tensor_parallel), **overrides})
+        fields = self._config_fields(params_dtype, tensor_parallel)
+        if pipeline_parallel > 1:
+            fields.update(pipeline_model_parallel_size=pipeline_parallel, pipeline_dtype=params_dtype)
+            if "num_layers_in_first_pipeline_stage" not in overrides:
+                sizes = [len(s) for s in self.stage_layers(pipeline_parallel)]
+                if len(set(sizes)) > 1:
+                    fields.update(num_layers_in_first_pipeline_stage=sizes[0],
+                                  num_layers_in_last_pipeline_stage=sizes[-1])
+        return TransformerConfig(**{**fields, **overrides})
 
     def _config_fields(self, params_dtype: torch.dtype, tensor_parallel: int) -> dict:
         return dict(

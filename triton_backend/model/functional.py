@@ -109,7 +109,7 @@ def supported(model) -> str | None:
              "glu_linear_offset": bool(getattr(c, "glu_linear_offset", 0.0)),
              "bias_activation_fusion": c.bias_activation_fusion, "num_moe_experts": bool(c.num_moe_experts),
              "multi_token_prediction": bool(getattr(c, "mtp_num_layers", None)),
-             "embedding_scaling": bool(getattr(model.embedding, "scale_factor", None))}
+             "embedding_scaling": bool(getattr(getattr(model, "embedding", None), "scale_factor", None))}
     on = [name for name, value in flags.items() if value]
     if on:
         return "unsupported settings: " + ", ".join(on)
@@ -117,7 +117,7 @@ def supported(model) -> str | None:
 
     norms = (torch.nn.LayerNorm, torch.nn.RMSNorm, ZeroCenteredNorm)
     qk_norms = (IdentityOp, *norms)  # qk_layernorm: a norm over each head's channels, or none
-    if not isinstance(model.decoder.final_layernorm, norms):
+    if model.post_process and not isinstance(model.decoder.final_layernorm, norms):
         return f"final norm {type(model.decoder.final_layernorm).__name__}"
     for layer in model.decoder.layers:
         attention = layer.self_attention
@@ -174,7 +174,8 @@ def _linear_weights(model):
         a, m = layer.self_attention, layer.mlp
         for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
             yield linear.weight, False
-    yield _output_weight(model), model.share_embeddings_and_output_weights
+    if model.post_process:  # a pipeline stage before the last has no output layer
+        yield _output_weight(model), model.share_embeddings_and_output_weights and model.pre_process
 
 
 def _output_weight(model) -> torch.Tensor:
@@ -233,10 +234,13 @@ class FunctionalGPT:
         c = model.config
         self.tp = c.tensor_model_parallel_size
         self.group = parallel_state.get_tensor_model_parallel_group() if self.tp > 1 else None
-        embedding = model.embedding
-        self.word = embedding.word_embeddings.weight  # [vocab / tp, h]
-        self.vocab_start = embedding.word_embeddings.vocab_start_index
-        self.vocab_end = embedding.word_embeddings.vocab_end_index
+        # a pipeline stage has the embedding if it is the first, the final norm and output layer if the last
+        self.first, self.last = model.pre_process, model.post_process
+        embedding = model.embedding if self.first else None
+        self.word = embedding.word_embeddings.weight if self.first else None  # [vocab / tp, h]
+        if self.first:
+            self.vocab_start = embedding.word_embeddings.vocab_start_index
+            self.vocab_end = embedding.word_embeddings.vocab_end_index
         positions = getattr(embedding, "position_embeddings", None)
         self.position = positions.weight if positions is not None else None  # learned absolute positions
         self.activation, self.gated = c.activation_func, c.gated_linear_unit
@@ -254,11 +258,12 @@ class FunctionalGPT:
         self.groups = a.num_query_groups_per_partition
         self.heads = a.num_attention_heads_per_partition
         self.head_dim = a.hidden_size_per_attention_head
-        self.final_norm = _norm(model.decoder.final_layernorm)
-        output = _output_weight(model)
-        if output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
-            _cpu_layout(output)
-        self.output = _pack(output, output=output is self.word)
+        if self.last:
+            self.final_norm = _norm(model.decoder.final_layernorm)
+            output = _output_weight(model)
+            if output is not self.word:  # the embedding table is read by rows: a shared one keeps its layout
+                _cpu_layout(output)
+            self.output = _pack(output, output=output is self.word)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over tensor-parallel ranks (Megatron's ``reduce_from_tensor_model_parallel_region``)."""
@@ -304,13 +309,18 @@ class FunctionalGPT:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step, rows: torch.Tensor) -> torch.Tensor:
         return self.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, attend, rows: torch.Tensor | None = None):
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, attend, rows: torch.Tensor | None = None,
+            hidden: torch.Tensor | None = None):
         """The logits of packed ``rows`` (all when None), with ``attend(attention, q, k, v)`` as each layer's
-        attention over the cache (``forward``'s, or the static-shape one of ``graphs.py``)."""
-        x = self._embed(tokens, positions)  # [N, h]
+        attention over the cache (``forward``'s, or the static-shape one of ``graphs.py``). A pipeline stage
+        starts from the previous stage's ``hidden`` unless it is the first, and returns its hidden states
+        unless it is the last."""
+        x = self._embed(tokens, positions) if self.first else hidden  # [N, h]
         for layer in self.layers:
             out = self._attention(layer, layer.input_norm(x), attend)
             x = x + out
             out = self._mlp(layer, layer.mlp_norm(x))
             x = x + out
+        if not self.last:
+            return x
         return self.output(self.final_norm(x if rows is None else x[rows]))

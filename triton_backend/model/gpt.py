@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from unittest import mock
 
 import torch
 
@@ -17,11 +18,13 @@ from .graphs import DecodeGraphs
 LOG = logging.getLogger(__name__)
 
 
-def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800) -> None:
+def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800,
+                  pipeline_parallel: int = 1) -> None:
     """Initialise torch.distributed (NCCL on CUDA, gloo on CPU) and Megatron's ``parallel_state``.
 
     Works both under torchrun and in a plain process (a single-rank group on a free local port).
-    ``timeout_s`` bounds every collective: a stalled or vanished rank raises instead of hanging.
+    ``timeout_s`` bounds every collective: a stalled or vanished rank raises instead of hanging. Ranks are
+    ordered as Megatron orders them: rank = TP rank + TP x PP rank, so ranks 0..TP-1 hold the first stage.
     """
     import datetime
 
@@ -37,7 +40,8 @@ def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: floa
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 pipeline_model_parallel_size=pipeline_parallel)
 
 
 def _free_port() -> int:
@@ -57,37 +61,52 @@ def layer_spec(arch: GPTArchitecture):
     return spec
 
 
-def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parallel: int = 1, **config):
+def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parallel: int = 1,
+                pipeline_parallel: int = 1, **config):
     """A ``GPTModel`` on CPU (move it with ``.to(device)``); requires ``init_parallel`` first.
 
+    At ``pipeline_parallel`` > 1 it is this rank's stage only (``parallel_state``'s pipeline rank): its layers
+    (``arch.stage_layers``), the embedding on the first stage, the final norm and output layer on the last.
     ``config`` overrides TransformerConfig fields (e.g. ``init_method_std`` for random-init models).
     """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = arch.transformer_config(params_dtype, tensor_parallel, **config)
+    config = arch.transformer_config(params_dtype, tensor_parallel, pipeline_parallel, **config)
     rope = arch.position_embedding_type == "rope"
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(arch),
-        vocab_size=arch.padded_vocab_size,
-        max_sequence_length=arch.max_position_embeddings,
-        share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
-        # Rotary embeddings hold no weights; PagedAttention applies them at each row's own positions.
-        position_embedding_type="none" if rope else arch.position_embedding_type,
-        parallel_output=True,  # logits stay vocab-parallel; CachedGPT gathers only the rows it needs
-    )
+    first = last = True
+    if pipeline_parallel > 1:
+        first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    # A tied output layer on a last stage is synchronised with the first stage's embedding at construction, by an
+    # all-reduce that moves the weight to CUDA whatever the device: a training-time step (served weights come
+    # from the checkpoint), skipped here so that CPU stages build.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    with mock.patch.object(LanguageModule, "_is_in_embd_group", return_value=False):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(arch),
+            vocab_size=arch.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
+            # Rotary embeddings hold no weights; PagedAttention applies them at each row's own positions.
+            position_embedding_type="none" if rope else arch.position_embedding_type,
+            parallel_output=True,  # logits stay vocab-parallel; CachedGPT gathers only the rows it needs
+        )
     if arch.layernorm_zero_centered_gamma:
         zero_centre_norms(model)
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.window = arch.attention_window
+    attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    for index, module in enumerate(attention):
+        module.window = arch.attention_window
+        module.layer_index = index  # the stage's own cache holds its layers only (Megatron numbers them globally)
     if rope:
         head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
         rotary = Rotary(config, head_dim, arch.rotary_percent, arch.rotary_base,
                         arch.rope_scaling_factor if arch.use_rope_scaling else None)
-        for module in model.modules():
-            if isinstance(module, PagedAttention):
-                module.rotary = rotary
+        for module in attention:
+            module.rotary = rotary
     return model
 
 
@@ -119,11 +138,14 @@ def zero_centre_norms(model: torch.nn.Module) -> None:
                 setattr(parent, name, ZeroCenteredNorm(child))
 
 
-def kv_bytes_per_token(arch: GPTArchitecture, tensor_parallel: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token takes on one tensor-parallel rank (keys and values of every layer)."""
+def kv_bytes_per_token(arch: GPTArchitecture, tensor_parallel: int, dtype: torch.dtype,
+                       layers: int | None = None) -> int:
+    """KV-cache bytes one token takes on one tensor-parallel rank (keys and values of every layer, or of the
+    ``layers`` of a pipeline stage)."""
     groups = (arch.num_query_groups or arch.num_attention_heads) // tensor_parallel
     head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
-    return 2 * arch.num_layers * groups * head_dim * torch.empty((), dtype=dtype).element_size()
+    layers = arch.num_layers if layers is None else layers
+    return 2 * layers * groups * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class CacheBudgetError(ValueError):
@@ -178,9 +200,12 @@ class CachedGPT:
         self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
         static = fast and self.window is None and (graphs == "eager" or (graphs == "auto" and
                                                                          param.device.type == "cuda"))
-        self.cache = PagedKVCache(arch.num_layers, num_blocks, block_size, groups, head_dim, param.dtype,
-                                  param.device, scratch=static)
+        static = static and model.pre_process and model.post_process  # pipeline stages run eagerly for now
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        # a pipeline stage (``build_model``): its own layers only; the first embeds, the last makes the logits
+        self.first, self.last = model.pre_process, model.post_process
+        self.cache = PagedKVCache(len(self.attention), num_blocks, block_size, groups, head_dim, param.dtype,
+                                  param.device, scratch=static)
         if not hasattr(model.decoder, "wanted_rows"):
             model.decoder.wanted_rows = None
             model.decoder.register_forward_hook(_keep_wanted_rows)
@@ -199,13 +224,18 @@ class CachedGPT:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
-                tables: torch.Tensor, table_lengths: torch.Tensor):
+                tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
 
         ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
-        table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``).
+        table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``). A pipeline stage
+        after the first takes the previous stage's ``hidden`` states ([N, h]) instead of embedding ``tokens``;
+        a stage before the last returns its hidden states ([N, h], every token: the next stage's cache needs
+        them all) instead of logits.
         """
         lengths, tables, table_lengths = (t.cpu().numpy() for t in (lengths, tables, table_lengths))
+        if not (self.first and self.last):
+            return self._stage_forward(tokens, positions, last, lengths, tables, table_lengths, hidden)
         if self.graphs is not None and (lengths == 1).all():
             try:
                 logits = self.graphs.run(tokens, positions.cpu().numpy(), tables, table_lengths, last)
@@ -227,6 +257,31 @@ class CachedGPT:
                 module.step = None
             self.model.decoder.wanted_rows = None
         return gather_vocab(logits.float().contiguous(), self.tp)
+
+
+    def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden):
+        """A pipeline stage's part of ``forward`` (no static decode steps yet: every stage runs eagerly)."""
+        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window)
+        rows = last if self.last else None
+        if self.fast is not None:
+            out = self.fast.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows,
+                                hidden=hidden)
+        else:
+            for module in self.attention:
+                module.step = step
+            self.model.decoder.wanted_rows = rows
+            if not self.first:
+                self.model.set_input_tensor(hidden[:, None])  # Megatron's layout: [tokens, batch 1, h]
+            try:
+                out = self.model(tokens[None], step.positions, None)
+                out = out[0] if self.last else out[:, 0]
+            finally:
+                for module in self.attention:
+                    module.step = None
+                self.model.decoder.wanted_rows = None
+                if not self.first:
+                    self.model.set_input_tensor(None)
+        return gather_vocab(out.float().contiguous(), self.tp) if self.last else out.contiguous()
 
 
 def _keep_wanted_rows(decoder, _inputs, hidden):

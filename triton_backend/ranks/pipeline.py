@@ -1,0 +1,184 @@
+"""Pipeline stages: rank 0 launches steps into the first stage, the last stage sends back only their outputs.
+
+The job has TP x PP ranks, ordered as Megatron orders them (rank = TP rank + TP x stage). A step travels:
+
+1. Rank 0 (stage 0, TP rank 0) broadcasts it to the other TP ranks of stage 0 over their group: a header
+   ``[command, tokens, rows, sequences, table entries, plan bytes]``, the int64 payload ``protocol.py``
+   describes, and the plan (which logits rows are sampled or scored, for which sequences; pickled).
+2. Every rank of stage s runs its layers, then sends header, payload, plan and its hidden states [tokens, h]
+   to the rank with its TP rank in stage s + 1 (point to point, ``isend``: gloo on CPU, NCCL on GPU; Megatron's
+   own p2p helpers assume CUDA). Hidden states are the same on every TP rank of a stage, so each TP rank
+   feeds its own peer and no stage broadcasts.
+3. The last stage makes the logits, and its TP rank 0 turns them into the step's outputs
+   (``outputs.Mirror``: its copies of rank 0's samplers) and sends rank 0 only those: tokens, log-probs, the
+   alternatives and scores asked for. The logits never leave the stage.
+
+Every stage runs the steps in the order rank 0 launched them, so the KV blocks rank 0 hands out are written
+and read in that order on every stage, whatever is in flight. Rank 0 does not wait for a step's outputs to
+launch the next (``launch`` and ``collect`` are separate): with ``microbatches`` groups of sequences in flight
+every stage computes at once. HEARTBEAT and SHUTDOWN travel the same way. Point-to-point messages use the
+protocol's group, whose timeout (``COLLECTIVE_TIMEOUT_S``) ends a rank whose neighbour went silent.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import pickle
+
+import torch
+import torch.distributed as dist
+
+from triton_backend.engine.outputs import Mirror, StepOutputs
+
+from .protocol import Command
+
+LOG = logging.getLogger(__name__)
+HEADER = 6  # command, tokens, rows, sequences, table entries, plan bytes
+
+
+def make_stage_groups(tp: int, pp: int, timeout_s: float) -> list:
+    """Each stage's TP group with the protocol's timeout (every rank must call this, in the same order); None
+    where a stage has one rank."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp)), timeout=timeout) for s in range(pp)]
+    return groups if tp > 1 else [None] * pp
+
+
+class _Sends:
+    """Point-to-point sends in flight, each kept with its tensors until done."""
+
+    def __init__(self, group):
+        self.group = group
+        self.works: collections.deque = collections.deque()
+
+    def send(self, tensors: list[torch.Tensor], dst: int) -> None:
+        while self.works and self.works[0][0].is_completed():
+            self.works.popleft()
+        for t in tensors:
+            self.works.append((dist.isend(t, dst, group=self.group), t))
+
+    def wait(self) -> None:
+        while self.works:
+            self.works.popleft()[0].wait()
+
+
+def _bytes(data: bytes, device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if data else \
+        torch.empty(0, dtype=torch.uint8, device=device)
+
+
+class PipelineLeader:
+    """Rank 0's side: ``launch`` a step (stage 0 runs here), ``collect`` the oldest step's outputs."""
+
+    def __init__(self, gpt, tp: int, pp: int, microbatches: int, group, stage_group=None):
+        self.gpt, self.tp, self.pp, self.microbatches = gpt, tp, pp, microbatches
+        self.group, self.stage_group = group, stage_group
+        self.device = gpt.device
+        self.next, self.last = tp, tp * (pp - 1)  # stage 1's and the last stage's TP rank 0
+        self.sends = _Sends(group)
+        self.mirrored: set[int] = set()  # sequences the last stage has a sampler for
+
+    @property
+    def max_len(self) -> int:
+        return self.gpt.max_len
+
+    @property
+    def cache(self):
+        return self.gpt.cache
+
+    @property
+    def max_slots(self) -> int:
+        return self.gpt.max_slots
+
+    @property
+    def arch(self):
+        return self.gpt.arch
+
+    def _message(self, command: Command, sizes=(0, 0, 0, 0), payload=None, plan: bytes = b""):
+        header = torch.tensor([command, *sizes, len(plan)], dtype=torch.int64, device=self.device)
+        parts = [header] + ([payload, _bytes(plan, self.device)] if payload is not None else [])
+        if self.stage_group is not None:
+            for t in parts:
+                dist.broadcast(t, src=0, group=self.stage_group)
+        return parts
+
+    def launch(self, step: list[torch.Tensor], scored: list, sampled: list, released: list[int],
+               vocab_size: int) -> None:
+        """Start ``step`` (the engine's six int64 tensors) down the pipeline. ``scored``: (sequence id,
+        ``outputs.Scored``); ``sampled``: (sequence id, sampler); ``released``: sequences retired since."""
+        new = {}
+        for i, sampler in [(i, s.sampler) for i, s in scored] + sampled:
+            if i not in self.mirrored:
+                new[i] = sampler
+                self.mirrored.add(i)
+        self.mirrored.difference_update(released)
+        plan = pickle.dumps({"new": new, "released": released, "vocab": vocab_size, "sampled": [i for i, _ in sampled],
+                             "scored": [(i, s.at, s.count, s.first) for i, s in scored]})
+        tokens, _, last, lengths, tables, _ = step
+        parts = self._message(Command.STEP, (len(tokens), len(last), len(lengths), len(tables)),
+                              torch.cat(step).to(torch.int64), plan)
+        hidden = self.gpt.forward(*step)
+        self.sends.send(parts + [hidden], self.next)
+
+    def collect(self) -> StepOutputs:
+        """The outputs of the oldest step launched (they come back in launch order)."""
+        size = torch.empty(1, dtype=torch.int64, device=self.device)
+        dist.recv(size, self.last, group=self.group)
+        data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        dist.recv(data, self.last, group=self.group)
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+    def heartbeat(self) -> None:
+        self.sends.send(self._message(Command.HEARTBEAT), self.next)
+
+    def shutdown(self) -> None:
+        try:
+            self.sends.send(self._message(Command.SHUTDOWN), self.next)
+            self.sends.wait()
+        except Exception as err:  # followers already gone (e.g. killed by torchrun): nothing left to stop
+            LOG.warning("could not tell the pipeline to shut down: %s", err)
+
+
+def follow(gpt, tp: int, pp: int, group, stage_group=None) -> None:
+    """A follower's whole life at PP > 1: run each step rank 0 launched on this rank's stage and pass it on,
+    until SHUTDOWN (or a communication error, which raises)."""
+    rank = dist.get_rank()
+    stage, tp_rank = divmod(rank, tp)
+    last = stage == pp - 1
+    mirror = Mirror(0) if last and tp_rank == 0 else None
+    sends = _Sends(group)
+    device = gpt.device
+    hidden_size, dtype = gpt.arch.hidden_size, next(gpt.model.parameters()).dtype
+
+    def receive(t: torch.Tensor) -> torch.Tensor:
+        if stage == 0:
+            dist.broadcast(t, src=0, group=stage_group)
+        else:
+            dist.recv(t, rank - tp, group=group)
+        return t
+
+    while True:
+        header = receive(torch.empty(HEADER, dtype=torch.int64, device=device))
+        command, n, rows, sequences, entries, plan_bytes = (int(x) for x in header.tolist())
+        if command not in (Command.STEP, Command.HEARTBEAT, Command.SHUTDOWN):
+            raise RuntimeError(f"unknown command {command} from the previous stage")
+        if command != Command.STEP:
+            if not last:
+                sends.send([header], rank + tp)
+            if command == Command.SHUTDOWN:
+                sends.wait()
+                return
+            continue
+        payload = receive(torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=device))
+        plan = receive(torch.empty(plan_bytes, dtype=torch.uint8, device=device))
+        hidden = receive(torch.empty(n, hidden_size, dtype=dtype, device=device)) if stage > 0 else None
+        out = gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]), hidden=hidden)
+        if not last:
+            sends.send([header, payload, plan, out], rank + tp)
+        elif mirror is not None:
+            wanted = pickle.loads(plan.cpu().numpy().tobytes())
+            mirror.vocab_size = wanted["vocab"]
+            data = pickle.dumps(mirror.run(out, wanted))
+            sends.send([torch.tensor([len(data)], dtype=torch.int64, device=device), _bytes(data, device)], 0)
