@@ -7,7 +7,7 @@ DEMO := demo_model
 # Serving configuration, read by triton_backend/config.py (see README "Configuration").
 TP ?= 1
 PP ?= 1
-export TP PP PP_MICROBATCHES CHECKPOINT TOKENIZER TOKENIZER_TYPE DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
+export TP PP PP_MICROBATCHES NNODES NODE_RANK MASTER_ADDR MASTER_PORT CHECKPOINT TOKENIZER TOKENIZER_TYPE DEVICE DTYPE HOST HTTP_PORT GRPC_PORT METRICS_PORT INSTANCES MAX_SLOTS \
        MAX_BATCH_SIZE MAX_QUEUE MAX_REQUEST_S DRAIN_TIMEOUT_S ADMIN_TOKEN LOG_VERBOSE COLLECTIVE_TIMEOUT_S LOAD_TIMEOUT_S \
        KV_CACHE_MB PREFIX_CACHING COMPILE CUDA_GRAPHS PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
@@ -15,7 +15,7 @@ export TP PP PP_MICROBATCHES CHECKPOINT TOKENIZER TOKENIZER_TYPE DEVICE DTYPE HO
 .PHONY: serve test unit functional lint bench bench-cache bench-pp bench-api bench-engine bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $$(( $(TP) * $(PP) )) -m triton_backend.server
+	$(PY) -m triton_backend.launch
 
 test: setup demo-model
 	$(VENV)/bin/ruff check .

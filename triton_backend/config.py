@@ -27,6 +27,10 @@ class ServerConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # PP: pipeline stages; the job has TP x PP ranks (ranks/pipeline.py)
     pp_microbatches: int = 0  # groups of running sequences in the pipeline at once; 0: PP (1: Megatron's way)
+    nnodes: int = 1  # machines the job spans; each runs TP x PP / NNODES ranks (``launch.py``)
+    node_rank: int = 0  # this machine's place: node 0 holds rank 0 and serves
+    master_addr: str = "127.0.0.1"  # node 0's address, which every node can reach
+    master_port: int = 29500  # torchrun's rendezvous on node 0
     device: str = ""
     dtype: str = ""  # float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on CPU
     host: str = "0.0.0.0"
@@ -83,6 +87,14 @@ class ServerConfig:
         if len(set(ports)) < len(ports):
             names = ", ".join(_variable(name) for name in self.port_fields())
             raise ValueError(f"{names} must differ, got {ports}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"MASTER_PORT must be a TCP port, got {self.master_port}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"NODE_RANK must be 0 .. NNODES - 1 and NNODES at least 1, got NODE_RANK={self.node_rank} "
+                             f"NNODES={self.nnodes}")
+        if (self.tensor_parallel * self.pipeline_parallel) % self.nnodes:
+            raise ValueError(f"TP x PP = {self.tensor_parallel * self.pipeline_parallel} ranks cannot be spread evenly "
+                             f"over NNODES={self.nnodes} nodes")
         if self.api not in (0, 1):
             raise ValueError(f"API must be 0 or 1, got {self.api}")
         for name in ("tensor_parallel", "pipeline_parallel", "max_batch_size", "instances", "max_slots", "max_queue",
@@ -105,6 +117,14 @@ class ServerConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def node_of(self, rank: int) -> int:
+        """The node a rank runs on (torchrun gives each node a contiguous block of ranks, node 0 the first)."""
+        return rank // self.ranks_per_node
 
     def port_fields(self) -> list[str]:
         """The ports this job listens on (the API's only when it runs)."""

@@ -31,12 +31,13 @@ from triton_backend.model.gpt import (
     CachedGPT,
     build_model,
     fit_blocks,
+    init_distributed,
     init_parallel,
     kv_bytes_per_token,
 )
-from triton_backend.ranks import pipeline, session
+from triton_backend.ranks import agreement, pipeline, session
 from triton_backend.ranks.pipeline import PipelineLeader
-from triton_backend.ranks.protocol import Leader, follow, make_group
+from triton_backend.ranks.protocol import Leader, RankLost, describe, follow, make_group
 from triton_backend.serving.engine_link import EngineHost
 from triton_backend.serving.frontend import remove_shared_memory
 
@@ -275,14 +276,20 @@ def main(module: str = "triton_backend.server") -> int:
     set_threads(cfg)
     # Before init_parallel: gloo starts a score of polling threads, and they must keep off the engine's core.
     cpus = engine_cpus(cfg)  # None unless one rank, rank 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    init_distributed(cfg.device, timeout_s=cfg.load_timeout_s)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world > 1:  # before any model-parallel group: every node must build the same ones
+        differences = agreement.check(cfg)
+        if differences:
+            for line in differences:
+                print(f"configuration error: {line}", file=sys.stderr)
+            return 2
     if world != cfg.world_size:
         print(f"configuration error: TP={cfg.tensor_parallel} x PP={cfg.pipeline_parallel} needs "
               f"{cfg.world_size} ranks but torchrun started {world}", file=sys.stderr)
         return 2
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s,
                   pipeline_parallel=cfg.pipeline_parallel)
-    rank = torch.distributed.get_rank()
     group = make_group(cfg.collective_timeout_s) if world > 1 else None
     tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
     stage_groups = pipeline.make_stage_groups(tp, pp, cfg.collective_timeout_s) if pp > 1 else [None]
@@ -304,6 +311,9 @@ def main(module: str = "triton_backend.server") -> int:
         return 1
     except CacheBudgetError as err:
         print(f"rank {rank}: cannot serve the model: {err}", file=sys.stderr)
+        return 1
+    except RankLost as err:  # a follower whose neighbour is gone: this rank's end ends its node's torchrun
+        print(f"{describe(rank)}: {err}; ending", file=sys.stderr)
         return 1
     finally:
         torch.distributed.destroy_process_group()

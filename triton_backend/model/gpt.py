@@ -26,22 +26,29 @@ def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: floa
     ``timeout_s`` bounds every collective: a stalled or vanished rank raises instead of hanging. Ranks are
     ordered as Megatron orders them: rank = TP rank + TP x PP rank, so ranks 0..TP-1 hold the first stage.
     """
-    import datetime
-
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if device == "cuda" else "gloo"
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    init_distributed(device, timeout_s)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                                  pipeline_model_parallel_size=pipeline_parallel)
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 1800) -> None:
+    """The ranks meet: torch.distributed's default group (no model-parallel groups yet), unless it exists."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _free_port() -> int:

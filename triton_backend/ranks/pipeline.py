@@ -16,8 +16,10 @@ The job has TP x PP ranks, ordered as Megatron orders them (rank = TP rank + TP 
 Every stage runs the steps in the order rank 0 launched them, so the KV blocks rank 0 hands out are written
 and read in that order on every stage, whatever is in flight. Rank 0 does not wait for a step's outputs to
 launch the next (``launch`` and ``collect`` are separate): with ``microbatches`` groups of sequences in flight
-every stage computes at once. HEARTBEAT and SHUTDOWN travel the same way. Point-to-point messages use the
-protocol's group, whose timeout (``COLLECTIVE_TIMEOUT_S``) ends a rank whose neighbour went silent.
+every stage computes at once. HEARTBEAT and SHUTDOWN travel the same way; the last stage answers each HEARTBEAT,
+so that an idle rank 0 learns within ``COLLECTIVE_TIMEOUT_S`` that a stage (a node) is gone or cut off.
+Point-to-point messages use the protocol's group, whose timeout (``COLLECTIVE_TIMEOUT_S``) ends a rank whose
+neighbour went silent; the error names that neighbour and its node (``protocol.RankLost``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.distributed as dist
 
 from triton_backend.engine.outputs import Mirror, StepOutputs
 
-from .protocol import Command
+from .protocol import Command, lost
 
 LOG = logging.getLogger(__name__)
 HEADER = 6  # command, tokens, rows, sequences, table entries, plan bytes
@@ -54,14 +56,29 @@ class _Sends:
         self.works: collections.deque = collections.deque()
 
     def send(self, tensors: list[torch.Tensor], dst: int) -> None:
-        while self.works and self.works[0][0].is_completed():
-            self.works.popleft()
-        for t in tensors:
-            self.works.append((dist.isend(t, dst, group=self.group), t))
+        try:
+            while self.works and self.works[0][0].is_completed():
+                self.works.popleft()[0].wait()  # raises if the send failed
+            for t in tensors:
+                self.works.append((dist.isend(t, dst, group=self.group), t, dst))
+        except RuntimeError as err:  # gloo and NCCL raise RuntimeError (DistBackendError) for a lost peer
+            raise lost(dst, err) from err
 
     def wait(self) -> None:
         while self.works:
-            self.works.popleft()[0].wait()
+            work, _, dst = self.works.popleft()
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise lost(dst, err) from err
+
+
+def _recv(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    try:
+        dist.recv(t, src, group=group)
+    except RuntimeError as err:
+        raise lost(src, err) from err
+    return t
 
 
 def _bytes(data: bytes, device) -> torch.Tensor:
@@ -100,8 +117,11 @@ class PipelineLeader:
         header = torch.tensor([command, *sizes, len(plan)], dtype=torch.int64, device=self.device)
         parts = [header] + ([payload, _bytes(plan, self.device)] if payload is not None else [])
         if self.stage_group is not None:
-            for t in parts:
-                dist.broadcast(t, src=0, group=self.stage_group)
+            try:
+                for t in parts:
+                    dist.broadcast(t, src=0, group=self.stage_group)
+            except RuntimeError as err:
+                raise lost(None, err) from err
         return parts
 
     def launch(self, step: list[torch.Tensor], scored: list, sampled: list, released: list[int],
@@ -124,14 +144,14 @@ class PipelineLeader:
 
     def collect(self) -> StepOutputs:
         """The outputs of the oldest step launched (they come back in launch order)."""
-        size = torch.empty(1, dtype=torch.int64, device=self.device)
-        dist.recv(size, self.last, group=self.group)
-        data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
-        dist.recv(data, self.last, group=self.group)
+        size = _recv(torch.empty(1, dtype=torch.int64, device=self.device), self.last, self.group)
+        data = _recv(torch.empty(int(size), dtype=torch.uint8, device=self.device), self.last, self.group)
         return pickle.loads(data.cpu().numpy().tobytes())
 
     def heartbeat(self) -> None:
+        """Through every stage and back (the last stage answers): raises ``RankLost`` for a silent one."""
         self.sends.send(self._message(Command.HEARTBEAT), self.next)
+        _recv(torch.empty(1, dtype=torch.int64, device=self.device), self.last, self.group)
 
     def shutdown(self) -> None:
         try:
@@ -153,10 +173,12 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None) -> None:
     hidden_size, dtype = gpt.arch.hidden_size, next(gpt.model.parameters()).dtype
 
     def receive(t: torch.Tensor) -> torch.Tensor:
-        if stage == 0:
+        if stage > 0:
+            return _recv(t, rank - tp, group)
+        try:
             dist.broadcast(t, src=0, group=stage_group)
-        else:
-            dist.recv(t, rank - tp, group=group)
+        except RuntimeError as err:
+            raise lost(0, err) from err
         return t
 
     while True:
@@ -167,6 +189,8 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None) -> None:
         if command != Command.STEP:
             if not last:
                 sends.send([header], rank + tp)
+            elif mirror is not None and command == Command.HEARTBEAT:
+                sends.send([torch.zeros(1, dtype=torch.int64, device=device)], 0)  # the answer rank 0 waits for
             if command == Command.SHUTDOWN:
                 sends.wait()
                 return

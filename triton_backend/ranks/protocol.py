@@ -18,11 +18,27 @@ from __future__ import annotations
 import datetime
 import enum
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
 LOG = logging.getLogger(__name__)
+
+
+class RankLost(RuntimeError):
+    """A rank this one exchanges steps with is gone or cut off (the message names it and its node)."""
+
+
+def describe(rank: int) -> str:
+    """``rank R (node N)``: torchrun gives each node LOCAL_WORLD_SIZE consecutive ranks."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or dist.get_world_size())
+    return f"rank {rank} (node {rank // per_node})"
+
+
+def lost(rank: int | None, err: BaseException) -> RankLost:
+    who = describe(rank) if rank is not None else "a follower"
+    return RankLost(f"{who} is lost: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
 
 class Command(enum.IntEnum):
@@ -65,9 +81,12 @@ class Leader:
         if not self.followers:
             return
         header = torch.tensor([command, *sizes], dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=0, group=self.group)
-        if payload is not None:
-            dist.broadcast(payload, src=0, group=self.group)
+        try:
+            dist.broadcast(header, src=0, group=self.group)
+            if payload is not None:
+                dist.broadcast(payload, src=0, group=self.group)
+        except RuntimeError as err:  # gloo and NCCL raise RuntimeError (DistBackendError) for a lost peer
+            raise lost(None, err) from err
 
     def forward(self, tokens, positions, last, lengths, tables, table_lengths):
         step = (tokens, positions, last, lengths, tables, table_lengths)
@@ -88,8 +107,15 @@ class Leader:
 def follow(gpt, group=None) -> None:
     """A follower's whole life: execute rank 0's steps until SHUTDOWN (or a collective error, which raises)."""
     header = torch.empty(5, dtype=torch.int64, device=gpt.device)
+
+    def receive(t: torch.Tensor) -> None:
+        try:
+            dist.broadcast(t, src=0, group=group)
+        except RuntimeError as err:
+            raise lost(0, err) from err
+
     while True:
-        dist.broadcast(header, src=0, group=group)
+        receive(header)
         command, n, rows, sequences, entries = (int(x) for x in header.tolist())
         if command == Command.SHUTDOWN:
             return
@@ -98,5 +124,5 @@ def follow(gpt, group=None) -> None:
         if command != Command.STEP:
             raise RuntimeError(f"unknown command {command} from rank 0")
         payload = torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=gpt.device)
-        dist.broadcast(payload, src=0, group=group)
+        receive(payload)
         gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]))

@@ -1,0 +1,73 @@
+"""Start this node's part of the job: ``python -m triton_backend.launch`` (what ``make serve`` and the image run).
+
+One node: ``torchrun --standalone`` with TP x PP ranks. Several: the same command on every node with ``NNODES``,
+``NODE_RANK`` and ``MASTER_ADDR`` (``MASTER_PORT``), a static rendezvous in which node i holds ranks
+i x (TP x PP / NNODES) onwards, so node 0 holds rank 0, the engine and the serving process.
+
+torch.distributed picks its network interface from the host name, which on a multi-homed machine (a pod, a
+container, a network namespace) often names another network or none. Unless ``GLOO_SOCKET_IFNAME`` /
+``NCCL_SOCKET_IFNAME`` say otherwise, the interface through which this node reaches ``MASTER_ADDR`` is used.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import sys
+
+import psutil
+
+from triton_backend.config import ServerConfig
+
+
+def interface_to(address: str, port: int = 29500) -> str | None:
+    """The name of the interface this machine's route to ``address`` leaves by (a UDP "connection" sends no
+    packet: it only asks the kernel for the route and its source address)."""
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, port))
+            source = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == source for a in addresses):
+            return name
+    return None
+
+
+def torchrun_command(cfg: ServerConfig, module: str = "triton_backend.server") -> list[str]:
+    torchrun = str(pathlib.Path(sys.executable).parent / "torchrun")
+    per_node = str(cfg.ranks_per_node)
+    if cfg.nnodes == 1:
+        return [torchrun, "--standalone", "--nproc-per-node", per_node, "-m", module]
+    return [torchrun, "--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank), "--master-addr",
+            cfg.master_addr, "--master-port", str(cfg.master_port), "--nproc-per-node", per_node, "-m", module]
+
+
+def main() -> int:
+    try:
+        cfg = ServerConfig.from_env()
+    except ValueError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    if cfg.nnodes > 1:
+        if "GLOO_SOCKET_IFNAME" not in os.environ or "NCCL_SOCKET_IFNAME" not in os.environ:
+            name = interface_to(cfg.master_addr, cfg.master_port)
+            if name is None:
+                print(f"configuration error: no route to MASTER_ADDR={cfg.master_addr} from node {cfg.node_rank}",
+                      file=sys.stderr)
+                return 2
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+        print(f"node {cfg.node_rank} of {cfg.nnodes}: {cfg.ranks_per_node} ranks, rendezvous at "
+              f"{cfg.master_addr}:{cfg.master_port} over {os.environ['GLOO_SOCKET_IFNAME']}", file=sys.stderr,
+              flush=True)
+    command = torchrun_command(cfg)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
