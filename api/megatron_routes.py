@@ -8,7 +8,7 @@ as its own ensemble request; the text returned is the prompt followed by what wa
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from . import fanout
 from .errors import MEGATRON_FIELDS, ApiError
@@ -125,9 +125,12 @@ async def generate(request: Request):
     prompts, params = parse(body)
     link = request.app.state.link
     try:
-        outputs = await fanout.gather(link.generate(prompt, params) for prompt in prompts)
+        outputs = await fanout.while_connected(request, fanout.gather(link.generate(prompt, params)
+                                                                      for prompt in prompts))
     except TritonError as err:
         raise ApiError.from_triton(err, MEGATRON_FIELDS) from None
+    except fanout.ClientGone:
+        return Response(status_code=499)
     stop = (params["stop_words"] or [""])[0]
     # Megatron keeps the newline that stopped a generation; the ensemble leaves a stop word out.
     texts = [out.text + (stop if stop and out.finish_reason == "stop" else "") for out in outputs]

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import fanout, logprobs
 from .chat_template import message_dicts
@@ -46,8 +46,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo:
         params["exclude_input_in_output"] = False
     shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
-    return await _respond(state.link, prompts, params, body, shape, OPENAI_FIELDS, rooms,
-                          state.settings.max_queue)
+    return await _respond(request, prompts, params, body, shape, OPENAI_FIELDS, rooms, state.settings.max_queue)
 
 
 @router.post("/v1/chat/completions")
@@ -79,7 +78,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     params["add_special_tokens"] = special or None
     if body.logprobs:
         params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
-    return await _respond(state.link, [prompt], params, body, shape, fields, max_queue=state.settings.max_queue)
+    return await _respond(request, [prompt], params, body, shape, fields, max_queue=state.settings.max_queue)
 
 
 def _texts(prompt, tokenizer) -> list[str]:
@@ -188,18 +187,22 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _respond(link, prompts, params, body, shape: _Shape, fields: dict, max_tokens: list[int] | None = None,
-                   max_queue: int | None = None):
+async def _respond(request: Request, prompts, params, body, shape: _Shape, fields: dict,
+                   max_tokens: list[int] | None = None, max_queue: int | None = None):
+    link = request.app.state.link
     if max_queue is not None and len(prompts) * body.n > max_queue:  # refused whole, before any of it runs
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} generations, more "
                             f"than the server queues at once ({max_queue})", "n" if body.n > 1 else "prompt")
     requests = _requests(prompts, params, body.n, max_tokens)
     if body.stream:
         return await _stream(link, requests, body, shape, fields)
-    try:  # when one choice fails, the others are cancelled (their gRPC calls with them)
-        outputs = await fanout.gather(link.generate(prompt, p) for _, prompt, p in requests)
+    try:  # when one choice fails, or the client leaves, the others are cancelled (their streams with them)
+        outputs = await fanout.while_connected(request, fanout.gather(link.generate(prompt, p)
+                                                                      for _, prompt, p in requests))
     except TritonError as err:
         raise ApiError.from_triton(err, fields) from None
+    except fanout.ClientGone:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     choices = [shape.choice(index, out.text, out.finish_reason, scores=shape.scores(out, body, 0, True)[0])
                for (index, _, _), out in zip(requests, outputs)]
     # Each prompt counts once however many choices it has, as OpenAI counts it.

@@ -111,13 +111,14 @@ class TritonLink:
             return False
 
     async def generate(self, prompt: str, params: dict) -> Output:
-        try:
-            result = await self._client.infer("ensemble", request_inputs(tc, prompt, **params),
-                                              outputs=_outputs(params),
-                                              client_timeout=self.timeout_s)
-        except tc.InferenceServerException as err:
-            raise TritonError(err.message() or str(err), str(err.status())) from None
-        return _output(result.as_numpy)
+        """All of one generation: its deltas from ``ensemble_stream``, joined. Why not the unary ``ensemble``: once it
+        runs, nothing stops it (Triton does not tell the model behind an ensemble that its caller left), so a
+        choice whose sibling failed or whose client went away would run to its end holding KV blocks. Cancelling
+        this call closes the stream instead, which stops the generation in the engine."""
+        whole = None
+        async for part in self.stream(prompt, params):
+            whole = part if whole is None else _join(whole, part)
+        return whole
 
     async def stream(self, prompt: str, params: dict) -> AsyncIterator[Output]:
         """The deltas of one streamed generation. It runs on an open stream when one is idle (a stream carries
@@ -168,6 +169,15 @@ class TritonLink:
                 self._idle.append(stream)
             else:
                 stream.close()
+
+
+def _join(a: Output, b: Output) -> Output:
+    """Two consecutive deltas of one stream as one: the texts and per-token lists follow each other, the counts
+    and the finish reason are the later's (a stream's counts are running totals)."""
+    joined = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(Output)
+              if isinstance(getattr(a, f.name), (str, list)) and f.name != "finish_reason"}
+    return Output(**{**joined, "finish_reason": b.finish_reason, "prompt_tokens": b.prompt_tokens,
+                     "completion_tokens": b.completion_tokens})
 
 
 def _outputs(params: dict) -> list:

@@ -49,8 +49,9 @@ KV_SHARE_OF_AVAILABLE_RAM = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_gpt(cfg: ServerConfig) -> CachedGPT:
-    """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready."""
+def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
+    """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready.
+    ``graphs`` overrides CUDA_GRAPHS (``CachedGPT``'s "auto", "eager" or "off": tests run static steps on CPU)."""
     arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel)
     model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel, cfg.pipeline_parallel)
     checkpoints.load_weights(model, cfg.checkpoint, arch)
@@ -70,7 +71,7 @@ def load_gpt(cfg: ServerConfig) -> CachedGPT:
              "most (MAX_SLOTS)", blocks, block, blocks * block // max_len, max_len,
              blocks * block * per_token / 2**20, cfg.max_slots)
     return CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile),
-                     graphs="auto" if cfg.cuda_graphs else "off")
+                     graphs=graphs or ("auto" if cfg.cuda_graphs else "off"))
 
 
 def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:

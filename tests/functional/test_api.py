@@ -551,3 +551,30 @@ def test_the_api_counts_its_requests_on_its_own_metrics(server):
         (ok + 3, bad + 1, megatron_bad + 1)
     text = requests.get(f"http://{server.api}/metrics", timeout=30).text
     assert 'api_request_seconds_bucket{le="0.005",route="/v1/completions"}' in text
+
+
+@pytest.mark.parametrize("route", ["openai", "megatron"])
+def test_a_client_that_leaves_a_unary_call_stops_its_generations(server, route):
+    """A unary call whose client disconnects stops its generations in the engine (every choice of it), as a
+    dropped stream does; the server goes on serving."""
+    from .test_streaming import idle, llm_metrics, settled_metrics
+
+    n = 16  # sixteen rows of 240 tokens: seconds of work on the demo model, cut after 0.3 s
+    if route == "openai":
+        path, body = "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True,
+                                         "n": n}
+    else:
+        path, body = "/api", {"prompts": [PROMPT] * n, "tokens_to_generate": 240}
+    before = llm_metrics(server)
+    method = requests.put if route == "megatron" else requests.post
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes the connection
+        method(f"http://{server.api}{path}", json=body, timeout=(5, 0.3))
+    after = settled_metrics(server)
+    assert idle(after)
+    # The engine retired generations as cancelled (only that moves the counter; 240 tokens end by length), and
+    # the call's generations stopped far short of their n x 240 tokens. (A generation its stream left before it
+    # reached the engine never runs: it counts in neither figure.)
+    assert after["llm_requests_cancelled_total"] > before["llm_requests_cancelled_total"]
+    assert after["llm_output_tokens_total"] - before["llm_output_tokens_total"] < n * 240 / 2
+    assert requests.post(f"http://{server.api}/v1/completions", json={"model": MODEL, "prompt": PROMPT,
+                                                                     "max_tokens": 3}, timeout=60).status_code == 200

@@ -10,9 +10,9 @@ import psutil
 import pytest
 
 from client import GenerationClient
+from tools.netns import Nodes, wait_ready
 
 from .conftest import Server
-from .netns import Nodes, wait_ready
 from .test_tensor_parallel import REQUESTS, assert_same, reference  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,7 +34,7 @@ def start_job(nodes: Nodes, tmp_path, **env) -> tuple[Server, object]:
     leader = nodes.start(0, tmp_path / "node0.log", **env)
     server = Server(f"{nodes.public}:8000", f"{nodes.public}:8001", f"{nodes.public}:8002", leader,
                     tmp_path / "node0.log", f"{nodes.public}:9000")
-    wait_ready(server)
+    wait_ready(server.http, leader, server.log)
     return server, follower
 
 

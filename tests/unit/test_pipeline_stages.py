@@ -96,10 +96,10 @@ REQUESTS = [
 ]
 
 
-def run(checkpoint, tp, pp, microbatches, **engine):
+def run(checkpoint, tp, pp, microbatches, graphs=None, **engine):
     # 8 blocks in every layout: each rank holds 1 / (TP x PP) of a token's keys and values
     result = local.spawn(tp * pp, local.generate, str(checkpoint), tp, pp, microbatches, REQUESTS, vocab_size=120,
-                         eos_id=2, kv_cache_mb=1 / (tp * pp), prefill_tokens=32, **engine)[0]
+                         eos_id=2, kv_cache_mb=1 / (tp * pp), prefill_tokens=32, graphs=graphs, **engine)[0]
     assert result["fatal"] is None
     assert not [o.error for o in result["outcomes"] if o.error]
     return result
@@ -139,6 +139,11 @@ def test_two_stages_give_what_one_rank_gives(checkpoints, one_rank, microbatches
     assert max(first, last) < 0.75 * one_rank["weights"][0]  # each stage holds its own layers only
     if microbatches == 2:
         assert result["stats"]["steps"] > one_rank["stats"]["steps"]  # two groups, each its own steps
+
+
+def test_static_decode_steps_in_every_stage_give_what_one_rank_gives(checkpoints, one_rank):
+    """Each stage's decode steps through its own static buckets (CUDA graphs' steps, run without capture)."""
+    assert_same(run(checkpoints[1], 1, 2, 2, graphs="eager"), one_rank, "PP=2, static decode steps")
 
 
 def test_tensor_and_pipeline_parallel_together_give_what_one_rank_gives(checkpoints, one_rank):

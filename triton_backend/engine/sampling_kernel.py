@@ -29,7 +29,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 # 512-bit vectors where the CPU has them (gcc prefers 256 on most): the exponentials bound this kernel, and
-# glibc's 16-wide expf made it 1.3x faster at 43 and 16 temperature rows (tools/sampling_cost.py); the decode
+# glibc's 16-wide expf made it 1.3x faster at 43 and 16 temperature rows (tools/probes/sampling_cost.py); the decode
 # kernel, bound by memory and its 8-wide sums, gained nothing from them.
 KERNEL = native.Kernel(pathlib.Path(__file__).with_name("sampling.c"), _declare, "CPU sampling kernel",
                        "torch operations sample", extra_flags=("-mprefer-vector-width=512",))

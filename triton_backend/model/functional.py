@@ -145,7 +145,7 @@ def _cpu_layout(weight: torch.Tensor) -> None:
     """Store a narrow CPU weight column-major ([out, in] with strides (1, out), GPT-2's ``Conv1D`` layout), in place:
     the same parameter, values and memory, so Megatron's modules read it too. On this machine's CPU ``F.linear``
     with such a weight ran 1.1-1.6x faster at the demo model's shapes (a side of 256) at 1, 16 and 64 rows, and
-    about as fast as a packed copy (``tools/linear_layouts.py``); CUDA's GEMMs take either layout at full speed,
+    about as fast as a packed copy (``tools/probes/linear_layouts.py``); CUDA's GEMMs take either layout at full speed,
     so only CPU weights move."""
     if weight.device.type == "cpu" and weight.dim() == 2 and min(weight.shape) <= NARROW_SIDE \
             and weight.stride() == (weight.shape[1], 1):
@@ -157,7 +157,7 @@ def _packs(weight: torch.Tensor, output: bool) -> bool:
     over ``NARROW_SIDE``), or an output layer that does (``output``: the vocabulary's rows of a table shared with
     the embedding, kept for the lookups). A narrow untied output layer goes column-major instead, which ran
     faster than either packed copy up to 48 rows (the ``long`` preset's 4,096 x 128 at 8 and 43 rows: 117 and
-    299 us against oneDNN's 142 and 350, ``tools/linear_layouts.py``) and as fast as MKL's beyond."""
+    299 us against oneDNN's 142 and 350, ``tools/probes/linear_layouts.py``) and as fast as MKL's beyond."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
         and (output or min(weight.shape) > NARROW_SIDE)
 
@@ -188,7 +188,7 @@ def _pack(weight: torch.Tensor, output: bool = False) -> _Linear:
 
     Why: a GEMM reorders its weight operand into the blocked layout its kernel reads before it multiplies, on
     every call; a copy in that layout, made once at load, saves it. Measured with the weights coming from memory
-    as in a step (``tools/linear_layouts.py``, gpt-350m's shapes and the demo model's output layer): oneDNN's
+    as in a step (``tools/probes/linear_layouts.py``, gpt-350m's shapes and the demo model's output layer): oneDNN's
     product over its reordered copy (``torch.ops.mkldnn``, what inductor's CPU freezing emits) ran 1.3-1.7x
     faster than ``F.linear`` at 4 to 32 rows; MKL's packed GEMM (``cblas_sgemm_compute``) 1.3-1.5x at 64, where
     oneDNN's gains little; at one row ``F.linear`` is as fast as either. Each copy costs memory about the

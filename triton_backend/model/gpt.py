@@ -42,9 +42,10 @@ def init_distributed(device: str = "cpu", timeout_s: float = 1800) -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # a plain process: a group of one (make exports MASTER_PORT even when empty)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not os.environ.get("MASTER_PORT"):
+            os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -207,7 +208,6 @@ class CachedGPT:
         self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
         static = fast and self.window is None and (graphs == "eager" or (graphs == "auto" and
                                                                          param.device.type == "cuda"))
-        static = static and model.pre_process and model.post_process  # pipeline stages run eagerly for now
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
         # a pipeline stage (``build_model``): its own layers only; the first embeds, the last makes the logits
         self.first, self.last = model.pre_process, model.post_process
@@ -227,7 +227,7 @@ class CachedGPT:
         self.graphs = None
         if static:
             self.graphs = DecodeGraphs(self.fast, self.cache, max_slots, -(-self.max_len // block_size),
-                                       capture=graphs == "auto")
+                                       capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
@@ -267,7 +267,16 @@ class CachedGPT:
 
 
     def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden):
-        """A pipeline stage's part of ``forward`` (no static decode steps yet: every stage runs eagerly)."""
+        """A pipeline stage's part of ``forward``: decode steps through its own static steps (graphs) when it has
+        them, else eagerly."""
+        if self.graphs is not None and (lengths == 1).all():
+            try:
+                out = self.graphs.run(tokens, positions.cpu().numpy(), tables, table_lengths, last, hidden)
+            except Exception as err:  # never an outage: the eager path serves this step and every later one
+                LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
+                self.graphs, out = None, None
+            if out is not None:
+                return gather_vocab(out.float().contiguous(), self.tp) if self.last else out
         step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window)
         rows = last if self.last else None
         if self.fast is not None:

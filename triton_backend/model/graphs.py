@@ -45,13 +45,16 @@ class StaticInputs:
     seen: torch.Tensor  # [B]: keys each row may see (position + 1)
     write_blocks: torch.Tensor  # [B]
     write_offsets: torch.Tensor  # [B]
+    hidden: torch.Tensor | None = None  # [B, h]: the previous stage's hidden states (a pipeline stage after the first)
 
     @classmethod
-    def empty(cls, rows: int, blocks: int, scratch: int, device) -> StaticInputs:
+    def empty(cls, rows: int, blocks: int, scratch: int, device, hidden: tuple[int, torch.dtype] | None = None
+              ) -> StaticInputs:
         zeros = [torch.zeros(rows, dtype=torch.long, device=device) for _ in range(3)]
         full = torch.full((rows, blocks), scratch, dtype=torch.long, device=device)
+        states = None if hidden is None else torch.zeros(rows, hidden[0], dtype=hidden[1], device=device)
         return cls(zeros[0], zeros[1], full, torch.ones(rows, dtype=torch.long, device=device),
-                   torch.full((rows,), scratch, dtype=torch.long, device=device), zeros[2])
+                   torch.full((rows,), scratch, dtype=torch.long, device=device), zeros[2], states)
 
     def fill(self, host: dict[str, np.ndarray]) -> None:
         for name, value in host.items():
@@ -95,9 +98,14 @@ def static_attend(cache, inputs: StaticInputs, mask: torch.Tensor):
 
 
 class DecodeGraphs:
-    """Runs decode-only steps through static buckets: captured as CUDA graphs when ``capture``, else eagerly."""
+    """Runs decode-only steps through static buckets: captured as CUDA graphs when ``capture``, else eagerly.
 
-    def __init__(self, fast, cache, max_rows: int, max_blocks: int, capture: bool):
+    A pipeline stage has graphs of its own: after the first it reads the previous stage's hidden states from a
+    static input, before the last it gives its hidden states instead of logits (each stage captures its part of
+    the step; the exchange between stages stays outside the graphs)."""
+
+    def __init__(self, fast, cache, max_rows: int, max_blocks: int, capture: bool, hidden_size: int = 0,
+                 dtype: torch.dtype = torch.float32):
         if cache.scratch is None:
             raise ValueError("static decode steps need a cache with a scratch block")
         self.fast, self.cache = fast, cache
@@ -106,14 +114,17 @@ class DecodeGraphs:
         self.device = cache.keys[0].device
         self.buckets: dict[tuple[int, int], tuple] = {}  # (rows, blocks) -> (graph or None, inputs, logits)
         self.pool = None  # the graphs' shared memory pool
+        self.hidden = None if fast.first else (hidden_size, dtype)  # a later pipeline stage's input
         for layer in fast.layers:  # inside a capture nothing may come from the host: rotary tables move now
             if layer.attention.rotary is not None:
                 layer.attention.rotary.inv_freq = layer.attention.rotary.inv_freq.to(self.device)
 
     def run(self, tokens: torch.Tensor, positions: np.ndarray, tables: np.ndarray, table_lengths: np.ndarray,
-            rows: torch.Tensor) -> torch.Tensor | None:
+            rows: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """The logits of packed ``rows`` for a decode step (one token per sequence at ``positions``), or None when
-        the step is past the largest bucket (the caller runs it eagerly)."""
+        the step is past the largest bucket (the caller runs it eagerly). A pipeline stage after the first takes
+        ``hidden``; one before the last returns the step's hidden states (a copy: the next replay reuses the
+        buffer while a send may still read it)."""
         n = len(positions)
         size = (bucket(n), bucket(int(table_lengths.max())))
         if size[0] > self.max_rows or size[1] > self.max_blocks:
@@ -124,19 +135,23 @@ class DecodeGraphs:
                                   self.cache.scratch))
         inputs.tokens[:n].copy_(tokens)
         inputs.tokens[n:].zero_()
+        if inputs.hidden is not None:
+            inputs.hidden[:n].copy_(hidden)
+            inputs.hidden[n:].zero_()
         if graph is None:
             logits = self._forward(inputs)
         else:
             graph.replay()
-        return logits.index_select(0, rows)
+        return logits.index_select(0, rows) if self.fast.last else logits[:n].clone()
 
     def _forward(self, inputs: StaticInputs) -> torch.Tensor:
         span = inputs.tables.shape[1] * self.cache.block_size
         mask = (torch.arange(span, device=self.device)[None, :] < inputs.seen[:, None])[:, None, None, :]
-        return self.fast.run(inputs.tokens, inputs.positions, static_attend(self.cache, inputs, mask))
+        return self.fast.run(inputs.tokens, inputs.positions, static_attend(self.cache, inputs, mask),
+                             hidden=inputs.hidden)
 
     def _make(self, rows: int, blocks: int) -> tuple:
-        inputs = StaticInputs.empty(rows, blocks, self.cache.scratch, self.device)
+        inputs = StaticInputs.empty(rows, blocks, self.cache.scratch, self.device, self.hidden)
         if not self.capture:
             entry = (None, inputs, None)
         else:

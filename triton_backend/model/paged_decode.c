@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void attend(
                 const float *kb = keys + table[b] * block_stride + g * block_size * dim;
                 const float *vb = values + table[b] * block_stride + g * block_size * dim;
                 /* Blocks lie anywhere in the pool: ask for the next one while this one is worked on (9 % on
-                 * the long preset's capacity shape, tools/decode_attention.py). 16 floats: a 64-byte line. */
+                 * the long preset's capacity shape, tools/probes/decode_attention.py). 16 floats: a 64-byte line. */
                 if (start + block_size < length) {
                     const float *kn = keys + table[b + 1] * block_stride + g * block_size * dim;
                     const float *vn = values + table[b + 1] * block_stride + g * block_size * dim;
@@ -135,7 +135,7 @@ static inline __attribute__((always_inline)) void attend(
 }
 
 /* The head dims models use get their own copy of the loop, compiled for that dim: the dot products and the value
- * updates then unroll into whole vector registers. tools/decode_attention.py: 1.3x faster on the long preset's
+ * updates then unroll into whole vector registers. tools/probes/decode_attention.py: 1.3x faster on the long preset's
  * 16-wide heads, 1.3-1.4x on 64-wide ones, than the one loop for every dim. */
 void paged_decode(const float *q, const float *keys, const float *values, const int64_t *tables,
                   const int64_t *table_starts, const int64_t *lengths, int64_t n, int64_t groups,

@@ -1,6 +1,6 @@
 """What tokenization costs per request and per generated token, for each tokenizer format, in one process.
 
-    .venv/bin/python tools/tokenizer_cost.py [--tokens 64] [--served-tokens-per-s 2168]
+    .venv/bin/python tools/probes/tokenizer_cost.py [--tokens 64] [--served-tokens-per-s 2168]
 
 For the bench's prompts (``tools/bench.py``): encoding each prompt (what preprocessing does), and following 64
 generated tokens one at a time as the serving process does for a stream (``TextTracker``: incremental decoding,
@@ -8,7 +8,7 @@ text held back at a split character), under the demo model's sentencepiece, a GP
 HuggingFace tokenizer (``tokenizers``' byte-level BPE) and a TikTokenizer; and, as the peer, transformers'
 ``AutoTokenizer`` on the same HuggingFace files (what Megatron training and vLLM call) behind the same
 incremental decoding. With ``--served-tokens-per-s`` (a
-served run's output tokens/s, e.g. from ``tools/served_cpu.py --concurrency 64``), prints the share of a served
+served run's output tokens/s, e.g. from ``tools/probes/served_cpu.py --concurrency 64``), prints the share of a served
 token's time that tokenizing its request and detokenizing it take.
 """
 
@@ -21,13 +21,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from preprocessing.detokenize import TextTracker  # noqa: E402
 from preprocessing.tokenization import Tokenizer, build, load, load_path, resolve  # noqa: E402
 from tools.bench import PROMPTS  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class TransformersPeer(Tokenizer):

@@ -4,7 +4,7 @@ row-major), stored column-major (GPT-2's ``Conv1D`` layout), oneDNN's product ov
 the ops inductor's CPU freezing emits; one torch thread, the weights cycled so that they come from memory as in
 a step (``model/functional.py`` picks the layout and kernel from these figures).
 
-    .venv/bin/python tools/linear_layouts.py [--copies 40]
+    .venv/bin/python tools/probes/linear_layouts.py [--copies 40]
 """
 
 from __future__ import annotations

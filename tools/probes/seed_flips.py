@@ -1,6 +1,6 @@
 """How often a seeded request's text changes with what else is batched beside it (the engine in-process).
 
-    .venv/bin/python -m tools.seed_flips --requests 64 --max-tokens 64
+    .venv/bin/python -m tools.probes.seed_flips --requests 64 --max-tokens 64
 
 Each seeded request runs alone, then again packed among other requests of different prompts and lengths (so its
 rows meet other batch sizes, prompt packings and cache spans). Sampling draws the same numbers whatever the batch

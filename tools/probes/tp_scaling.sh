@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Start-up time and in-process tokens/s for each tensor-parallel size (CPU: gloo ranks stand in for GPUs).
-#   tools/tp_scaling.sh [TP sizes...]        default: 1 2 4 8
+#   tools/probes/tp_scaling.sh [TP sizes...]        default: 1 2 4 8
 # Prints, per TP: seconds until /v2/models/ensemble/ready answers 200 for `torchrun -m triton_backend.server`,
 # then the offline engine benchmark (greedy, 32 tokens per request) at batch 1 and 8.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 venv=$root/.venv
 port=${HTTP_PORT:-18500}

@@ -2,7 +2,7 @@
 load's own client, over one run of ``tools/bench.py``'s workload from its Python clients and one from
 perf_analyzer (docs/measured.md, "Served, with the load from perf_analyzer").
 
-    .venv/bin/python tools/served_cpu.py [--concurrency 16] [--requests-per-client 8]
+    .venv/bin/python tools/probes/served_cpu.py [--concurrency 16] [--requests-per-client 8]
 
 Each row: CPU seconds and the share of one core over the run's wall time (warm-ups included).
 """
@@ -19,7 +19,7 @@ import time
 
 import psutil
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from tools.bench import PROMPTS, perf_analyzer, run_clients, served_one, start_server, workload  # noqa: E402
 from tools.soak import ranks  # noqa: E402

@@ -4,7 +4,8 @@
 
 Node 0 also has a link to the host, through which the tests reach its Triton and API. Each node runs its own
 ``python -m triton_backend.launch`` (the ``make serve`` of that machine) with NNODES, NODE_RANK and MASTER_ADDR.
-``close`` kills whatever runs in the namespaces and deletes them (and their links), however the test ended.
+``close`` kills whatever runs in the namespaces and deletes them (and their links), however the run ended.
+Needs root (``ip netns``); used by ``tests/functional/test_nodes.py`` and ``tools/bench_nodes.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from .conftest import ROOT, Server
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -117,15 +118,19 @@ class Nodes:
         ip("link", "del", self.host_link[0], check=False)  # gone with the namespace; a half-made one is not
 
 
-def wait_ready(server: Server, timeout_s: float = 300) -> None:
+def wait_ready(http: str, process: subprocess.Popen, log: pathlib.Path, timeout_s: float = 300) -> None:
+    """Until both ensembles answer ready on ``http`` (host:port); raises with the log's tail if ``process`` ends."""
+    import urllib.request
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"node 0 exited with {server.process.returncode}:\n{server.tail()}")
+        if process.poll() is not None:
+            raise RuntimeError(f"node 0 exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if all(server.get(f"/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("ensemble", "ensemble_stream")):
+            if all(urllib.request.urlopen(f"http://{http}/v2/models/{m}/ready", timeout=2).status == 200
+                   for m in ("ensemble", "ensemble_stream")):
                 return
         except OSError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"node 0 not ready within {timeout_s} s:\n{server.tail()}")
+    raise RuntimeError(f"node 0 not ready within {timeout_s} s:\n{log.read_text()[-3000:]}")

@@ -1,7 +1,7 @@
 """Decode attention over the paged cache, the torch operations (``PagedAttention._decode``) against the CPU kernel
 (``model/decode_kernel.py``), on the same steps: rows, keys per row, groups, query heads per group, head dim.
 
-    .venv/bin/python tools/decode_attention.py
+    .venv/bin/python tools/probes/decode_attention.py
 
 One torch thread; each row's blocks in random pool order, each row at its own length. Prints microseconds per
 layer for each and the ratio, and the largest difference between the two outputs.
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan  # noqa: E402
 from triton_backend.model.attention import PagedAttention  # noqa: E402

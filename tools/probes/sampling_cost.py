@@ -1,7 +1,7 @@
 """Sampling a step's rows, the CPU kernel (``engine/sampling_kernel.py``) against torch's operations
 (``sample(..., kernel=False)``, the path on CUDA) on the same logits and draws: microseconds per step.
 
-    .venv/bin/python tools/sampling_cost.py
+    .venv/bin/python tools/probes/sampling_cost.py
 
 One torch thread; a 4,096-token vocabulary (the demo model's and the ``long`` preset's). Rows: temperature 0.8 at
 the capacity benchmark's mean batch (43) and at 16, greedy at 64. Also prints how many tokens the two paths chose
@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from preprocessing.params import SamplingParams  # noqa: E402
-from tools.decode_attention import microseconds  # noqa: E402
+from tools.probes.decode_attention import microseconds  # noqa: E402
 from triton_backend.engine.sampling import RowSampler, sample  # noqa: E402
 
 VOCAB = 4096

@@ -1,6 +1,6 @@
 """Decode speed of this tree's engine against another commit's, in one run (the figures a rewrite must keep).
 
-    .venv/bin/python tools/ab_engine.py --baseline 106c8a5 [--batch 1 16 64] [--rounds 2] [--max-tokens 64]
+    .venv/bin/python tools/probes/ab_engine.py --baseline 106c8a5 [--batch 1 16 64] [--rounds 2] [--max-tokens 64]
 
 Checks the baseline out into a git worktree under /tmp, then runs ``tools.offline --bench`` (in-process, no
 Triton) from each tree in turn, ``rounds`` times, on the same checkpoint (the demo model unless CHECKPOINT and
@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def worktree(ref: str) -> pathlib.Path:

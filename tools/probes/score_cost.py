@@ -1,6 +1,6 @@
 """The engine alone: scoring a prompt (its log-probs, nothing generated) against generating one token for it.
 
-    .venv/bin/torchrun --standalone --nproc-per-node 1 -m tools.score_cost [--tokens 200] [--reps 25]
+    .venv/bin/torchrun --standalone --nproc-per-node 1 -m tools.probes.score_cost [--tokens 200] [--reps 25]
 
 The same engine the server runs (``CHECKPOINT``, ``TOKENIZER`` and the other settings from the environment), in
 one process without Triton; each prompt is new to the prefix cache. Prints the p50 of each and the ratio
