@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from triton_backend.engine.outputs import Mirror, StepOutputs
 
-from .protocol import Command, lost
+from .protocol import Command, Fronting, lost
 
 LOG = logging.getLogger(__name__)
 HEADER = 6  # command, tokens, rows, sequences, table entries, plan bytes
@@ -86,32 +86,16 @@ def _bytes(data: bytes, device) -> torch.Tensor:
         torch.empty(0, dtype=torch.uint8, device=device)
 
 
-class PipelineLeader:
+class PipelineLeader(Fronting):
     """Rank 0's side: ``launch`` a step (stage 0 runs here), ``collect`` the oldest step's outputs."""
 
     def __init__(self, gpt, tp: int, pp: int, microbatches: int, group, stage_group=None):
-        self.gpt, self.tp, self.pp, self.microbatches = gpt, tp, pp, microbatches
+        super().__init__(gpt)
+        self.tp, self.pp, self.microbatches = tp, pp, microbatches
         self.group, self.stage_group = group, stage_group
-        self.device = gpt.device
         self.next, self.last = tp, tp * (pp - 1)  # stage 1's and the last stage's TP rank 0
         self.sends = _Sends(group)
         self.mirrored: set[int] = set()  # sequences the last stage has a sampler for
-
-    @property
-    def max_len(self) -> int:
-        return self.gpt.max_len
-
-    @property
-    def cache(self):
-        return self.gpt.cache
-
-    @property
-    def max_slots(self) -> int:
-        return self.gpt.max_slots
-
-    @property
-    def arch(self):
-        return self.gpt.arch
 
     def _message(self, command: Command, sizes=(0, 0, 0, 0), payload=None, plan: bytes = b""):
         header = torch.tensor([command, *sizes, len(plan)], dtype=torch.int64, device=self.device)

@@ -52,14 +52,12 @@ def make_group(timeout_s: float):
     return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
 
 
-class Leader:
-    """Rank 0's side: ``forward`` broadcasts a step to the followers, then runs it locally."""
+class Fronting:
+    """Rank 0's own ``CachedGPT`` behind a leader: the sizes the engine reads pass through to it."""
 
-    def __init__(self, gpt, group=None):
+    def __init__(self, gpt):
         self.gpt = gpt
-        self.group = group
         self.device = gpt.device
-        self.followers = dist.get_world_size() - 1
 
     @property
     def max_len(self) -> int:
@@ -76,6 +74,15 @@ class Leader:
     @property
     def arch(self):
         return self.gpt.arch
+
+
+class Leader(Fronting):
+    """Rank 0's side: ``forward`` broadcasts a step to the followers, then runs it locally."""
+
+    def __init__(self, gpt, group=None):
+        super().__init__(gpt)
+        self.group = group
+        self.followers = dist.get_world_size() - 1
 
     def _send(self, command: Command, sizes: tuple[int, ...] = (0, 0, 0, 0), payload: torch.Tensor | None = None):
         if not self.followers:
