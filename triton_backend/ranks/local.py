@@ -19,9 +19,9 @@ def spawn(world: int, target, *args, timeout_s: float = 300, **kwargs) -> list:
     return value."""
     import torch.multiprocessing as mp
 
-    from tools.ports import free_ports
+    from triton_backend.model.gpt import _free_port
 
-    (port,) = free_ports(1)
+    port = _free_port()  # the job's rendezvous (the package does not reach into tools/)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(rank, world, port, queue, target, args, kwargs)) for rank in range(world)]
