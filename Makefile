@@ -12,7 +12,7 @@ export TP PP PP_MICROBATCHES NNODES NODE_RANK MASTER_ADDR MASTER_PORT CHECKPOINT
        KV_CACHE_MB PREFIX_CACHING COMPILE CUDA_GRAPHS PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache bench-pp bench-nodes bench-api bench-engine bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-cache bench-pp bench-nodes bench-api bench-engine bench-guided bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(PY) -m triton_backend.launch
@@ -46,6 +46,12 @@ bench-engine: setup demo-model $(VENV)/.bench-installed
 # Pipeline stages in-process: batches in flight against one at a time, resident weights per rank (gpt-350m).
 bench-pp: setup demo-model $(VENV)/.bench-installed
 	$(PY) tools/bench_pp.py
+
+# Structured outputs in-process: a 20-property schema's compile time, guided against unguided streams in one run.
+# Options go in BENCH_GUIDED_ARGS, e.g. "--seconds 60" (see tools/bench_guided.py); CHECKPOINT picks the model.
+BENCH_GUIDED_ARGS ?=
+bench-guided: setup demo-model
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 1 -m tools.bench_guided $(BENCH_GUIDED_ARGS)
 
 # Two pipeline stages served on one node against the same on two nodes (network namespaces; needs root).
 bench-nodes: setup demo-model

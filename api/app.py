@@ -55,8 +55,9 @@ def create_app(settings: Settings, link: TritonLink | None = None) -> FastAPI:
         errors = err.errors()
         first = errors[0]
         field = field_of(first.get("loc", ()))
-        if first.get("type") == "extra_forbidden":
-            message = f"'{field}' is not a field this server knows or supports"
+        if first.get("type") == "extra_forbidden":  # named whole: 'structured_outputs.structural_tag'
+            path = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            message = f"'{path}' is not a field this server knows or supports"
         elif first.get("type") in ("json_invalid", "model_attributes_type") or field is None:
             message = f"the request body is not a JSON object of this endpoint: {first.get('msg')}"
             field = None

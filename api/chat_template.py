@@ -3,20 +3,28 @@
 
 The default suits a model trained without a chat format (the demo model): one ``role: content`` line per
 message (``role (name): content`` when the message has a ``name``), then ``assistant:`` for the model to
-continue. A template receives what HuggingFace templates receive:
-``messages`` (role, content), ``add_generation_prompt``, ``bos_token``, ``eos_token`` and ``raise_exception``.
+continue. With tools, a first ``system:`` line lists them and asks for Hermes-style calls
+(``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, as ``tool_calls.py`` reads them), and an
+assistant's earlier calls are written that way. A template receives what HuggingFace templates receive:
+``messages`` (role, content, name, tool_calls, tool_call_id), ``tools``, ``add_generation_prompt``,
+``bos_token``, ``eos_token`` and ``raise_exception``.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TEMPLATE = (
+    "{% if tools %}system: tools {% for tool in tools %}{{ tool.function | tojson }} {% endfor %}"
+    "(call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>)\n{% endif %}"
     "{% for message in messages %}{{ message.role }}{% if message.name %} ({{ message.name }}){% endif %}: "
-    "{{ message.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% for call in message.tool_calls or [] %}<tool_call>{{ {'name': call.function.name, "
+    "'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{{ message.content or '' }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 
@@ -43,21 +51,35 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         self._template = env.from_string(self.source)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self._tokens)
+                                         tools=tools, **self._tokens)
         except TemplateError as err:  # a template that rejects these messages (raise_exception in HF templates)
             raise ValueError(f"the chat template refused the messages: {err}") from None
 
 
 def message_dicts(messages) -> list[dict]:
-    """The request's messages as templates take them: role, content (text parts joined), and name when given."""
+    """The request's messages as templates take them: role, content (text parts joined), and name, tool_calls
+    (arguments decoded, as HuggingFace templates expect them) and tool_call_id when given."""
     out = []
     for m in messages:
-        message = {"role": m.role, "content": m.content if isinstance(m.content, str)
-                   else "".join(part.text for part in m.content)}
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(part.text for part in m.content)
+        message = {"role": m.role, "content": content}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _decoded(c.function.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return out
+
+
+def _decoded(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

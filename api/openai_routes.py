@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import fanout, logprobs
+from . import fanout, logprobs, structured, tool_calls
 from .chat_template import message_dicts
 from .errors import OPENAI_FIELDS, ApiError
 from .openai_schema import MAX_SEED, ChatRequest, CompletionRequest, unsupported
@@ -45,8 +45,9 @@ async def completions(body: CompletionRequest, request: Request):
         params |= {"return_log_probs": True, "top_log_probs": body.logprobs, "return_prompt_log_probs": scoring}
     if body.echo:
         params["exclude_input_in_output"] = False
+    fields = {**OPENAI_FIELDS, **_guided(params, structured.guide(body))}
     shape = _Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
-    return await _respond(request, prompts, params, body, shape, OPENAI_FIELDS, rooms, state.settings.max_queue)
+    return await _respond(request, prompts, params, body, shape, fields, rooms, state.settings.max_queue)
 
 
 @router.post("/v1/chat/completions")
@@ -58,8 +59,10 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise ApiError(400, "set max_completion_tokens or max_tokens, not both", "max_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    guide, answer = _tools(body, state.template.source)
+    offered = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and answer else None
     try:
-        prompt = state.template.render(message_dicts(body.messages))
+        prompt = state.template.render(message_dicts(body.messages), tools=offered)
     except ValueError as err:
         raise ApiError(400, str(err), "messages") from None
     # A template written for the model (CHAT_TEMPLATE, the tokenizer's own) writes its control tokens as text.
@@ -78,7 +81,45 @@ async def chat_completions(body: ChatRequest, request: Request):
     params["add_special_tokens"] = special or None
     if body.logprobs:
         params |= {"return_log_probs": True, "top_log_probs": body.top_logprobs or 0}
-    return await _respond(request, [prompt], params, body, shape, fields, max_queue=state.settings.max_queue)
+    fields |= _guided(params, guide)
+    return await _respond(request, [prompt], params, body, shape, fields, max_queue=state.settings.max_queue,
+                          answer=answer)
+
+
+def _guided(params: dict, guide: tuple[str, str, str] | None) -> dict:
+    """Put the request's guide into ``params``; the field names its errors should carry."""
+    if guide is None:
+        return {}
+    params["guided_decoding_guide_type"], params["guided_decoding_guide"], source = guide
+    return structured.fields(source)
+
+
+def _tools(body: ChatRequest, template: str) -> tuple[tuple[str, str, str] | None, tool_calls.Answer | None]:
+    """The guide this chat request generates under (its own, or the one its ``tool_choice`` forces) and how
+    its answer is read for tool calls (None: plain text)."""
+    guide = structured.guide(body)
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    if not body.tools:
+        if choice != "none":
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return guide, None
+    if choice == "none":
+        return guide, None
+    if guide is not None:
+        raise ApiError(400, f"'{guide[2]}' and tools both constrain the output; with tools, set tool_choice "
+                            f"'none' to use '{guide[2]}'", guide[2])
+    if choice == "auto":
+        return None, tool_calls.Answer("auto", body.tools, tool_calls.template_format(template))
+    if choice == "required":
+        schema = tool_calls.required_schema(body.tools, body.parallel_tool_calls)
+        return ("json_schema", json.dumps(schema), "tools"), tool_calls.Answer("required", body.tools)
+    named = next((t for t in body.tools if t.function.name == choice.function.name), None)
+    if named is None:
+        raise ApiError(400, f"'tool_choice' names '{choice.function.name}', which is not one of the tools",
+                       "tool_choice")
+    schema = tool_calls.parameters_schema(named.function)
+    return ("json_schema", json.dumps(schema), "tools"), tool_calls.Answer("named", body.tools,
+                                                                             named=named.function.name)
 
 
 def _texts(prompt, tokenizer) -> list[str]:
@@ -150,11 +191,13 @@ class _Shape:
             out["usage"] = usage
         return out
 
-    def choice(self, index: int, text: str, finish_reason: str | None, delta: bool = False,
-               scores: dict | None = None) -> dict:
+    def choice(self, index: int, text: str | None, finish_reason: str | None, delta: bool = False,
+               scores: dict | None = None, calls: list[dict] | None = None) -> dict:
         if not self.chat:
             return {"index": index, "text": text, "logprobs": scores, "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+        if calls:
+            message["tool_calls"] = calls
         return {"index": index, "delta" if delta else "message": message, "logprobs": scores,
                 "finish_reason": finish_reason}
 
@@ -188,14 +231,15 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _respond(request: Request, prompts, params, body, shape: _Shape, fields: dict,
-                   max_tokens: list[int] | None = None, max_queue: int | None = None):
+                   max_tokens: list[int] | None = None, max_queue: int | None = None,
+                   answer: tool_calls.Answer | None = None):
     link = request.app.state.link
     if max_queue is not None and len(prompts) * body.n > max_queue:  # refused whole, before any of it runs
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} generations, more "
                             f"than the server queues at once ({max_queue})", "n" if body.n > 1 else "prompt")
     requests = _requests(prompts, params, body.n, max_tokens)
     if body.stream:
-        return await _stream(link, requests, body, shape, fields)
+        return await _stream(link, requests, body, shape, fields, answer)
     try:  # when one choice fails, or the client leaves, the others are cancelled (their streams with them)
         outputs = await fanout.while_connected(request, fanout.gather(link.generate(prompt, p)
                                                                       for _, prompt, p in requests))
@@ -203,14 +247,16 @@ async def _respond(request: Request, prompts, params, body, shape: _Shape, field
         raise ApiError.from_triton(err, fields) from None
     except fanout.ClientGone:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
-    choices = [shape.choice(index, out.text, out.finish_reason, scores=shape.scores(out, body, 0, True)[0])
-               for (index, _, _), out in zip(requests, outputs)]
+    choices = []
+    for (index, _, _), out in zip(requests, outputs):
+        text, calls, reason = answer.final(out.text, out.finish_reason) if answer else (out.text, [], out.finish_reason)
+        choices.append(shape.choice(index, text, reason, scores=shape.scores(out, body, 0, True)[0], calls=calls))
     # Each prompt counts once however many choices it has, as OpenAI counts it.
     prompt_tokens = sum(out.prompt_tokens for (index, _, _), out in zip(requests, outputs) if index % body.n == 0)
     return JSONResponse(shape.envelope(choices, _usage(prompt_tokens, sum(o.completion_tokens for o in outputs))))
 
 
-async def _stream(link, requests, body, shape: _Shape, fields: dict):
+async def _stream(link, requests, body, shape: _Shape, fields: dict, answer: tool_calls.Answer | None = None):
     """Server-sent events. Each request's first response is awaited before answering, so a request Triton
     refuses gets its 400 rather than a stream that carries an error; its siblings are cancelled then (a stream
     still waiting for its first response is stopped before it is closed)."""
@@ -223,7 +269,7 @@ async def _stream(link, requests, body, shape: _Shape, fields: dict):
             raise ApiError.from_triton(err, fields) from None
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _events(streams, firsts, [index for index, _, _ in requests], body, shape, include_usage)
+    events = _events(streams, firsts, [index for index, _, _ in requests], body, shape, include_usage, answer)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
@@ -268,8 +314,9 @@ async def _merged(streams, firsts: list[Output]) -> AsyncIterator[tuple[int, Out
 
 
 async def _events(streams, firsts: list[Output], indexes: list[int], body, shape: _Shape,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, answer: tool_calls.Answer | None = None) -> AsyncIterator[str]:
     prompt_tokens, completion = [0] * len(streams), [0] * len(streams)
+    readers = [answer.stream() for _ in streams] if answer else None
     offsets, started = [0] * len(streams), [False] * len(streams)
     merged = _merged(streams, firsts)
     try:
@@ -286,8 +333,11 @@ async def _events(streams, firsts: list[Output], indexes: list[int], body, shape
             prompt_tokens[k], completion[k] = item.prompt_tokens, item.completion_tokens
             scores, offsets[k] = shape.scores(item, body, offsets[k], not started[k])
             started[k] = True
-            if item.text or item.finish_reason or item.tokens or item.prompt_texts:
-                choice = shape.choice(indexes[k], item.text, item.finish_reason or None, delta=True, scores=scores)
+            text, calls, reason = item.text, [], item.finish_reason or None
+            if readers:
+                text, calls, reason = readers[k].feed(item.text, reason)
+            if text or calls or reason or item.tokens or item.prompt_texts:
+                choice = shape.choice(indexes[k], text, reason, delta=True, scores=scores, calls=calls)
                 yield _sse(shape.envelope([choice], None, chunk=True))
         if include_usage:
             prompts = sum(t for k, t in enumerate(prompt_tokens) if indexes[k] % body.n == 0)

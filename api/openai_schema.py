@@ -10,6 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .structured import Guided
+from .tool_calls import Tool, ToolChoice
+
 MAX_SEED = 2**64 - 1
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -34,8 +37,8 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
-    """What both endpoints share: OpenAI's sampling fields and vLLM's extras."""
+class _Sampling(_Strict, Guided):
+    """What both endpoints share: OpenAI's sampling fields, structured outputs and vLLM's extras."""
 
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -74,10 +77,23 @@ class TextPart(_Strict):
     text: Text
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text | list[TextPart] | None = None  # None only beside an assistant's tool_calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
 
 class ChatRequest(_Sampling):
@@ -89,6 +105,9 @@ class ChatRequest(_Sampling):
     # Special-token texts in the rendered messages read as those tokens; default: when the template is the
     # model's own (CHAT_TEMPLATE or the tokenizer's), not the built-in one.
     add_special_tokens: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
 
 
 def unsupported(request: _Sampling) -> str | None:

@@ -10,7 +10,8 @@ from preprocessing.params import SCALARS, WORD_LISTS
 
 OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cum_log_probs",
            "output_log_probs"]
-_WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL"}
+_WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL",
+         "TYPE_STRING": "BYTES"}
 
 
 class GenerationError(RuntimeError):
@@ -130,6 +131,8 @@ def request_inputs(tc, prompt: str, **params) -> list:
             continue
         wire, dtype = ("BOOL", np.bool_) if name == "stream" else (_WIRE[SCALARS[name].triton_type],
                                                                      SCALARS[name].dtype)
+        if dtype is np.object_:
+            value = value.encode("utf-8")
         tensor = tc.InferInput(name, [1, 1], wire)
         tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
         tensors.append(tensor)

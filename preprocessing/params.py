@@ -52,9 +52,14 @@ SCALARS: dict[str, Scalar] = {
     "top_p_bound": Scalar("TYPE_FP32", np.float32),
     "add_bos": Scalar("TYPE_BOOL", np.bool_),
     "add_special_tokens": Scalar("TYPE_BOOL", np.bool_),
+    # Structured outputs (DESIGN.md): TensorRT-LLM's tensor names
+    "guided_decoding_guide_type": Scalar("TYPE_STRING", np.object_),
+    "guided_decoding_guide": Scalar("TYPE_STRING", np.object_),
 }
 
 MAX_SEED = 2**64 - 1
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar", "choice")
+MAX_GUIDE_CHARS = 256 * 1024  # a schema, regex, grammar or list of choices
 MAX_TOP_LOG_PROBS = 20  # alternatives per position, as OpenAI allows
 
 # String-list inputs ([-1] per request): ensemble name -> (most words, longest word in characters).
@@ -88,6 +93,9 @@ class SamplingParams:
     add_bos: bool = False  # the tokenizer's end-of-document token before the prompt (Megatron's add_BOS)
     # Special-token texts in the prompt (``</s>``, ``<|eot_id|>``, ...) read as those tokens; else they are text
     add_special_tokens: bool = False
+    # What the output must match (``triton_backend/engine/grammar.py``): a type of GUIDE_TYPES and its text
+    guided_decoding_guide_type: str = ""
+    guided_decoding_guide: str = ""
 
     def top_p_at(self, generated: int) -> float:
         """The top_p that the token after ``generated`` generated tokens is drawn with."""
@@ -138,6 +146,16 @@ class SamplingParams:
             raise InvalidRequest("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means off)")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequest("seed", self.seed, "must be an unsigned 64-bit integer")
+        kind, guide = self.guided_decoding_guide_type, self.guided_decoding_guide
+        if kind and kind not in GUIDE_TYPES:
+            raise InvalidRequest("guided_decoding_guide_type", kind[:32], f"must be one of {', '.join(GUIDE_TYPES)}")
+        if guide and not kind:
+            raise InvalidRequest("guided_decoding_guide", guide[:32], "needs guided_decoding_guide_type")
+        if kind not in ("", "json") and not guide:
+            raise InvalidRequest("guided_decoding_guide", "", f"is required with guided_decoding_guide_type {kind!r}")
+        if len(guide) > MAX_GUIDE_CHARS:
+            raise InvalidRequest("guided_decoding_guide", f"<{len(guide)} characters>",
+                                 f"at most {MAX_GUIDE_CHARS} characters")
         for name, (most, longest) in WORD_LISTS.items():
             words = getattr(self, name)
             if len(words) > most:
@@ -147,17 +165,19 @@ class SamplingParams:
                     raise InvalidRequest(name, word[:32], f"each word must have 1 to {longest} characters")
 
 
+def text(value, field: str) -> str:
+    """A string tensor's value as text; it must be UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest(field, value[:32], "must be valid UTF-8") from None
+    return str(value)
+
+
 def words(values, field: str) -> tuple[str, ...]:
     """One row's string-list tensor as text; every entry must be UTF-8."""
-    out = []
-    for value in values:
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest(field, value[:32], "must be valid UTF-8") from None
-        out.append(str(value))
-    return tuple(out)
+    return tuple(text(value, field) for value in values)
 
 
 def from_tensors(values: dict, upper: bool = False) -> SamplingParams:
@@ -172,11 +192,15 @@ def from_tensors(values: dict, upper: bool = False) -> SamplingParams:
         if values.get(key) is not None:
             kwargs[name] = words(values[key], key)
     for name, spec in SCALARS.items():
-        value = values.get(name.upper() if upper else name)
+        key = name.upper() if upper else name
+        value = values.get(key)
         if value is None:
             if spec.required:
-                raise InvalidRequest(name.upper() if upper else name, None, "is required")
+                raise InvalidRequest(key, None, "is required")
             continue
-        kwargs[name] = bool(value) if spec.dtype is np.bool_ else (float(value) if spec.dtype is np.float32
-                                                                   else int(value))
+        if spec.dtype is np.object_:
+            kwargs[name] = text(value, key)
+        else:
+            kwargs[name] = bool(value) if spec.dtype is np.bool_ else (float(value) if spec.dtype is np.float32
+                                                                       else int(value))
     return SamplingParams(**kwargs)

@@ -303,7 +303,8 @@ def main(module: str = "triton_backend.server") -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if pp > 1:
-            pipeline.follow(gpt, tp, pp, group, stage_groups[rank // tp])
+            pipeline.follow(gpt, tp, pp, group, stage_groups[rank // tp],
+                            tokenizer=lambda: tokenization.load(tokenizer_spec(cfg)))
         else:
             follow(gpt, group)
         return 0

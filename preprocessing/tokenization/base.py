@@ -107,6 +107,11 @@ class Tokenizer:
         whole = self.decode(context + [int(i) for i in new_ids])
         return whole[len(head):] if whole.startswith(head) else self.decode(new_ids)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as it appears in text (None: a special or control token, never part of text): the
+        vocabulary a grammar engine masks (``triton_backend/engine/grammar.py``)."""
+        raise NotImplementedError(f"{self.type_name} has no text per token")
+
     def info(self) -> dict:
         """What ``/tokenizer_info`` shows."""
         return {"tokenizer_class": self.type_name, "vocab_size": self.vocab_size,

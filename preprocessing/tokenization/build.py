@@ -16,6 +16,8 @@ import pathlib
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from .byte_level import byte_decoder
+
 GPT2_EOD = "<|endoftext|>"
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_CHAT_TEMPLATE = (
@@ -58,22 +60,9 @@ def gpt2_bpe(out: pathlib.Path, texts: list[str] | None = None, vocab_size: int 
     return out
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes, reversed (the byte-level alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
 def tiktoken_vocabulary(path: pathlib.Path, gpt2_dir: pathlib.Path) -> pathlib.Path:
     """Megatron's TikTokenizer JSON from a GPT-2-format BPE: ranks are merge order, the bytes first."""
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     merges = (gpt2_dir / "merges.txt").read_text().splitlines()[1:]
     entries = [bytes([b]) for b in range(256)]
     seen = set(entries)

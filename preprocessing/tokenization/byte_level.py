@@ -15,8 +15,22 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from .base import Tokenizer, TokenizerError
+from .sentencepiece import piece_bytes
 
 GPT2_EOD = "<|endoftext|>"
+
+
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes, reversed (the byte-level alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class _ByteLevel(Tokenizer):
@@ -37,6 +51,25 @@ class _ByteLevel(Tokenizer):
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Byte-level vocabularies spell bytes with GPT-2's printable stand-ins; others (a sentencepiece model
+        converted to ``tokenizer.json``: Metaspace, byte fallback) are read as sentencepiece pieces."""
+        decoder = json.loads(self._plain.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+        stand_ins = byte_decoder() if "ByteLevel" in kinds else None
+        added = set(self._plain.get_added_tokens_decoder())
+        out: list[bytes | None] = [None] * self.vocab_size
+        for text, i in self._plain.get_vocab(with_added_tokens=True).items():
+            if i in self.special_ids or i >= self.vocab_size:
+                continue
+            if i in added:  # an added token that is not special is written as itself
+                out[i] = text.encode("utf-8")
+            elif stand_ins is not None:
+                out[i] = bytes(stand_ins[c] for c in text) if all(c in stand_ins for c in text) else None
+            else:
+                out[i] = piece_bytes(text, len(text) == 6 and text.startswith("<0x") and text.endswith(">"))
+        return out
 
 
 class GPT2BPETokenizer(_ByteLevel):

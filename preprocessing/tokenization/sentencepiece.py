@@ -23,6 +23,14 @@ def _processor(path: pathlib.Path) -> spm.SentencePieceProcessor:
         raise TokenizerError(f"{path} is not a sentencepiece model: {err}") from None
 
 
+def piece_bytes(piece: str, byte: bool = False) -> bytes:
+    """A sentencepiece piece's bytes in text: a byte-fallback piece (``byte``, written ``<0x0A>``) is that byte;
+    elsewhere U+2581 is a space."""
+    if byte:
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 def _control_pieces(sp: spm.SentencePieceProcessor) -> dict[str, int]:
     """The model's control pieces (``<s>``, ``</s>``, a pad): never produced from text, dropped by its decode."""
     return {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
@@ -45,6 +53,15 @@ class GPTSentencePieceTokenizer(Tokenizer):
 
     def _decode_plain(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def token_bytes(self) -> list[bytes | None]:
+        sp, out = self.sp, []
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i) or i in self.special_ids:
+                out.append(None)
+            else:
+                out.append(piece_bytes(sp.id_to_piece(i), sp.is_byte(i)))
+        return out + [None] * (self.vocab_size - len(out))  # Megatron's added ids (SentencePieceTokenizer)
 
     def token_text(self, token_id):
         if token_id is not None and 0 <= token_id < self.sp.get_piece_size():

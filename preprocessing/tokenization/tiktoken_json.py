@@ -79,6 +79,7 @@ class TikTokenizer(Tokenizer):
                                         mergeable_ranks={t: r + num_special for t, r in inner.items()},
                                         special_tokens=special)
         super().__init__(special)
+        self._bytes = {r + num_special: t for t, r in inner.items()}
         self.vocab_size = vocab_size
         self.unk_id, self.bos_id, self.eos_id = (special[t] for t in DEFAULT_SPECIAL_TOKENS)
         self.pad_id = special.get("<pad>", self.eos_id)
@@ -88,3 +89,6 @@ class TikTokenizer(Tokenizer):
 
     def _decode_plain(self, ids: list[int]) -> str:
         return self._model.decode(ids)
+
+    def token_bytes(self) -> list[bytes | None]:
+        return [self._bytes.get(i) for i in range(self.vocab_size)]

@@ -27,7 +27,9 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_EXAM
 GREEDY = dict(max_tokens=24, temperature=0.0, end_id=-1)
 PROBE = "The for statement"
 
-WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL"}
+WIRE = {"TYPE_INT32": "INT32", "TYPE_FP32": "FP32", "TYPE_UINT64": "UINT64", "TYPE_BOOL": "BOOL",
+        "TYPE_STRING": "BYTES"}
+GUIDE_FIELDS = {"guided_decoding_guide_type", "guided_decoding_guide"}
 NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64, "UINT64": np.uint64,
          "BOOL": np.bool_, "BYTES": object}
 BATCH_WORDS = ("batch-size", "batch size")  # Triton's own words for a request with a batch it cannot take
@@ -48,6 +50,13 @@ ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, -1, 1, 25
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 words = st.one_of(st.lists(texts.filter(lambda b: len(b) < 400), max_size=4),
                   st.sampled_from([300, 3000]).map(lambda n: [b"w%d" % i for i in range(n)]))
+# Guides: valid and malformed schemas, regexes, grammars and choices, huge ones, and any text.
+guide_types = st.one_of(st.sampled_from([b"json", b"json_schema", b"regex", b"ebnf_grammar", b"choice"]), texts)
+guides = st.one_of(texts, st.sampled_from([
+    b'{"type": "object", "properties": {"a": {"type": "integer"}}}', b'{"type": 5}', b'{"$ref": "#/nowhere"}', b"{",
+    b"[a-", b"(x|y)+", b'root ::= "x" [0-9]', b"root ::= missing", b'["a", "b"]', b"[]", b'{"anyOf": []}',
+    b'{"type": "string", "pattern": "("}', b"a" * 300_000,
+]), st.integers(1, 4000).map(lambda n: ("[" + ", ".join(f'"c{i}"' for i in range(n)) + "]").encode()))
 
 
 SENSIBLE = {"temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.integers(0, 50),
@@ -63,6 +72,8 @@ def wild_scalar(name: str):
         return st.integers(0, 2**64 - 1)
     if kind == "TYPE_BOOL":
         return st.booleans()
+    if kind == "TYPE_STRING":
+        return guide_types if name == "guided_decoding_guide_type" else guides
     return ints
 
 
@@ -89,7 +100,7 @@ def fuzzed_request(draw) -> Case:
         wild = name not in SENSIBLE or draw(st.booleans())
         value = draw(wild_scalar(name) if wild else SENSIBLE[name])
         request[name] = (WIRE[SCALARS[name].triton_type], [batch, 1], value)
-        suspects |= {name} if wild else set()
+        suspects |= ({name} if wild else set()) | (GUIDE_FIELDS if name in GUIDE_FIELDS else set())
     for name in draw(st.lists(st.sampled_from(sorted(WORD_LISTS)), max_size=2, unique=True)):
         values = draw(words)
         request[name] = ("BYTES", [batch, len(values)], values)

@@ -1,5 +1,6 @@
-"""Every serving feature at PP=2 with two batches in flight: the streaming, sampling, scoring, prefix-caching and
-cancellation tests of the one-rank server, run again here against a two-stage server of the same model."""
+"""Every serving feature at PP=2 with two batches in flight: the streaming, sampling, scoring, prefix-caching,
+cancellation and structured-output tests of the one-rank server, run again here against a two-stage server of
+the same model."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from .test_streaming import (  # noqa: F401
     test_presence_and_frequency_penalties_stop_greedy_repetition,
     test_stop_word_across_token_boundaries_stops_early_in_both_modes,
     test_streamed_deltas_concatenate_to_the_unary_text,
+)
+from .test_structured_outputs import (  # noqa: F401
+    test_a_bad_guide_does_not_disturb_its_batch,
+    test_a_guided_stream_concatenates_to_the_unary_text,
+    test_each_guide_type_over_both_protocols,
+    test_streamed_tool_calls_send_id_and_name_first_then_arguments,
 )
 
 pytestmark = pytest.mark.timeout(600)

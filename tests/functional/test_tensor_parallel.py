@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -25,6 +26,10 @@ REQUESTS = [
     ("Every for statement", dict(max_tokens=24, temperature=0.0, return_log_probs=True)),  # only the first word differs
     ("Exceptions are raised", dict(max_tokens=24, temperature=1.0, seed=11, end_id=-1, return_log_probs=True)),
     ("A class definition", dict(max_tokens=16, temperature=0.8, top_k=50, seed=5, return_log_probs=True)),
+    # structured outputs: the guide's matcher at rank 0, or compiled again at the last pipeline stage
+    ("A point:", dict(max_tokens=40, temperature=0.0, return_log_probs=True, guided_decoding_guide_type="json_schema",
+                      guided_decoding_guide='{"type": "object", "properties": {"x": {"type": "integer"}, "tag": '
+                                            '{"type": "string", "maxLength": 6}}, "required": ["x", "tag"]}')),
 ]
 
 
@@ -72,6 +77,7 @@ def reference(server):
     results = outputs(server)
     assert results[0].text != results[1].text
     assert len({r.text for r in results}) == len(results)
+    assert results[-1].finish_reason == "stop" and set(json.loads(results[-1].text)) == {"x", "tag"}
     return results
 
 

@@ -5,6 +5,7 @@ log-probs, finish reasons and text; cancellations and refusals must cross the li
 nothing in flight may wait for ever.
 """
 
+import json
 import socket
 from multiprocessing.connection import Connection
 
@@ -158,3 +159,18 @@ def test_when_the_hand_over_stays_full_the_engine_fails_instead_of_waiting_for_e
         assert isinstance(engine.fatal, TimeoutError) and "has not read" in str(engine.fatal)
     finally:
         engine.stop()
+
+
+def test_a_guide_being_compiled_holds_no_other_request_and_may_be_cancelled_first(engine, tiny_tokenizer):
+    """A schema that takes a while to compile compiles beside the link: a request sent after it is served
+    meanwhile, and a cancellation that comes before the guide is compiled still ends it."""
+    _, remote, _ = link(engine, tiny_tokenizer)
+    big = json.dumps({"type": "object", "properties": {f"property_{i}": {"type": "integer"} for i in range(3000)}})
+    slow = remote.submit([5, 6], params(0, guided_decoding_guide_type="json_schema", guided_decoding_guide=big))
+    quick = remote.submit([5, 6], params(1, max_tokens=4))
+    assert quick.wait(30) and quick.error is None
+    assert not engine.grammars.has("json_schema", big)  # served while the guide was still compiling
+    remote.cancel(slow)
+    assert slow.wait(60) and slow.finish_reason == "cancelled" and not slow.tokens
+    bad = remote.submit([5, 6], params(2, guided_decoding_guide_type="regex", guided_decoding_guide="(("))
+    assert bad.wait(30) and "guided_decoding_guide" in bad.error and "does not compile" in bad.error

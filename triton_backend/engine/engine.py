@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 import torch
 
-from preprocessing.params import SamplingParams
+from preprocessing.params import InvalidRequest, SamplingParams
 from triton_backend.cache.blocks import BlockPool
 
 from .generation import EngineBusy, Generation, new_generation, validate
+from .grammar import GUIDE_TYPE, Grammars, prefetch
 from .outputs import Scored, StepOutputs, compute, failure
 from .sampling import RowSampler
 from .sequence import Sequence
@@ -99,7 +100,8 @@ class Engine:
                  failures_fatal: bool = False, tokenizer=None, max_request_s: float = 0.0,
                  cpus: set[int] | None = None, prefix_caching: bool = True, reserve_context: bool = False):
         self.gpt = gpt
-        self.tokenizer = tokenizer  # needed for stop words, bad words and streaming text
+        self.tokenizer = tokenizer  # needed for stop words, bad words, streaming text and guides
+        self.grammars = Grammars(tokenizer) if tokenizer is not None else None
         self.failures_fatal = failures_fatal
         self.fatal: BaseException | None = None
         self.step_started: float | None = None  # monotonic time the running step began (for watchdogs)
@@ -161,9 +163,17 @@ class Engine:
         validate(prompt, params, self.vocab_size, self.context, self.tokenizer)
 
     def submit(self, prompt: list[int], params: SamplingParams, listener=None, track_text: bool = False) -> Generation:
-        """Queue a request; ``listener(generation)`` runs on the engine thread after every new token."""
+        """Queue a request; ``listener(generation)`` runs on the engine thread after every new token. Its guide
+        compiles here, on the caller's thread (or comes from the cache), never on the engine's."""
         self.validate(prompt, params)
+        guide = None
+        if params.guided_decoding_guide_type:
+            if self.grammars is None:
+                raise InvalidRequest(GUIDE_TYPE, params.guided_decoding_guide_type,
+                                     "needs the tokenizer, which this engine was not given")
+            guide = self.grammars.guide(params.guided_decoding_guide_type, params.guided_decoding_guide)
         generation = new_generation(prompt, params, self.tokenizer, listener, track_text)
+        generation.guide = guide
         with self._wake:
             if self._stopping or self._closing:
                 raise EngineBusy("the server is shutting down and takes no new requests")
@@ -380,7 +390,8 @@ class Engine:
         p = generation.params
         end_id = self.eos_id if p.end_id is None else p.end_id
         seed = p.seed if p.seed is not None else secrets.randbits(63)
-        return Sequence(generation, RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words)))
+        return Sequence(generation, RowSampler(p, generation.prompt, end_id, seed, self._bad_sequences(p.bad_words),
+                                               generation.guide))
 
     def _chunk(self, row: Sequence, budget: int) -> int:
         """Prompt tokens of ``row`` to run this step: at most ``budget``, and fewer deep into a long prompt, so that
@@ -462,6 +473,7 @@ class Engine:
             self.gpt.launch(step, [(r.id, s) for r, s in scored], [(r.id, r.sampler) for r in sampled], released,
                             self.vocab_size)
         else:
+            prefetch([r.sampler.guide for r in sampled if r.sampler.guide is not None], self.vocab_size)
             logits = self.gpt.forward(*step)
             launched.outputs = compute(logits, [s for _, s in scored], [r.sampler for r in sampled], self.vocab_size)
         self._in_flight.append(launched)
@@ -515,6 +527,10 @@ class Engine:
             g.logprobs.append(logprob)
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
+                self._retire(row, reason="stop")
+            elif s.guide is not None and s.guide.error():
+                self._retire(row, error=s.guide.error())
+            elif s.guide is not None and s.guide.complete():  # the grammar takes nothing more
                 self._retire(row, reason="stop")
             elif len(g.tokens) >= g.params.max_tokens:
                 self._retire(row, reason="length")

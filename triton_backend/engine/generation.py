@@ -41,6 +41,7 @@ class Generation:
     tracker: TextTracker | None = None  # text so far, when stop words or streaming need it
     listener: Callable[[Generation], None] | None = None  # called on every change (see the owner's docs)
     cancelled: bool = False  # set by ``cancel``; the engine retires it before its next step
+    guide: object = None  # its compiled grammar (``grammar.Guide``), when it asks for structured output
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     def _notify(self) -> None:

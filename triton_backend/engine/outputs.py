@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .grammar import prefetch
 from .sampling import RowSampler, alternatives, model_log_probs, sample
 
 LOG = logging.getLogger(__name__)
@@ -98,14 +99,24 @@ class Mirror:
     """The last pipeline stage's copies of rank 0's samplers, by sequence id: made from the sampler rank 0 sends
     with a sequence's first step, advanced by the tokens they sample, dropped when rank 0 releases them."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, grammars=None):
         self.vocab_size = vocab_size
+        self.grammars = grammars  # compiles the guides of the samplers it receives (``grammar.Grammars``)
         self.samplers: dict[int, RowSampler] = {}
+
+    def prepare(self, plan: dict) -> None:
+        """Before the stage's forward pass: take the step's new samplers, and start filling the masks of its
+        guided rows while the pass runs."""
+        self.samplers.update(plan["new"])
+        for sampler in plan["new"].values():
+            if sampler.guide is not None:
+                self.grammars.rebuild(sampler.guide, sampler.generated)
+        guides = [self.samplers[i].guide for i in plan["sampled"] if self.samplers[i].guide is not None]
+        prefetch(guides, self.vocab_size)
 
     def run(self, logits: torch.Tensor, plan: dict) -> StepOutputs:
         """``plan``: ``new`` {id: sampler}, ``released`` [ids], ``scored`` [(id, at, count, first)], ``sampled``
-        [ids] (see ``pipeline.wire_plan``)."""
-        self.samplers.update(plan["new"])
+        [ids] (see ``pipeline.wire_plan``), after ``prepare``."""
         scored = [Scored(self.samplers[i], at, count, first) for i, at, count, first in plan["scored"]]
         samplers = [self.samplers[i] for i in plan["sampled"]]
         out = compute(logits, scored, samplers, self.vocab_size)

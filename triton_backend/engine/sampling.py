@@ -15,6 +15,7 @@ import torch
 from preprocessing.params import SamplingParams
 
 from . import sampling_kernel
+from .grammar import Guide, apply_guides
 
 NEG_INF = float("-inf")
 
@@ -23,8 +24,9 @@ class RowSampler:
     """Random stream and token history of one sequence."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], end_id: int, seed: int,
-                 bad: tuple[tuple[int, ...], ...] = ()):
+                 bad: tuple[tuple[int, ...], ...] = (), guide: Guide | None = None):
         self.params = params
+        self.guide = guide  # the grammar its tokens must follow (structured outputs), if any
         self.end_id = end_id
         self.bad = bad  # token sequences never to complete
         self.generator = random.Random(seed)
@@ -48,6 +50,8 @@ class RowSampler:
         """The token chosen for this step; the next one gets a fresh draw."""
         self.generated.append(token)
         self._draw = None
+        if self.guide is not None:
+            self.guide.accept(token)
 
     def tail(self, n: int) -> tuple[int, ...]:
         """The last ``n`` tokens of prompt + generated."""
@@ -73,8 +77,9 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
     """Pick the next token of every row; returns the tokens and their log-probabilities under the model.
 
     ``logits`` is float32 [rows, padded_vocab]; ids at or above ``vocab_size`` (Megatron's vocabulary padding)
-    are never chosen: only the first ``vocab_size`` columns are read. Penalties and bans work on a copy, made
-    only when a row has one: at 64 rows a copy of the logits cost about as much as the greedy choice itself.
+    are never chosen: only the first ``vocab_size`` columns are read. A row with a guide is then masked to the
+    tokens its grammar allows (after penalties and bans, before temperature and truncation). Edits work on a
+    copy, made only when a row has one: at 64 rows a copy of the logits cost about as much as the greedy choice.
     On CPU the rows that are greedy or temperature-only and unedited are sampled by a C kernel
     (``sampling_kernel.py``; ``kernel`` False: torch's operations for every row, as on CUDA).
     """
@@ -91,6 +96,12 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
             *head, last = sequence
             if not head or row.tail(len(head)) == tuple(head):
                 logits[i, last] = NEG_INF
+    guided = [i for i, row in enumerate(rows) if row.guide is not None]
+    if guided:
+        apply_guides(logits, guided, [rows[i].guide for i in guided], [rows[i].end_id for i in guided])
+        for i in guided:  # bans (bad words, min_length) may leave a guided row nothing to choose
+            if (rows[i].bad or rows[i].params.min_length) and bool(torch.isneginf(logits[i]).all()):
+                raise ValueError("no token is both allowed by the guide and left by bad_words and min_length")
 
     chosen, rest = None, range(len(rows))  # rest: the rows torch's operations choose for
     if sampling_kernel.applies(model_logits) if kernel is None else kernel:
@@ -144,10 +155,10 @@ def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
 
 def _edits(row: RowSampler) -> bool:
     """Whether ``sample`` changes this row's logits before choosing: penalties, an end token held back by
-    ``min_length``, bad words."""
+    ``min_length``, bad words, a guide."""
     p = row.params
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty) or bool(row.bad) \
-        or (row.end_id >= 0 and len(row.generated) < p.min_length)
+    return row.guide is not None or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty) \
+        or bool(row.bad) or (row.end_id >= 0 and len(row.generated) < p.min_length)
 
 
 def model_log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

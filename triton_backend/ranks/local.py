@@ -65,19 +65,21 @@ class Outcome:
 
 def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: list, vocab_size: int = 0,
              eos_id: int = 2, max_slots: int = 64, kv_cache_mb: float = 64, threads: int = 1, graphs: str | None = None,
-             **engine) -> dict | None:
+             tokenizer: bool = False, **engine) -> dict | None:
     """One rank of a TP x PP job serving ``checkpoint``: rank 0 runs ``requests`` ((prompt, SamplingParams), all
     submitted at once) through an engine and returns their outcomes, the seconds they took, and every rank's
     resident weight bytes; the other ranks follow and return None. ``kv_cache_mb`` may be a fraction here (a
     cache of a few blocks, for tests); ``graphs`` "eager" runs decode steps through the static steps of
-    ``model/graphs.py`` without capture (how CPU tests check them)."""
+    ``model/graphs.py`` without capture (how CPU tests check them); ``tokenizer``: the engine gets the
+    checkpoint's tokenizer (stop words, guides)."""
     import torch.distributed as dist
 
+    from preprocessing import tokenization
     from triton_backend.config import ServerConfig
     from triton_backend.engine.engine import Engine
     from triton_backend.model.gpt import init_parallel
     from triton_backend.ranks import pipeline, protocol
-    from triton_backend.server import load_gpt
+    from triton_backend.server import load_gpt, tokenizer_spec
 
     torch.set_num_threads(threads)
     init_parallel(tp, "cpu", timeout_s=120, pipeline_parallel=pp)
@@ -94,7 +96,8 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
         weights = torch.cat(every)
     if rank != 0:
         if pp > 1:
-            pipeline.follow(gpt, tp, pp, group, stage_groups[rank // tp])
+            pipeline.follow(gpt, tp, pp, group, stage_groups[rank // tp],
+                            tokenizer=lambda: tokenization.load(tokenizer_spec(cfg, fresh=True)))
         elif tp > 1:
             protocol.follow(gpt, group)
         dist.destroy_process_group()
@@ -104,6 +107,8 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
     else:
         model = protocol.Leader(gpt, group) if tp > 1 else gpt
     vocab_size = vocab_size or gpt.arch.padded_vocab_size
+    if tokenizer:
+        engine["tokenizer"] = tokenization.load(tokenizer_spec(cfg, fresh=True))
     eng = Engine(model, vocab_size, eos_id, failures_fatal=tp * pp > 1, **engine).start()
     try:
         started = time.perf_counter()

@@ -32,6 +32,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
+from triton_backend.engine.grammar import Grammars
 from triton_backend.engine.outputs import Mirror, StepOutputs
 
 from .protocol import Command, Fronting, lost
@@ -145,13 +146,14 @@ class PipelineLeader(Fronting):
             LOG.warning("could not tell the pipeline to shut down: %s", err)
 
 
-def follow(gpt, tp: int, pp: int, group, stage_group=None) -> None:
+def follow(gpt, tp: int, pp: int, group, stage_group=None, tokenizer=None) -> None:
     """A follower's whole life at PP > 1: run each step rank 0 launched on this rank's stage and pass it on,
-    until SHUTDOWN (or a communication error, which raises)."""
+    until SHUTDOWN (or a communication error, which raises). ``tokenizer``: a function that loads the serving
+    tokenizer, which the last stage needs for the sequences with a guide (structured outputs)."""
     rank = dist.get_rank()
     stage, tp_rank = divmod(rank, tp)
     last = stage == pp - 1
-    mirror = Mirror(0) if last and tp_rank == 0 else None
+    mirror = Mirror(0, Grammars(tokenizer)) if last and tp_rank == 0 else None
     sends = _Sends(group)
     device = gpt.device
     hidden_size, dtype = gpt.arch.hidden_size, next(gpt.model.parameters()).dtype
@@ -182,11 +184,13 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None) -> None:
         payload = receive(torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=device))
         plan = receive(torch.empty(plan_bytes, dtype=torch.uint8, device=device))
         hidden = receive(torch.empty(n, hidden_size, dtype=dtype, device=device)) if stage > 0 else None
+        if mirror is not None:  # its guided rows' masks fill while the forward pass runs
+            wanted = pickle.loads(plan.cpu().numpy().tobytes())
+            mirror.vocab_size = wanted["vocab"]
+            mirror.prepare(wanted)
         out = gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]), hidden=hidden)
         if not last:
             sends.send([header, payload, plan, out], rank + tp)
         elif mirror is not None:
-            wanted = pickle.loads(plan.cpu().numpy().tobytes())
-            mirror.vocab_size = wanted["vocab"]
             data = pickle.dumps(mirror.run(out, wanted))
             sends.send([torch.tensor([len(data)], dtype=torch.int64, device=device), _bytes(data, device)], 0)

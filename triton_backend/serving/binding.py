@@ -54,7 +54,8 @@ def tensors():
         Tensor(name="INPUT_LENGTH", dtype=np.int32, shape=(1,)),
     ]
     inputs += [
-        Tensor(name=name.upper(), dtype=spec.dtype, shape=(1,), optional=not spec.required)
+        Tensor(name=name.upper(), dtype=bytes if spec.dtype is np.object_ else spec.dtype, shape=(1,),
+               optional=not spec.required)
         for name, spec in SCALARS.items()
     ]
     inputs += [Tensor(name=name.upper(), dtype=bytes, shape=(-1,), optional=True) for name in WORD_LISTS]

@@ -22,6 +22,7 @@ never trust what it is about to broadcast.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -57,6 +58,12 @@ class EngineHost:
         self._changed: dict[int, Generation] = {}  # filled by listeners, emptied by ``_flush`` (engine thread)
         self._sent: dict[int, tuple[int, int]] = {}  # key -> tokens, prompt log-probs sent so far (engine thread)
         self._last_load: dict | None = None
+        # A guide not compiled yet compiles on a thread of its own, so that other requests (and cancellations)
+        # are not held behind it; a cancellation that comes first is kept for when it is filed.
+        self._compiling: set[int] = set()
+        self._cancelled_early: set[int] = set()
+        self._lock = threading.Lock()
+        self._compiler = concurrent.futures.ThreadPoolExecutor(2, "guide-compile")
         engine.add_step_hook(self._flush)
         self._thread = threading.Thread(target=self._receive, name="engine-link", daemon=True)
         self._thread.start()
@@ -98,23 +105,48 @@ class EngineHost:
                 self.gone.set()
                 return
             if message[0] == "submit":
-                self._submit(*message[1:])
+                key, prompt, params = message[1:]
+                if self._compiles(params):
+                    with self._lock:
+                        self._compiling.add(key)
+                    self._compiler.submit(self._submit, key, prompt, params)
+                else:
+                    self._submit(key, prompt, params)
             elif message[0] == "cancel":
-                if (generation := self._live.get(message[1])) is not None:
+                with self._lock:
+                    generation = self._live.get(message[1])
+                    if generation is None and message[1] in self._compiling:
+                        self._cancelled_early.add(message[1])
+                if generation is not None:
                     self.engine.cancel(generation)
             elif message[0] == "serving":
                 self.serving.set()
+
+    def _compiles(self, params) -> bool:
+        """Whether submitting this request compiles a guide (it has one, not in the cache yet)."""
+        grammars = getattr(self.engine, "grammars", None)
+        kind = params.guided_decoding_guide_type
+        return bool(kind) and grammars is not None and not grammars.has(kind, params.guided_decoding_guide)
 
     def _submit(self, key: int, prompt: list[int], params) -> None:
         try:
             generation = self.engine.submit(prompt, params, listener=functools.partial(self._changed_cb, key))
         except (InvalidRequest, EngineBusy) as err:
+            with self._lock:
+                self._compiling.discard(key)
+                self._cancelled_early.discard(key)
             try:
                 self._send(("refused", key, str(err)))
             except TimeoutError:  # the engine fails on its own next hand-over and ends the job
                 LOG.warning("the serving process takes no messages; a refusal was not sent")
             return
-        self._live[key] = generation
+        with self._lock:
+            self._live[key] = generation
+            self._compiling.discard(key)
+            cancelled = key in self._cancelled_early
+            self._cancelled_early.discard(key)
+        if cancelled:
+            self.engine.cancel(generation)
         if generation.done:  # finished before it was filed: ``_flush`` may have passed already
             self._live.pop(key, None)
 
