@@ -8,25 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .structured import Guided
+from .text import Text
 from .tool_calls import Tool, ToolChoice
 
 MAX_SEED = 2**64 - 1
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
-
-def encodable(text: str) -> str:
-    """JSON can carry lone surrogates (``"\\udcff"``); they are no text and cannot travel as UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(encodable)]
 
 
 class _Strict(BaseModel):
@@ -78,8 +67,8 @@ class TextPart(_Strict):
 
 
 class CalledFunction(_Strict):
-    name: str
-    arguments: str
+    name: Text
+    arguments: Text
 
 
 class ToolCall(_Strict):
@@ -93,7 +82,7 @@ class Message(_Strict):
     content: Text | list[TextPart] | None = None  # None only beside an assistant's tool_calls
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool message answers this call
+    tool_call_id: Text | None = None  # a tool message answers this call
 
 
 class ChatRequest(_Sampling):

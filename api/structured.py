@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ApiError
+from .text import Text
 
 Schema = dict | bool
 
@@ -24,7 +25,7 @@ class _Strict(BaseModel):
 class JsonSchemaFormat(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     json_schema: Schema | None = Field(None, alias="schema")
-    description: str | None = None
+    description: Text | None = None
     strict: bool | None = None  # the output always matches the schema here, strict or not
 
 
@@ -36,10 +37,10 @@ class ResponseFormat(_Strict):
 class StructuredOutputs(_Strict):
     """vLLM's ``structured_outputs`` (0.12 and later); the fields vLLM uses only for its own backends are refused."""
 
-    json_: Schema | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: Annotated[list[str], Field(min_length=1)] | None = None
-    grammar: str | None = None
+    json_: Schema | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = None
     json_object: bool | None = None
 
 
@@ -48,10 +49,10 @@ class Guided(BaseModel):
 
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    guided_json: Schema | str | None = None
-    guided_regex: str | None = None
-    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
-    guided_grammar: str | None = None
+    guided_json: Schema | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
 
 
 def _schema_text(schema, field: str) -> str:

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .text import Text
+
 NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -27,7 +29,7 @@ class _Strict(BaseModel):
 
 class Function(_Strict):
     name: Annotated[str, Field(pattern=NAME)]
-    description: str | None = None
+    description: Text | None = None
     parameters: dict | None = None
     strict: bool | None = None
 
@@ -107,8 +109,10 @@ def _calls(payload) -> list[dict] | None:
     return out or None
 
 
-def from_text(text: str, fmt: str, names: set[str]) -> tuple[str | None, list[dict]]:
-    """(the content left, the calls) of an ``auto`` answer; a call of a function not offered stays text."""
+def from_text(text: str, fmt: str, names: set[str], strip: bool = True) -> tuple[str | None, list[dict]]:
+    """(the content left, the calls) of an ``auto`` answer; a call of a function not offered stays text. The
+    content is stripped of the blanks around the calls unless ``strip`` is false (the rest of a stream, whose
+    beginning was sent already)."""
 
     def offered(calls):
         return calls is not None and all(c["function"]["name"] in names for c in calls)
@@ -123,14 +127,15 @@ def from_text(text: str, fmt: str, names: set[str]) -> tuple[str | None, list[di
             if offered(found):
                 calls += found
                 rest = rest.replace(match.group(0), "", 1)
-        return (rest.strip() or None) if calls else text, calls
+        rest = rest.strip() if strip else rest
+        return (rest or None) if calls else text, calls
     if fmt == "mistral":
         head, marker, tail = text.partition("[TOOL_CALLS]")
         try:
             found = _calls(json.loads(tail)) if marker else None
         except ValueError:
             found = None
-        return ((head.strip() or None), found) if offered(found) else (text, [])
+        return ((head.strip() if strip else head) or None, found) if offered(found) else (text, [])
     try:
         found = _calls(json.loads(text))
     except ValueError:
@@ -248,7 +253,7 @@ class AnswerStream:
             content, self.sent = self.text[self.sent:hold], max(self.sent, hold)
             return content, [], None
         rest, self.sent = self.text[self.sent:], len(self.text)
-        content, calls = from_text(rest, self.answer.fmt, self.answer.names)
+        content, calls = from_text(rest, self.answer.fmt, self.answer.names, strip=False)
         if not calls:
             return rest, [], finish_reason
         deltas = []

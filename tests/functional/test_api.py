@@ -428,7 +428,9 @@ def test_fuzzed_bodies_get_a_named_4xx_or_an_answer(server):
                                                "echo", "logprobs", "stream", "stream_options", "top_k",
                                                "min_tokens", "ignore_eos", "bad_words", "presence_penalty"]),
               "/v1/chat/completions": (chat, ["messages", "max_completion_tokens", "temperature", "stop",
-                                              "logprobs", "top_logprobs", "n", "seed"]),
+                                              "logprobs", "top_logprobs", "n", "seed", "response_format",
+                                              "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                                              "guided_grammar", "tools", "tool_choice", "parallel_tool_calls"]),
               "/api": (megatron_body, ["prompts", "tokens_to_generate", "temperature", "top_k", "top_p",
                                        "random_seed", "stop_on_eol", "add_BOS", "logprobs"])}
     cases = []
@@ -439,6 +441,18 @@ def test_fuzzed_bodies_get_a_named_4xx_or_an_answer(server):
     cases += [("/v1/completions", b"{not json"), ("/v1/completions", b"\xff\xfe\x00"), ("/api", b"[1, 2]"),
               ("/v1/completions", b""), ("/v1/completions", {**completion, "stop": ["a"] * 1000}),
               ("/api", {"prompts": ["a"] * 5000})]
+    # structured outputs: malformed, huge and valid guides, malformed tools
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    cases += [("/v1/chat/completions", {**chat, **extra}) for extra in (
+        {"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}, {"guided_regex": "[" * 5000},
+        {"guided_grammar": "root ::= " + " | ".join(f'"{i}"' for i in range(5000))},
+        {"guided_choice": [f"c{i}" for i in range(5000)]}, {"guided_json": "{" * 100_000},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": ["nope"]}}}},
+        {"structured_outputs": {"json": {"type": "integer"}, "regex": "a"}},
+        {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        {"tools": [{**tool, "function": {"name": "bad name!"}}]}, {"tool_choice": "required"},
+        {"tools": [tool], "tool_choice": "required", "guided_regex": "a"},
+        {"messages": [{"role": "tool", "content": None}]})]
     for path, body in cases:
         data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8", "surrogatepass")
         method = requests.put if path == "/api" else requests.post

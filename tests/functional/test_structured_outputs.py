@@ -141,6 +141,23 @@ class Shape(pydantic.BaseModel):
 MESSAGES = [{"role": "user", "content": "Describe a shape."}]
 
 
+def test_every_schema_of_the_suite_parses_through_the_api(api):
+    """The suite again as OpenAI's ``response_format``, temperature 0 and 1 in turn, eight requests at a time."""
+    names = sorted(SCHEMAS)
+
+    def run(i):
+        return api.chat.completions.create(
+            model=MODEL, messages=MESSAGES, temperature=(0.0, 1.0)[i % 2], seed=i, max_tokens=200,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[names[i]]}})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        choices = [r.choices[0] for r in pool.map(run, range(len(names)))]
+    stopped = [(name, c.message.content) for name, c in zip(names, choices) if c.finish_reason == "stop"]
+    for name, text in stopped:
+        assert valid(SCHEMAS[name], text), (name, text)
+    assert len(stopped) >= 0.9 * len(names)
+
+
 def test_parse_with_a_pydantic_model(api):
     for temperature in (0.0, 1.0):
         completion = api.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Shape,

@@ -28,8 +28,9 @@ REQUESTS = [
     ("A class definition", dict(max_tokens=16, temperature=0.8, top_k=50, seed=5, return_log_probs=True)),
     # structured outputs: the guide's matcher at rank 0, or compiled again at the last pipeline stage
     ("A point:", dict(max_tokens=40, temperature=0.0, return_log_probs=True, guided_decoding_guide_type="json_schema",
-                      guided_decoding_guide='{"type": "object", "properties": {"x": {"type": "integer"}, "tag": '
-                                            '{"type": "string", "maxLength": 6}}, "required": ["x", "tag"]}')),
+                      guided_decoding_guide='{"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, '
+                                            '"maximum": 99}, "tag": {"type": "string", "maxLength": 6}}, '
+                                            '"required": ["x", "tag"]}')),
 ]
 
 

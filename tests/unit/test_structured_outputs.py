@@ -18,7 +18,7 @@ from triton_backend.engine.grammar import Grammars, apply_guides
 from triton_backend.engine.sampling import RowSampler, sample
 from triton_backend.model.gpt import CachedGPT
 
-from .models import TEXT_ARCH, context_model
+from .models import TEXT_ARCH, context_model, wait_until
 
 FORMATS = jsonschema.FormatChecker()
 
@@ -156,7 +156,7 @@ def test_a_row_left_with_no_token_fails_clearly(grammars, tiny_tokenizer):
     row = RowSampler(SamplingParams(max_tokens=8, min_length=5), [5, 6], tok.eos_id, 0,
                      bad=tuple((d,) for d in digits), guide=g)
     row.accept(tok.encode("1", leading=False)[0])
-    with pytest.raises(ValueError, match="no token is both allowed"):
+    with pytest.raises(InvalidRequest, match="'guided_decoding_guide' .* allows no token that bad_words"):
         sample(torch.zeros(1, tok.vocab_size), [row], tok.vocab_size)
 
 
@@ -279,3 +279,55 @@ def test_guide_fields_are_checked_before_compiling(values, field):
 
 def test_json_needs_no_guide_text():
     SamplingParams(max_tokens=4, guided_decoding_guide_type="json").check(100, 3, 64)
+
+
+def test_a_long_prompt_read_in_chunks_and_a_cancelled_guided_request(tiny_tokenizer):
+    """A prompt over the step's budget is read in several chunks before its first guided token; a guided request
+    cancelled mid-way ends at once and frees its blocks."""
+    model = context_model(TEXT_ARCH, seed=3)
+    engine = Engine(CachedGPT(model, TEXT_ARCH, max_slots=4), tiny_tokenizer.vocab_size, tiny_tokenizer.eos_id,
+                    tokenizer=tiny_tokenizer, prefill_tokens=8).start()
+    try:
+        prompt = tiny_tokenizer.encode("The for statement is used to iterate over a sequence")
+        assert 16 < len(prompt) < 40
+        g = engine.submit(prompt, guided(SCHEMAS["two_types"], max_tokens=80, seed=5))
+        assert g.wait(60) and g.error is None and g.finish_reason == "stop"
+        assert valid(SCHEMAS["two_types"], tiny_tokenizer.decode(g.tokens))
+        assert engine.stats.prompt_chunks >= 3
+        endless = {"type": "array", "items": {"type": "integer"}, "minItems": 100}  # longer than max_tokens
+
+        def cancel_at_the_third_token(g):  # the engine thread's listener: cancelled before the next step
+            if len(g.tokens) == 3:
+                engine.cancel(g)
+
+        long = engine.submit(prompt, guided(endless, max_tokens=80, seed=1), listener=cancel_at_the_third_token)
+        assert long.wait(30) and long.finish_reason == "cancelled" and len(long.tokens) == 3
+        wait_until(lambda: engine.blocks.in_use() == 0, 10, "freed blocks")
+    finally:
+        engine.stop()
+
+
+def test_a_guided_request_read_from_the_prefix_cache_gives_the_same_text(guided_engine, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("The for statement is used to iterate over the elements of a sequence")
+    assert len(prompt) >= guided_engine.blocks.block_size  # a full block to find
+    params = guided(SCHEMAS["array_of_objects"], temperature=0.0, max_tokens=60)
+    first = guided_engine.submit(prompt, params)
+    assert first.wait(60) and first.error is None
+    hits = guided_engine.blocks.hit_tokens
+    second = guided_engine.submit(prompt, params)
+    assert second.wait(60) and second.tokens == first.tokens and second.finish_reason == first.finish_reason
+    assert guided_engine.blocks.hit_tokens > hits  # its prompt came from the cache
+
+
+def test_a_grammar_past_the_parsers_limits_fails_its_request_naming_the_guide(guided_engine, tiny_tokenizer):
+    """5,000 alternatives in one rule pass the compiler, but not the parser once a token is read: the request
+    fails with the client's error naming its guide (a 400), in a few lines, and the engine serves on."""
+    grammar = "root ::= " + " | ".join(f'"{i}"' for i in range(5000))
+    g = guided_engine.submit([5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=0,
+                                                    guided_decoding_guide_type="ebnf_grammar",
+                                                    guided_decoding_guide=grammar))
+    assert g.wait(60) and g.error.startswith("invalid input 'guided_decoding_guide'"), g.error
+    assert "could not go on after 1 tokens: Parser Error: Current row has 5001 items" in g.error
+    assert len(g.error) < 600 and "<state>" not in g.error
+    after = guided_engine.submit([5, 6], guided(SCHEMAS["boolean"]))
+    assert after.wait(60) and after.finish_reason == "stop"

@@ -1,12 +1,12 @@
 """Structured outputs: grammars compiled once per text, a matcher per sequence, the tokens each step allows.
 
 The grammar engine is llguidance (docs/structured-outputs.md says why over xgrammar: a 3 MB wheel with no
-dependencies against transformers and a 1 GB ``triton`` wheel, and masks as fast). A guide (its type and
-text, ``SamplingParams.guided_decoding_guide_type`` / ``guided_decoding_guide``) compiles on the thread that
-submits the request, never the engine's, and the compiled matcher is cached by that text: a request takes a
-copy of it in its start state. Before each token the matcher's mask keeps the tokens the grammar allows
-(``apply``); the token chosen advances it (``Guide.accept``); the sequence ends with ``stop`` when the
-grammar is complete.
+dependencies against xgrammar's ``transformers`` and ``triton``, 1 GB installed, and its masks filled as fast).
+A guide (its type and text, ``SamplingParams.guided_decoding_guide_type`` / ``guided_decoding_guide``) compiles
+on the thread that submits the request, never the engine's, and the compiled matcher is cached by that text: a
+request takes a copy of it in its start state. Before each token the matcher's mask keeps the tokens the grammar
+allows (``apply_guides``, the masks filled during the forward pass by ``prefetch``); the token chosen advances it
+(``Guide.accept``); the sequence ends with ``stop`` when the grammar is complete.
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def grammar_text(kind: str, guide: str) -> str:
                 raise bad(GUIDE, guide, f"is not a valid GBNF grammar: {err}") from None
         return llguidance.LLMatcher.grammar_from_lark(guide)
     raise bad(GUIDE_TYPE, kind, "must be one of json, json_schema, regex, ebnf_grammar, choice")
+
+
+def _reason(message: str, most: int = 400) -> str:
+    """llguidance's error without the parser state and grammar it appends (kilobytes of them)."""
+    first = message.strip().split("\n<state>", 1)[0].split("\n<grammar>", 1)[0].strip()
+    return first if len(first) <= most else first[:most] + "..."
 
 
 _SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
@@ -163,8 +169,8 @@ class Grammars:
             error = llguidance.LLMatcher.validate_grammar(grammar, ll)  # llguidance's default parser limits
             template = None if error else llguidance.LLMatcher(ll, grammar, log_level=0)
             if template is None or template.is_error():
-                reason = (error or template.get_error()).strip()
-                raise InvalidRequest(GUIDE, text[:64], f"does not compile as {kind}: {reason}")
+                raise InvalidRequest(GUIDE, text[:64], f"does not compile as {kind}: "
+                                                       f"{_reason(error or template.get_error())}")
             with self._lock:
                 self._compiled[key] = template
                 self.compiled += 1
@@ -203,9 +209,13 @@ class Guide:
         """The grammar can take nothing more: the sequence ends here (``stop``)."""
         return self.matcher.is_stopped() and not self.matcher.is_error()
 
-    def error(self) -> str | None:
-        """Why the matcher cannot go on (a limit of the parser reached, a token it refused), if it cannot."""
-        return f"the guide cannot go on: {self.matcher.get_error()}" if self.matcher.is_error() else None
+    def error(self) -> InvalidRequest | None:
+        """Why the matcher cannot go on (a limit of the parser reached, a token it refused), if it cannot: the
+        client's guide is at fault, so it is reported as a broken rule (HTTP 400), naming it."""
+        if not self.matcher.is_error():
+            return None
+        return InvalidRequest(GUIDE, self.text[:64], f"the {self.kind} could not go on after {self.accepted} "
+                                                     f"tokens: {_reason(self.matcher.get_error())}")
 
 
 _executor = None  # llguidance's threads that fill the masks of a step's rows at once (GIL released)
@@ -262,7 +272,7 @@ def apply_guides(logits: torch.Tensor, rows: list[int], guides: list[Guide], end
         bitmask[now] = _fill([guides[i] for i in now], words)
     for g in guides:
         if g.error():
-            raise ValueError(g.error())
+            raise g.error()
     # little-endian words: bit j of byte b is token 8 b + j
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
     for i, (g, end_id) in enumerate(zip(guides, end_ids)):

@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from preprocessing.params import InvalidRequest
+
 from .grammar import prefetch
 from .sampling import RowSampler, alternatives, model_log_probs, sample
 
@@ -40,7 +42,10 @@ class StepOutputs:
 
 
 def failure(err: BaseException) -> str:
-    """The error a request gets when the engine failed it (a step, or its own sampling)."""
+    """The error a request gets when the engine failed it (a step, or its own sampling); a rule of its own that it
+    broke on the way (its guide could not go on) reads as the client's error."""
+    if isinstance(err, InvalidRequest):
+        return str(err)
     return f"generation failed: {type(err).__name__}: {err}"
 
 

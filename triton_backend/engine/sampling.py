@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from preprocessing.params import SamplingParams
+from preprocessing.params import InvalidRequest, SamplingParams
 
 from . import sampling_kernel
 from .grammar import Guide, apply_guides
@@ -101,7 +101,8 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
         apply_guides(logits, guided, [rows[i].guide for i in guided], [rows[i].end_id for i in guided])
         for i in guided:  # bans (bad words, min_length) may leave a guided row nothing to choose
             if (rows[i].bad or rows[i].params.min_length) and bool(torch.isneginf(logits[i]).all()):
-                raise ValueError("no token is both allowed by the guide and left by bad_words and min_length")
+                raise InvalidRequest("guided_decoding_guide", rows[i].guide.text[:64], "allows no token that "
+                                     "bad_words and min_length leave at this point")
 
     chosen, rest = None, range(len(rows))  # rest: the rows torch's operations choose for
     if sampling_kernel.applies(model_logits) if kernel is None else kernel:
