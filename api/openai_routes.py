@@ -25,7 +25,9 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
     _check_common(body, state)
-    prompts = await asyncio.to_thread(_texts, body.prompt, state.tokenizer)  # tokenizes: off the event loop
+    # Token ids are checked against the tokenizer, off the event loop; a text needs nothing.
+    prompts = [body.prompt] if isinstance(body.prompt, str) else await asyncio.to_thread(_texts, body.prompt,
+                                                                                          state.tokenizer)
     ids_given = not isinstance(body.prompt, str) and bool(body.prompt) and not isinstance(body.prompt[0], str)
     scoring = body.echo and body.logprobs is not None  # the prompt's own log-probs: how harnesses score text
     if body.max_tokens == 0 and not scoring:
@@ -34,7 +36,8 @@ async def completions(body: CompletionRequest, request: Request):
     special = bool(body.add_special_tokens or ids_given)
     rooms = None
     if body.max_tokens is None:  # null: up to the context, for each prompt
-        lengths = await asyncio.to_thread(lambda: [len(state.tokenizer.encode(p, special)) for p in prompts])
+        lengths = await _off_loop(sum(map(len, prompts)),
+                                  lambda: [len(state.tokenizer.encode(p, special)) for p in prompts])
         rooms = [state.settings.context - n for n in lengths]
         if min(rooms) < 1:
             raise ApiError(400, f"a prompt takes {max(lengths)} tokens, the model's whole context is "
@@ -59,7 +62,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise ApiError(400, "set max_completion_tokens or max_tokens, not both", "max_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    guide, answer = _tools(body, state.template.source)
+    guide, answer = tool_calls.for_request(body, state.template.source)
     offered = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and answer else None
     try:
         prompt = state.template.render(message_dicts(body.messages), tools=offered)
@@ -67,8 +70,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise ApiError(400, str(err), "messages") from None
     # A template written for the model (CHAT_TEMPLATE, the tokenizer's own) writes its control tokens as text.
     special = state.template.writes_special_tokens if body.add_special_tokens is None else body.add_special_tokens
-    # Tokenizing a long prompt takes milliseconds: off the event loop, which serves every other request.
-    prompt_tokens = len(await asyncio.to_thread(state.tokenizer.encode, prompt, special))
+    prompt_tokens = len(await _off_loop(len(prompt), lambda: state.tokenizer.encode(prompt, special)))
     room = state.settings.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the messages take {prompt_tokens} tokens, the model's whole context is "
@@ -94,32 +96,16 @@ def _guided(params: dict, guide: tuple[str, str, str] | None) -> dict:
     return structured.fields(source)
 
 
-def _tools(body: ChatRequest, template: str) -> tuple[tuple[str, str, str] | None, tool_calls.Answer | None]:
-    """The guide this chat request generates under (its own, or the one its ``tool_choice`` forces) and how
-    its answer is read for tool calls (None: plain text)."""
-    guide = structured.guide(body)
-    choice = body.tool_choice or ("auto" if body.tools else "none")
-    if not body.tools:
-        if choice != "none":
-            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
-        return guide, None
-    if choice == "none":
-        return guide, None
-    if guide is not None:
-        raise ApiError(400, f"'{guide[2]}' and tools both constrain the output; with tools, set tool_choice "
-                            f"'none' to use '{guide[2]}'", guide[2])
-    if choice == "auto":
-        return None, tool_calls.Answer("auto", body.tools, tool_calls.template_format(template))
-    if choice == "required":
-        schema = tool_calls.required_schema(body.tools, body.parallel_tool_calls)
-        return ("json_schema", json.dumps(schema), "tools"), tool_calls.Answer("required", body.tools)
-    named = next((t for t in body.tools if t.function.name == choice.function.name), None)
-    if named is None:
-        raise ApiError(400, f"'tool_choice' names '{choice.function.name}', which is not one of the tools",
-                       "tool_choice")
-    schema = tool_calls.parameters_schema(named.function)
-    return ("json_schema", json.dumps(schema), "tools"), tool_calls.Answer("named", body.tools,
-                                                                             named=named.function.name)
+# Characters of text tokenized on the event loop itself: a thread hop costs more than tokenizing this much, and
+# at 16 streams the hops (``asyncio.to_thread``'s submit and worker) were 10-16 % of this process's samples
+# (py-spy under tools/bench_api.py). A long prompt takes milliseconds: off the loop, which serves every other
+# request.
+INLINE_CHARS = 4096
+
+
+async def _off_loop(chars: int, work):
+    """``work()``, on the event loop when it reads under ``INLINE_CHARS`` characters, else on a worker thread."""
+    return work() if chars < INLINE_CHARS else await asyncio.to_thread(work)
 
 
 def _texts(prompt, tokenizer) -> list[str]:

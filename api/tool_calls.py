@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import structured
+from .errors import ApiError
 from .text import Text
 
 NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -141,6 +143,34 @@ def from_text(text: str, fmt: str, names: set[str], strip: bool = True) -> tuple
     except ValueError:
         found = None
     return (None, found) if offered(found) else (text, [])
+
+
+def for_request(body, template: str) -> tuple[tuple[str, str, str] | None, Answer | None]:
+    """The guide a chat request generates under (its own, or the one its ``tool_choice`` forces) and how its
+    answer is read for tool calls (None: plain text); raises ``ApiError`` for a choice that cannot be."""
+    guide = structured.guide(body)
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    if not body.tools:
+        if choice != "none":
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return guide, None
+    if choice == "none":
+        return guide, None
+    if guide is not None:
+        raise ApiError(400, f"'{guide[2]}' and tools both constrain the output; with tools, set tool_choice "
+                            f"'none' to use '{guide[2]}'", guide[2])
+    if choice == "auto":
+        return None, Answer("auto", body.tools, template_format(template))
+    if choice == "required":
+        schema = required_schema(body.tools, body.parallel_tool_calls)
+        return ("json_schema", json.dumps(schema), "tools"), Answer("required", body.tools)
+    named = next((t for t in body.tools if t.function.name == choice.function.name), None)
+    if named is None:
+        raise ApiError(400, f"'tool_choice' names '{choice.function.name}', which is not one of the tools",
+                       "tool_choice")
+    schema = parameters_schema(named.function)
+    return ("json_schema", json.dumps(schema), "tools"), Answer("named", body.tools,
+                                                                             named=named.function.name)
 
 
 # --- streaming ----------------------------------------------------------------------------------------------------
