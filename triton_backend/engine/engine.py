@@ -528,8 +528,8 @@ class Engine:
             self.stats.tokens_generated += 1
             if g.tracker is not None and g.tracker.add(token):
                 self._retire(row, reason="stop")
-            elif s.guide is not None and s.guide.error():
-                self._retire(row, error=str(s.guide.error()))
+            elif s.guide is not None and (failed := s.guide.error()):
+                self._retire(row, error=str(failed))
             elif s.guide is not None and s.guide.complete():  # the grammar takes nothing more
                 self._retire(row, reason="stop")
             elif len(g.tokens) >= g.params.max_tokens:

@@ -185,9 +185,6 @@ class Grammars:
         for token in tokens:
             guide.accept(token)
 
-    def stats(self) -> dict:
-        return {"compiled": self.compiled, "cache_hits": self.hits, "cached": len(self._compiled)}
-
 
 class Guide:
     """One sequence's grammar state. It travels with its ``RowSampler`` to the pipeline's last stage without its
