@@ -27,6 +27,8 @@ class ServerConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # PP: pipeline stages; the job has TP x PP ranks (ranks/pipeline.py)
     pp_microbatches: int = 0  # groups of running sequences in the pipeline at once; 0: PP (1: Megatron's way)
+    pp_layers: str = ""  # layers per stage, "14,10"; "balanced": the output layer counted as the layers it weighs;
+    # empty: the checkpoint's recorded split, else even (GPTArchitecture.served_split)
     nnodes: int = 1  # machines the job spans; each runs TP x PP / NNODES ranks (``launch.py``)
     node_rank: int = 0  # this machine's place: node 0 holds rank 0 and serves
     master_addr: str = "127.0.0.1"  # node 0's address, which every node can reach
@@ -95,6 +97,10 @@ class ServerConfig:
         if (self.tensor_parallel * self.pipeline_parallel) % self.nnodes:
             raise ValueError(f"TP x PP = {self.tensor_parallel * self.pipeline_parallel} ranks cannot be spread evenly "
                              f"over NNODES={self.nnodes} nodes")
+        if self.pp_layers and self.pp_layers != "balanced" and not all(
+                n.strip().isdigit() for n in self.pp_layers.split(",")):
+            raise ValueError(f"PP_LAYERS must be 'balanced' or the layers of each stage, e.g. '14,10'; got "
+                             f"{self.pp_layers!r}")
         if self.api not in (0, 1):
             raise ValueError(f"API must be 0 or 1, got {self.api}")
         for name in ("tensor_parallel", "pipeline_parallel", "max_batch_size", "instances", "max_slots", "max_queue",

@@ -7,6 +7,8 @@ i x (TP x PP / NNODES) onwards, so node 0 holds rank 0, the engine and the servi
 torch.distributed picks its network interface from the host name, which on a multi-homed machine (a pod, a
 container, a network namespace) often names another network or none. Unless ``GLOO_SOCKET_IFNAME`` /
 ``NCCL_SOCKET_IFNAME`` say otherwise, the interface through which this node reaches ``MASTER_ADDR`` is used.
+Before torchrun, each node checks in with node 0 (``ranks/handshake.py``): a node with another configuration is
+refused on every node, where torchrun's rendezvous would wait.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import psutil
 
 from triton_backend.config import ServerConfig
+from triton_backend.ranks import handshake
 
 
 def interface_to(address: str, port: int = 29500) -> str | None:
@@ -64,6 +67,11 @@ def main() -> int:
         print(f"node {cfg.node_rank} of {cfg.nnodes}: {cfg.ranks_per_node} ranks, rendezvous at "
               f"{cfg.master_addr}:{cfg.master_port} over {os.environ['GLOO_SOCKET_IFNAME']}", file=sys.stderr,
               flush=True)
+        problems = handshake.check_in(cfg)  # every node agrees before torchrun, or none starts it
+        for line in problems:
+            print(f"configuration error: {line}", file=sys.stderr)
+        if problems:
+            return 2
     command = torchrun_command(cfg)
     os.execv(command[0], command)
     return 0  # not reached

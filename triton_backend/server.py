@@ -52,7 +52,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready.
     ``graphs`` overrides CUDA_GRAPHS (``CachedGPT``'s "auto", "eager" or "off": tests run static steps on CPU)."""
-    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel)
+    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel, cfg.pp_layers)
     model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel, cfg.pipeline_parallel)
     checkpoints.load_weights(model, cfg.checkpoint, arch)
     model = model.to(cfg.device)

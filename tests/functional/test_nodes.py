@@ -81,12 +81,13 @@ def test_tp2_by_pp2_on_two_nodes_serves_the_same_text_and_a_cut_link_ends_both(n
 
 
 def test_a_node_started_with_another_layout_is_refused_on_both_sides(nodes, tmp_path):
-    # one rank per node either way, so torchrun starts the job: the ranks must find out themselves
+    # Node 1 believes in a job of four nodes: torchrun's rendezvous would wait for the two that never come.
     env = {"COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S), "API": "0"}
-    follower = nodes.start(1, tmp_path / "node1.log", TP="2", PP="1", **env)
+    follower = nodes.start(1, tmp_path / "node1.log", TP="2", PP="2", NNODES="4", **env)
     leader = nodes.start(0, tmp_path / "node0.log", TP="1", PP="2", **env)
-    assert leader.wait(120) != 0 and follower.wait(120) != 0
+    assert leader.wait(120) == 2 and follower.wait(120) == 2
     for node in (0, 1):
         log = (tmp_path / f"node{node}.log").read_text()
-        assert "configuration error: node 1 (rank 1) has TP=2 where node 0 has TP=1" in log, log[-3000:]
-        assert "node 1 (rank 1) has PP=1 where node 0 has PP=2" in log
+        assert "configuration error: node 1 has TP=2 where node 0 has TP=1" in log, log[-3000:]
+        assert "configuration error: node 1 has NNODES=4 where node 0 has NNODES=2" in log, log[-3000:]
+        assert "Traceback" not in log and "rank 0" not in log  # refused before torchrun: no rank started

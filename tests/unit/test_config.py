@@ -33,6 +33,10 @@ def test_variables_are_read_and_bad_values_named():
     with pytest.raises(ValueError, match="KV_CACHE_MB must be an integer, got '2G'"):
         ServerConfig.from_env({"KV_CACHE_MB": "2G", "DEVICE": "cpu"})
     assert ServerConfig.from_env({"DRAIN_TIMEOUT_S": "0", "DEVICE": "cpu"}).drain_timeout_s == 0
+    assert ServerConfig.from_env({"PP_LAYERS": "14,10", "DEVICE": "cpu"}).pp_layers == "14,10"
+    assert ServerConfig.from_env({"PP_LAYERS": "balanced", "DEVICE": "cpu"}).pp_layers == "balanced"
+    with pytest.raises(ValueError, match="PP_LAYERS must be 'balanced' or the layers of each stage.*'even'"):
+        ServerConfig.from_env({"PP_LAYERS": "even", "DEVICE": "cpu"})
 
 
 def test_busy_ports_names_only_the_taken_port():

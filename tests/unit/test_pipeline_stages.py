@@ -39,6 +39,29 @@ def test_stage_layers_follow_megatron_even_and_recorded_uneven_splits():
     assert read.stage_layers(3) == uneven.stage_layers(3)
 
 
+def test_a_served_split_is_any_megatron_split_of_the_layers_or_the_balanced_one():
+    eight = dataclasses.replace(ARCH, num_layers=8)
+    assert eight.served_split(2, "") is eight and eight.served_split(1, "7,1") is eight
+    assert eight.served_split(2, "5,3").stage_layers(2) == [range(0, 5), range(5, 8)]
+    assert eight.served_split(4, "1,3,3,1").stage_layers(4) == [range(0, 1), range(1, 4), range(4, 7), range(7, 8)]
+    assert eight.served_split(2, "4,4").stage_layers(2) == eight.stage_layers(2)
+    recorded = dataclasses.replace(eight, num_layers_in_first_pipeline_stage=3, num_layers_in_last_pipeline_stage=3)
+    assert recorded.served_split(2, "4,4").stage_layers(2) == [range(0, 4), range(4, 8)]  # replaces the recorded
+    for pp, layers, rule in ((2, "4,3", "8 layers in all"), (2, "8,0", "at least one layer"),
+                             (2, "2,2,2,2", "PP=2 stages"), (4, "2,3,2,1", "as many layers each"),
+                             (2, "4;4", "'balanced' or the layers of each stage")):
+        with pytest.raises(ValueError, match=f"PP_LAYERS.*{rule}"):
+            eight.served_split(pp, layers)
+    # A wide vocabulary: the last stage's output layer weighs as much as several layers, so it holds fewer layers.
+    wide = dataclasses.replace(ARCH, num_layers=24, hidden_size=64, ffn_hidden_size=256, padded_vocab_size=3200)
+    sizes = [len(s) for s in wide.served_split(2, "balanced").stage_layers(2)]
+    assert sizes[0] > sizes[1] and sum(sizes) == 24
+    per_layer, output = 12 * 64 * 64, 3200 * 64  # 4 x h^2 attention and 8 x h^2 MLP; the output layer
+    assert abs(sizes[0] - (sizes[1] + output / per_layer)) <= 1  # the two stages weigh the same, to one layer
+    narrow = dataclasses.replace(wide, padded_vocab_size=64)
+    assert [len(s) for s in narrow.served_split(2, "balanced").stage_layers(2)] == [12, 12]
+
+
 def save(model, arch, directory, pp=1):
     """A legacy checkpoint of ``model`` split in ``pp`` stages, as make_checkpoint --pp writes it."""
     args = arch.to_megatron_args(pipeline_model_parallel_size=pp)
@@ -139,6 +162,14 @@ def test_two_stages_give_what_one_rank_gives(checkpoints, one_rank, microbatches
     assert max(first, last) < 0.75 * one_rank["weights"][0]  # each stage holds its own layers only
     if microbatches == 2:
         assert result["stats"]["steps"] > one_rank["stats"]["steps"]  # two groups, each its own steps
+
+
+def test_stages_split_otherwise_than_saved_give_what_one_rank_gives(checkpoints, one_rank):
+    """Saved in two stages of two layers, served as three layers and one (PP_LAYERS)."""
+    result = run(checkpoints[1], 1, 2, 2, pp_layers="3,1")
+    assert_same(result, one_rank, "PP=2 split 3 + 1")
+    first, last = result["weights"]
+    assert first > last
 
 
 def test_static_decode_steps_in_every_stage_give_what_one_rank_gives(checkpoints, one_rank):

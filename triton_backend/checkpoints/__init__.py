@@ -25,9 +25,11 @@ def read_args(path: str | pathlib.Path):
     return legacy.read_args(path) if legacy.is_legacy(path) else torch_dist.read_args(path)
 
 
-def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1,
-                      pipeline_parallel: int = 1) -> GPTArchitecture:
-    """The model's architecture from the checkpoint's args, checked against the served TP and PP sizes."""
+def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                      pp_layers: str = "") -> GPTArchitecture:
+    """The model's architecture from the checkpoint's args, checked against the served TP and PP sizes, with the
+    served stage split ``pp_layers`` (``PP_LAYERS``, ``GPTArchitecture.served_split``) in place of the recorded
+    one."""
     try:
         arch = GPTArchitecture.from_megatron_args(read_args(path))
     except (TypeError, ValueError) as err:
@@ -36,6 +38,7 @@ def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1,
     if problem:
         raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")
     try:
+        arch = arch.served_split(pipeline_parallel, pp_layers)
         arch.stage_layers(pipeline_parallel)
     except ValueError as err:
         raise CheckpointError(f"{path} cannot be served at PP={pipeline_parallel}: {err}") from None

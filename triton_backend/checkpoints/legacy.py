@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from ..model.architecture import GPTArchitecture
 from .layout import TRACKER, CheckpointError, iteration_dir
 
 SHARD_FILE = "model_optim_rng.pt"
@@ -97,7 +98,9 @@ class _Source:
     def __init__(self, path, arch):
         self.path = path
         self.grid = shard_grid(path)
-        self.stages = arch.stage_layers(len(self.grid))  # the saved split (the recorded one fits it)
+        # The saved split, from the args saved with it (``arch`` may carry a served split, PP_LAYERS)
+        saved = GPTArchitecture.from_megatron_args(read_args(path))
+        self.stages = saved.stage_layers(len(self.grid))
         self.tied = not arch.untie_embeddings_and_output_weights
         self._states: dict[int, list[dict]] = {}
 

@@ -157,6 +157,61 @@ class GPTArchitecture:
                          f"{' (recorded: ' + recorded + ')' if recorded else ''}: an even split needs num_layers "
                          "divisible by PP, an uneven one num_layers_in_first/last_pipeline_stage that fit it")
 
+    def served_split(self, pipeline_parallel: int, layers: str = "") -> GPTArchitecture:
+        """This architecture with the stage split ``PP_LAYERS`` asks for, to build and load the served stages by
+        (any split reads any checkpoint: weights are found by their global layer index).
+
+        ``layers``: empty, the recorded split else an even one (``stage_layers``); ``balanced``, the split that
+        evens out each stage's weights read per step, the last stage's output layer counted as the layers its
+        weights equal (an even split leaves the last stage the slowest, and with batches in flight the slowest
+        stage paces all); or the layers of each stage, ``"14,10"``. Megatron's splits only: a first and a last
+        stage of any size, the stages between them equal. ``ValueError`` names ``PP_LAYERS`` and the rule.
+        """
+        if pipeline_parallel == 1 or not layers:
+            return self
+        if layers == "balanced":
+            sizes = self._balanced_split(pipeline_parallel)
+        else:
+            try:
+                sizes = [int(n) for n in layers.split(",")]
+            except ValueError:
+                raise ValueError(f"PP_LAYERS must be 'balanced' or the layers of each stage, e.g. '14,10'; got "
+                                 f"{layers!r}") from None
+            if len(sizes) != pipeline_parallel or min(sizes) < 1 or sum(sizes) != self.num_layers:
+                raise ValueError(f"PP_LAYERS={layers!r} must give each of the PP={pipeline_parallel} stages at least "
+                                 f"one layer and {self.num_layers} layers in all")
+            if len(set(sizes[1:-1])) > 1:
+                raise ValueError(f"PP_LAYERS={layers!r}: the stages between the first and the last must hold as "
+                                 "many layers each (Megatron's uneven split)")
+        if len(set(sizes)) == 1:
+            return dataclasses.replace(self, num_layers_in_first_pipeline_stage=None,
+                                       num_layers_in_last_pipeline_stage=None)
+        return dataclasses.replace(self, num_layers_in_first_pipeline_stage=sizes[0],
+                                   num_layers_in_last_pipeline_stage=sizes[-1])
+
+    def _balanced_split(self, pipeline_parallel: int) -> list[int]:
+        """Layers per stage (Megatron's shape) whose largest stage, in weights read per step, is smallest."""
+        hidden, ffn = self.hidden_size, self.ffn_hidden_size
+        head = self.kv_channels or hidden // self.num_attention_heads
+        groups = self.num_query_groups or self.num_attention_heads
+        attention = hidden * head * (2 * self.num_attention_heads + 2 * groups)
+        layer = attention + hidden * ffn * (3 if self.swiglu else 2)
+        output = self.padded_vocab_size * hidden / layer  # the output layer, in layers
+        n, middle_stages = self.num_layers, pipeline_parallel - 2
+        best = None
+        for first in range(1, n):
+            for last in range(1, n - first + 1):
+                rest = n - first - last
+                if middle_stages == 0 and rest or middle_stages and (rest < middle_stages or rest % middle_stages):
+                    continue
+                sizes = [first] + [rest // middle_stages] * middle_stages + [last] if middle_stages else [first, last]
+                cost = (max(max(sizes[:-1]), last + output), abs(first - last))
+                if best is None or cost < best[0]:
+                    best = (cost, sizes)
+        if best is None:
+            raise ValueError(f"num_layers={n} cannot be split in {pipeline_parallel} pipeline stages")
+        return best[1]
+
     def to_megatron_args(self, **extra) -> argparse.Namespace:
         """The namespace Megatron training would have saved for this architecture."""
         values = dataclasses.asdict(self)

@@ -65,13 +65,13 @@ class Outcome:
 
 def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: list, vocab_size: int = 0,
              eos_id: int = 2, max_slots: int = 64, kv_cache_mb: float = 64, threads: int = 1, graphs: str | None = None,
-             tokenizer: bool = False, **engine) -> dict | None:
+             tokenizer: bool = False, pp_layers: str = "", **engine) -> dict | None:
     """One rank of a TP x PP job serving ``checkpoint``: rank 0 runs ``requests`` ((prompt, SamplingParams), all
     submitted at once) through an engine and returns their outcomes, the seconds they took, and every rank's
     resident weight bytes; the other ranks follow and return None. ``kv_cache_mb`` may be a fraction here (a
     cache of a few blocks, for tests); ``graphs`` "eager" runs decode steps through the static steps of
     ``model/graphs.py`` without capture (how CPU tests check them); ``tokenizer``: the engine gets the
-    checkpoint's tokenizer (stop words, guides)."""
+    checkpoint's tokenizer (stop words, guides); ``pp_layers``: the stage split (``PP_LAYERS``)."""
     import torch.distributed as dist
 
     from preprocessing import tokenization
@@ -87,7 +87,7 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
     group = protocol.make_group(60) if tp * pp > 1 else None
     stage_groups = pipeline.make_stage_groups(tp, pp, 60) if pp > 1 else [None]
     cfg = ServerConfig(checkpoint=checkpoint, tensor_parallel=tp, pipeline_parallel=pp, pp_microbatches=microbatches,
-                       max_slots=max_slots, kv_cache_mb=kv_cache_mb, device="cpu")
+                       pp_layers=pp_layers, max_slots=max_slots, kv_cache_mb=kv_cache_mb, device="cpu")
     gpt = load_gpt(cfg, graphs)
     weights = torch.tensor([sum(p.numel() * p.element_size() for p in gpt.model.parameters())])
     if tp * pp > 1:

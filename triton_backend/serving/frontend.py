@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def _serve(cfg: ServerConfig, engine: RemoteEngine, control: ControlChannel) -> 
     for attempt in range(1, START_ATTEMPTS + 1):
         # Short: PyTriton puts Unix sockets in it (108-byte path limit).
         workspace = pathlib.Path(tempfile.gettempdir()) / f"megatron_triton_{os.getpid()}_{attempt}"
+        # One left by an earlier process that had our pid (killed before it cleaned up) is stale: PyTriton
+        # refuses a workspace that exists.
+        shutil.rmtree(workspace, ignore_errors=True)
         children: list[psutil.Process] = []
         try:
             with Triton(config=triton_config, workspace=workspace, security_config=security) as triton:
