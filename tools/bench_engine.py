@@ -1,15 +1,18 @@
 """`make bench-engine`: the engine against Hugging Face transformers' ``generate()`` on the same weights, one run.
 
-    torchrun --standalone --nproc-per-node 1 -m tools.bench_engine [--models demo gpt-350m] [--rounds 1]
+    torchrun --standalone --nproc-per-node 1 -m tools.bench_engine [--models demo gpt-350m moe] [--rounds 1]
 
 For each model (the demo model; ``gpt-350m``, a random-init ~350M GPT-2 shape written once to
-``results/gpt-350m``) and batch size, both generate greedily exactly N new tokens after the same prompt
+``results/gpt-350m``; ``moe``, the Mixtral-style preset, 8 experts top-2, against ``MixtralForCausalLM``, written
+once to ``results/moe``) and batch size, both generate greedily exactly N new tokens after the same prompt
 (``tools.offline.BENCH_PROMPT``) repeated ``batch`` times, each after a warm-up: the engine in-process
 (``tools.offline.bench``) and ``generate()`` on the model ``tools.hf_reference`` builds from the engine's own
 loaded weights, float32 on CPU. It prints tokens/s and the ratio (engine / transformers) per row, the batch-1
 step time of each against the time one read of the weights takes at the memory bandwidth measured in this run,
 and checks that both models agree: the largest logit difference on the prompt, and how many of the batch-1 greedy
-tokens match.
+tokens match. For a mixture of experts it also counts the weight bytes a batch-1 decode step multiplies by
+(``decode_weight_bytes``) against what such a step must read: the dense parts and the top-k experts of each
+MoE layer.
 
 Fair placement: the threads and cores are the server's (``set_threads``: TORCH_THREADS, else half the cores;
 ``engine_cpus``: PIN_ENGINE pins the engine thread to cores of its own). transformers runs on one worker thread
@@ -44,6 +47,7 @@ from triton_backend.server import engine_cpus, load_engine, set_threads
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo_model"
 BIG_CHECKPOINT = ROOT / "results" / "gpt-350m"
+MOE_CHECKPOINT = ROOT / "results" / "moe"
 BANDWIDTH_MIB = 512  # big enough to leave every cache level behind
 # What torchrun tells its workers. A child given TORCHELASTIC_USE_AGENT_STORE would wait for a store server that
 # never comes, so a plain child process gets none of it.
@@ -158,6 +162,45 @@ def kv_cache_mb(checkpoint: pathlib.Path, batch: int, tokens_per_sequence: int) 
     return math.ceil(blocks * block * kv_bytes_per_token(arch, 1, torch.float32) / 2**20) + 1
 
 
+def decode_weight_bytes(engine, prompt: list[int], max_tokens: int) -> dict:
+    """Weight bytes the fast path multiplies by in a batch-1 decode step (every product of one row, counted by
+    wrapping ``functional._Linear``), against what the step must read: every linear weight but the routed
+    experts', plus ``moe_router_topk`` experts per MoE layer."""
+    from triton_backend.model import functional
+
+    fast = engine.gpt.fast
+    if fast is None:
+        return {}
+    counted = [0]
+    call = functional._Linear.__call__
+
+    def counting(linear, x):
+        if x.shape[0] == 1:
+            counted[0] += linear.weight.numel() * linear.weight.element_size()
+        return call(linear, x)
+
+    functional._Linear.__call__ = counting
+    try:
+        g = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, end_id=-1))
+        g.wait()
+    finally:
+        functional._Linear.__call__ = call
+    size = lambda linear: linear.weight.numel() * linear.weight.element_size()  # noqa: E731
+    needed = size(fast.output)
+    for layer in fast.layers:
+        needed += size(layer.qkv) + size(layer.proj)
+        if layer.moe is None:
+            needed += size(layer.fc1) + size(layer.fc2)
+            continue
+        expert = size(layer.moe.experts[0][0]) + size(layer.moe.experts[0][1])
+        needed += layer.moe.router.config.moe_router_topk * expert
+        if layer.moe.shared is not None:
+            needed += size(layer.moe.shared[0]) + size(layer.moe.shared[1])
+    per_step = counted[0] / (max_tokens - 1)
+    return {"decode_weight_mb_read": round(per_step / 1e6, 3), "decode_weight_mb_needed": round(needed / 1e6, 3),
+            "read_over_needed": round(per_step / needed, 3)}
+
+
 def bench_model(name: str, checkpoint: pathlib.Path, batches: list[int], max_tokens: int, rounds: int,
                 base: ServerConfig, cpus: set[int] | None, worker: PinnedWorker, bandwidth: dict) -> list[dict]:
     """One model: its engine (the server's settings, a KV cache sized for the run) and the transformers copy of
@@ -207,6 +250,8 @@ def bench_model(name: str, checkpoint: pathlib.Path, batches: list[int], max_tok
                            hf_step_over_read=round(row["hf_step_ms"] / read_ms, 2))
             print(json.dumps(row), flush=True)
             rows.append(row)
+        if engine.gpt.arch.num_experts:
+            print(json.dumps({"model": name, **decode_weight_bytes(engine, prompt, max_tokens)}), flush=True)
         return rows
     finally:
         engine.stop()
@@ -228,11 +273,13 @@ def table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=["demo", "gpt-350m"], default=["demo", "gpt-350m"])
+    parser.add_argument("--models", nargs="+", choices=["demo", "gpt-350m", "moe"], default=["demo", "gpt-350m", "moe"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="demo model batch sizes")
     parser.add_argument("--max-tokens", type=int, default=64, help="demo model new tokens per sequence")
     parser.add_argument("--big-batch", type=int, nargs="+", default=[1, 16, 64], help="gpt-350m batch sizes")
     parser.add_argument("--big-max-tokens", type=int, default=32)
+    parser.add_argument("--moe-batch", type=int, nargs="+", default=[1, 16], help="moe preset batch sizes")
+    parser.add_argument("--moe-max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each, order alternating; medians printed")
     a = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -241,6 +288,8 @@ def main() -> int:
         return 2
     if "gpt-350m" in a.models:
         ensure_checkpoint(BIG_CHECKPOINT)
+    if "moe" in a.models:
+        ensure_checkpoint(MOE_CHECKPOINT, "moe")
 
     # The engine as the server runs it on CPU, in float32 like the transformers model.
     base = ServerConfig(**{**ServerConfig.from_env().__dict__, "device": "cpu", "dtype": "float32",
@@ -257,7 +306,8 @@ def main() -> int:
                       "memory_bandwidth": bandwidth}), flush=True)
     rows = []
     models = {"demo": (DEMO / "checkpoint", a.batch, a.max_tokens),
-              "gpt-350m": (BIG_CHECKPOINT, a.big_batch, a.big_max_tokens)}
+              "gpt-350m": (BIG_CHECKPOINT, a.big_batch, a.big_max_tokens),
+              "moe": (MOE_CHECKPOINT, a.moe_batch, a.moe_max_tokens)}
     try:
         for name in a.models:
             checkpoint, batches, max_tokens = models[name]

@@ -149,19 +149,23 @@ def to_llama(state: dict, arch: GPTArchitecture):
     config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if arch.qk_layernorm else \
         (LlamaConfig, LlamaForCausalLM)
     extra = {} if arch.qk_layernorm else {"mlp_bias": arch.add_bias_linear}
+    if arch.num_experts:
+        config_class, model_class, extra = moe_classes(arch)
+        if "n_group" in extra:  # Glm4Moe rotates part of each head unless told otherwise
+            extra["rope_parameters"] = {**rope, "partial_rotary_factor": 1.0}
     if arch.attention_window is not None:
         if arch.qk_layernorm:
             raise UnsupportedArchitecture("qk_layernorm with a sliding window has no transformers counterpart here")
         config_class, model_class = MistralConfig, MistralForCausalLM
         extra = {"sliding_window": arch.attention_window + 1}
-    config = config_class(vocab_size=arch.padded_vocab_size, hidden_size=arch.hidden_size,
-                         intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
-                         num_attention_heads=heads, num_key_value_heads=arch.num_query_groups or heads,
-                         head_dim=arch.kv_channels or arch.hidden_size // heads,
-                         max_position_embeddings=arch.max_position_embeddings, rms_norm_eps=arch.norm_epsilon,
-                         rope_parameters=rope, attention_bias=arch.add_bias_linear,
-                         tie_word_embeddings=not arch.untie_embeddings_and_output_weights,
-                         **extra)
+    config = config_class(**{**dict(vocab_size=arch.padded_vocab_size, hidden_size=arch.hidden_size,
+                                    intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
+                                    num_attention_heads=heads, num_key_value_heads=arch.num_query_groups or heads,
+                                    head_dim=arch.kv_channels or arch.hidden_size // heads,
+                                    max_position_embeddings=arch.max_position_embeddings,
+                                    rms_norm_eps=arch.norm_epsilon, rope_parameters=rope,
+                                    attention_bias=arch.add_bias_linear,
+                                    tie_word_embeddings=not arch.untie_embeddings_and_output_weights), **extra})
     hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
           "model.norm.weight": state["decoder.final_layernorm.weight"]}
     hf["lm_head.weight"] = state.get("output_layer.weight", hf["model.embed_tokens.weight"])
@@ -170,18 +174,97 @@ def to_llama(state: dict, arch: GPTArchitecture):
         names = ["weight"] + (["bias"] if arch.add_bias_linear else [])
         for kind in names:
             q, k, v = split_qkv(state[m + "self_attention.linear_qkv." + kind], arch)
-            gate, up = state[m + "mlp.linear_fc1." + kind].chunk(2)
             hf.update({g + "self_attn.q_proj." + kind: q, g + "self_attn.k_proj." + kind: k,
                        g + "self_attn.v_proj." + kind: v,
-                       g + "self_attn.o_proj." + kind: state[m + "self_attention.linear_proj." + kind],
-                       g + "mlp.gate_proj." + kind: gate, g + "mlp.up_proj." + kind: up,
-                       g + "mlp.down_proj." + kind: state[m + "mlp.linear_fc2." + kind]})
+                       g + "self_attn.o_proj." + kind: state[m + "self_attention.linear_proj." + kind]})
+            if not arch.moe_layers[i]:
+                hf.update(_mlp(state, m + "mlp.", g + "mlp.", kind))
+        if arch.moe_layers[i]:
+            hf.update(_moe(state, m + "mlp.", g + "mlp.", arch))
         if arch.qk_layernorm:
             hf[g + "self_attn.q_norm.weight"] = state[m + "self_attention.q_layernorm.weight"]
             hf[g + "self_attn.k_norm.weight"] = state[m + "self_attention.k_layernorm.weight"]
         hf[g + "input_layernorm.weight"] = state[m + "input_layernorm.weight"]
         hf[g + "post_attention_layernorm.weight"] = state[m + "pre_mlp_layernorm.weight"]
     return _filled(model_class(config), hf)
+
+
+def moe_classes(arch: GPTArchitecture):
+    """The transformers family of a mixture-of-experts checkpoint: ``MixtralForCausalLM`` (softmax over the top-k
+    logits, no shared expert), ``Qwen2MoeForCausalLM`` (a gated shared expert; softmax over all experts, the top-k
+    renormalised or not) or, for DeepSeek-V3's routing with standard attention, ``Glm4MoeForCausalLM`` (sigmoid
+    scores, the expert bias for selection only, groups ranked by their two best experts, the top-k renormalised
+    and scaled; an ungated shared expert; the first layers dense). Their experts are Megatron's: [gate; up]
+    stacked in fc1, then fc2."""
+    from transformers import (
+        Glm4MoeConfig,
+        Glm4MoeForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
+
+    unmapped = {"add_bias_linear": arch.add_bias_linear, "qk_layernorm": arch.qk_layernorm,
+                "window_size": arch.attention_window is not None}
+    if any(unmapped.values()):
+        raise UnsupportedArchitecture("no transformers MoE counterpart here for " +
+                                      ", ".join(k for k, v in unmapped.items() if v))
+    ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
+    dense = [i for i, moe in enumerate(arch.moe_layers) if not moe]
+    if arch.moe_router_score_function == "sigmoid":
+        groups, best = arch.moe_router_num_groups or 1, arch.moe_router_group_topk or 1
+        shared = arch.moe_shared_expert_intermediate_size
+        if dense != list(range(len(dense))) or not shared or shared % ffn or arch.moe_shared_expert_gate or \
+                arch.moe_router_topk // best != 2 and groups > 1:
+            raise UnsupportedArchitecture("Glm4MoeForCausalLM: the dense layers first, ungated shared experts of "
+                                          "whole experts' size, groups ranked by their two best experts")
+        return Glm4MoeConfig, Glm4MoeForCausalLM, dict(
+            n_routed_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk, moe_intermediate_size=ffn,
+            n_shared_experts=shared // ffn, n_group=groups, topk_group=best, first_k_dense_replace=len(dense),
+            routed_scaling_factor=arch.moe_router_topk_scaling_factor or 1.0, norm_topk_prob=arch.moe_router_topk > 1)
+    unmapped = {"moe_router_enable_expert_bias": arch.moe_router_enable_expert_bias,
+                "moe_router_num_groups": bool(arch.moe_router_num_groups),
+                "moe_router_topk_scaling_factor": arch.moe_router_topk_scaling_factor not in (None, 1.0)}
+    if any(unmapped.values()):
+        raise UnsupportedArchitecture("no transformers softmax-routed counterpart here for " +
+                                      ", ".join(k for k, v in unmapped.items() if v))
+    if arch.moe_shared_expert_intermediate_size:
+        if not arch.moe_shared_expert_gate:
+            raise UnsupportedArchitecture("a shared expert without its gate: Qwen2MoE's is always gated")
+        return Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(
+            num_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk, moe_intermediate_size=ffn,
+            shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+            norm_topk_prob=not arch.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=dense,
+            qkv_bias=False)
+    if dense or arch.moe_router_pre_softmax:
+        raise UnsupportedArchitecture("MixtralForCausalLM has MoE in every layer and renormalises the top-k")
+    return MixtralConfig, MixtralForCausalLM, dict(num_local_experts=arch.num_experts,
+                                                   num_experts_per_tok=arch.moe_router_topk,
+                                                   intermediate_size=ffn)
+
+
+def _mlp(state: dict, m: str, g: str, kind: str = "weight") -> dict:
+    """A dense SwiGLU MLP: Megatron's fc1 is [gate; up]."""
+    gate, up = state[m + "linear_fc1." + kind].chunk(2)
+    return {g + "gate_proj." + kind: gate, g + "up_proj." + kind: up,
+            g + "down_proj." + kind: state[m + "linear_fc2." + kind]}
+
+
+def _moe(state: dict, m: str, g: str, arch: GPTArchitecture) -> dict:
+    experts = range(arch.num_experts)
+    hf = {g + "gate.weight": state[m + "router.weight"],
+          g + "experts.gate_up_proj": torch.stack([state[f"{m}experts.local_experts.{e}.linear_fc1.weight"]
+                                                   for e in experts]),
+          g + "experts.down_proj": torch.stack([state[f"{m}experts.local_experts.{e}.linear_fc2.weight"]
+                                                for e in experts])}
+    if arch.moe_router_score_function == "sigmoid":  # Glm4Moe
+        hf[g + "gate.e_score_correction_bias"] = state.get(m + "router.expert_bias", torch.zeros(arch.num_experts))
+        hf.update(_mlp(state, m + "shared_experts.", g + "shared_experts."))
+    elif arch.moe_shared_expert_intermediate_size:  # Qwen2Moe
+        hf.update(_mlp(state, m + "shared_experts.", g + "shared_expert."))
+        hf[g + "shared_expert_gate.weight"] = state[m + "shared_experts.gate_weight"]
+    return hf
 
 
 def _filled(model, weights: dict):

@@ -29,6 +29,7 @@ class ServerConfig:
     pp_microbatches: int = 0  # groups of running sequences in the pipeline at once; 0: PP (1: Megatron's way)
     pp_layers: str = ""  # layers per stage, "14,10"; "balanced": the output layer counted as the layers it weighs;
     # empty: the checkpoint's recorded split, else even (GPTArchitecture.served_split)
+    expert_parallel: int = 0  # EP: ranks of a stage sharing out each MoE layer's experts (divides TP); 0: TP
     nnodes: int = 1  # machines the job spans; each runs TP x PP / NNODES ranks (``launch.py``)
     node_rank: int = 0  # this machine's place: node 0 holds rank 0 and serves
     master_addr: str = "127.0.0.1"  # node 0's address, which every node can reach
@@ -101,6 +102,8 @@ class ServerConfig:
                 n.strip().isdigit() for n in self.pp_layers.split(",")):
             raise ValueError(f"PP_LAYERS must be 'balanced' or the layers of each stage, e.g. '14,10'; got "
                              f"{self.pp_layers!r}")
+        if self.expert_parallel < 0 or self.expert_parallel and self.tensor_parallel % self.expert_parallel:
+            raise ValueError(f"EP must divide TP={self.tensor_parallel} (0: TP), got {self.expert_parallel}")
         if self.api not in (0, 1):
             raise ValueError(f"API must be 0 or 1, got {self.api}")
         for name in ("tensor_parallel", "pipeline_parallel", "max_batch_size", "instances", "max_slots", "max_queue",
@@ -119,6 +122,11 @@ class ServerConfig:
     def microbatches(self) -> int:
         """Steps in flight in the pipeline (PP_MICROBATCHES, else one per stage)."""
         return self.pp_microbatches or self.pipeline_parallel
+
+    @property
+    def experts_split(self) -> int:
+        """EP, else TP."""
+        return self.expert_parallel or self.tensor_parallel
 
     @property
     def world_size(self) -> int:
@@ -174,7 +182,7 @@ class ServerConfig:
         return cls(**values)
 
 
-_SHORT = {"tensor_parallel": "TP", "pipeline_parallel": "PP"}
+_SHORT = {"tensor_parallel": "TP", "pipeline_parallel": "PP", "expert_parallel": "EP"}
 
 
 def _variable(name: str) -> str:

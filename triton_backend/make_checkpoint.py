@@ -47,18 +47,33 @@ PRESETS = {
     # About 350M parameters (GPT-2 medium shape) for GPU throughput figures.
     "gpt-350m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
                      max_position_embeddings=2048, seq_length=2048),
-    # Llama-style with a 4,096-token context and little compute per token, so that the KV cache (paging,
-    # prefix caching, chunked prefill) is what a CPU benchmark measures.
     # Llama-3.1-style: grouped-query attention, Llama-3.1's RoPE scaling and base, untied output; with a Llama-3-style
     # HuggingFace tokenizer trained on the demo corpus, written beside the checkpoint unless --tokenizer names one.
     "llama3": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=2, kv_channels=16,
                    ffn_hidden_size=384, max_position_embeddings=1024, seq_length=1024, position_embedding_type="rope",
                    rotary_base=500000, use_rope_scaling=True, normalization="RMSNorm", swiglu=True,
                    add_bias_linear=False, untie_embeddings_and_output_weights=True),
+    # Llama-style with a 4,096-token context and little compute per token, so that the KV cache (paging,
+    # prefix caching, chunked prefill) is what a CPU benchmark measures.
     "long": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
                  ffn_hidden_size=384, max_position_embeddings=4096, seq_length=4096, position_embedding_type="rope",
                  normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                  untie_embeddings_and_output_weights=True),
+    # Mixtral-style mixture of experts: the llama preset with 8 experts in every layer, softmax top-2.
+    "moe": dict(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
+                ffn_hidden_size=384, max_position_embeddings=256, seq_length=256, position_embedding_type="rope",
+                normalization="RMSNorm", swiglu=True, add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128),
+    # DeepSeek-V3-style routing: sigmoid scores with a persistent expert bias, group-limited (4 groups, the best 2),
+    # top-4 scaled by 2.5, one shared expert, the first layer dense.
+    "moe-deepseek": dict(num_layers=3, hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=16,
+                         ffn_hidden_size=384, max_position_embeddings=256, seq_length=256,
+                         position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                         untie_embeddings_and_output_weights=True, num_experts=8, moe_router_topk=4,
+                         moe_ffn_hidden_size=96, moe_router_score_function="sigmoid",
+                         moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+                         moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=96,
+                         moe_layer_freq=(0, 1, 1)),
 }
 
 
@@ -141,6 +156,10 @@ def main() -> None:
     else:
         arch = GPTArchitecture(padded_vocab_size=padded_vocab(a.vocab, tp), **PRESETS[a.random])
         model = build_model(arch, tensor_parallel=tp, init_method_std=a.init_std)
+        if arch.moe_router_enable_expert_bias:  # training moves it from zero: so that routing depends on it
+            for name, buffer in model.named_buffers():
+                if name.endswith("router.expert_bias"):
+                    buffer.normal_(0.0, 0.1)
         extra = {"seed": a.seed, "init_method_std": a.init_std}
     extra.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=a.pp, ckpt_format=a.format, **recorded)
     megatron_args = arch.to_megatron_args(**extra)

@@ -52,7 +52,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     """This rank's shard of the model, built from the checkpoint's own args, weights loaded, KV cache ready.
     ``graphs`` overrides CUDA_GRAPHS (``CachedGPT``'s "auto", "eager" or "off": tests run static steps on CPU)."""
-    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel, cfg.pp_layers)
+    arch = checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel, cfg.pp_layers,
+                                         cfg.experts_split)
     model = build_model(arch, DTYPES[cfg.dtype], cfg.tensor_parallel, cfg.pipeline_parallel)
     checkpoints.load_weights(model, cfg.checkpoint, arch)
     model = model.to(cfg.device)
@@ -290,7 +291,7 @@ def main(module: str = "triton_backend.server") -> int:
               f"{cfg.world_size} ranks but torchrun started {world}", file=sys.stderr)
         return 2
     init_parallel(cfg.tensor_parallel, cfg.device, timeout_s=cfg.load_timeout_s,
-                  pipeline_parallel=cfg.pipeline_parallel)
+                  pipeline_parallel=cfg.pipeline_parallel, expert_parallel=cfg.experts_split)
     group = make_group(cfg.collective_timeout_s) if world > 1 else None
     tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
     stage_groups = pipeline.make_stage_groups(tp, pp, cfg.collective_timeout_s) if pp > 1 else [None]

@@ -29,7 +29,8 @@ def test_ranks_started_otherwise_than_rank_0_are_named_on_every_rank(tmp_path):
     layouts = [dict(tensor_parallel=1, pipeline_parallel=2), dict(tensor_parallel=2, pipeline_parallel=2,
                                                                    pp_layers="balanced")]
     want = ["node 1 (rank 1) has TP=2 where node 0 has TP=1",
-            "node 1 (rank 1) has PP_LAYERS=balanced where node 0 has PP_LAYERS="]
+            "node 1 (rank 1) has PP_LAYERS=balanced where node 0 has PP_LAYERS=",
+            "node 1 (rank 1) has EP=2 where node 0 has EP=1"]  # EP follows TP unless set
     assert local.spawn(2, check, str(tmp_path / "ckpt"), layouts, timeout_s=60) == [want, want]
     same = [layouts[0], layouts[0]]
     assert local.spawn(2, check, str(tmp_path / "ckpt"), same, timeout_s=60) == [[], []]

@@ -33,12 +33,22 @@ PROMPTS = [[5, 17, 33, 4, 90, 61, 12], [6, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 
            [7, 1], [30, 31, 32, 34, 36, 37, 38, 39, 41, 42, 43]]
 
 
+MOE_ARCHS = {  # Megatron's MoE layer against the fast path's experts grouped by token
+    "moe_softmax_top2": dataclasses.replace(ROTARY_ARCH, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48),
+    "moe_sigmoid_groups_shared": dataclasses.replace(
+        ROTARY_ARCH, num_layers=3, num_experts=8, moe_router_topk=4, moe_ffn_hidden_size=48,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48,
+        moe_shared_expert_gate=True, moe_layer_freq=(0, 1, 1)),
+}
+
+
 @pytest.fixture(scope="module", params=["gpt", "rotary", "qknorm_ropescaling_interleaved", "squared_relu",
-                                        "zero_centered_gamma", "sliding_window"])
+                                        "zero_centered_gamma", "sliding_window", *MOE_ARCHS])
 def arch_and_model(request):
     arch = {"gpt": ARCH, "rotary": ROTARY_ARCH, "qknorm_ropescaling_interleaved": FIELDS_ARCH,
             "squared_relu": SQUARED_RELU_ARCH, "zero_centered_gamma": ZERO_CENTERED_ARCH,
-            "sliding_window": dataclasses.replace(ROTARY_ARCH, window_size=(6, 0))}[request.param]
+            "sliding_window": dataclasses.replace(ROTARY_ARCH, window_size=(6, 0)), **MOE_ARCHS}[request.param]
     model = context_model(arch)
     assert_uses_the_whole_context(model)
     return arch, model
@@ -111,7 +121,8 @@ def test_packed_weights_generate_megatrons_tokens(arch_and_model, prefill_tokens
     ``F.linear``. Greedy tokens and top alternatives as Megatron's, log-probs to rounding."""
     arch, model = arch_and_model
     packed = CachedGPT(model, arch, max_slots=4, block_size=4)
-    output, fc1 = packed.fast.output, packed.fast.layers[0].fc1
+    output, first = packed.fast.output, packed.fast.layers[0]
+    fc1 = first.fc1 if first.moe is None else first.moe.experts[0][0]
     shared = model.share_embeddings_and_output_weights
     assert (output.few is not None, output.many is not None) == (shared, shared)
     assert fc1.few is None and fc1.many is None

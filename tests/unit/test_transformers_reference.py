@@ -21,6 +21,20 @@ CASES = {
     "llama3.1_rope_scaling": dataclasses.replace(ROTARY_ARCH, use_rope_scaling=True),
     "qwen3_qk_norm": dataclasses.replace(ROTARY_ARCH, qk_layernorm=True, use_rope_scaling=True),
     "mistral_sliding_window": dataclasses.replace(ROTARY_ARCH, window_size=(6, 0)),
+    # Mixture of experts, through Megatron's own MoE layer: Mixtral's softmax top-2 of 4 experts; Qwen2-MoE's
+    # softmax over all experts with a gated shared expert, and a dense first layer (moe_layer_freq).
+    "mixtral": dataclasses.replace(ROTARY_ARCH, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48),
+    "qwen2_moe": dataclasses.replace(ROTARY_ARCH, num_layers=3, num_experts=4, moe_router_topk=2,
+                                     moe_ffn_hidden_size=48, moe_router_pre_softmax=True,
+                                     moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True,
+                                     moe_layer_freq=(0, 1, 1)),
+    # DeepSeek-V3's routing (GLM-4.5 keeps it with standard attention): sigmoid scores, an expert bias for the
+    # choice only, 4 groups of which the best 2 (by their two best experts), top-4 scaled by 2.5, a shared expert.
+    "glm4_moe_deepseek_routing": dataclasses.replace(
+        ROTARY_ARCH, num_layers=3, num_experts=8, moe_router_topk=4, moe_ffn_hidden_size=48,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48,
+        moe_layer_freq=(0, 1, 1)),
 }
 PROMPTS = [[5, 17, 33, 4, 90, 61, 12], [6, 17, 33, 4, 90, 61, 12, 8, 77, 3, 40, 9, 100, 64, 1, 22, 35, 48, 50]]
 
@@ -33,6 +47,9 @@ def pair(request):
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
                 p.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(1))
+        for name, b in model.named_buffers():  # an expert bias that changes which experts are chosen
+            if name.endswith("router.expert_bias"):
+                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
     return arch, model, hf_from_megatron(model, arch)
 
 

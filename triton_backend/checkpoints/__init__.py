@@ -26,15 +26,21 @@ def read_args(path: str | pathlib.Path):
 
 
 def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                      pp_layers: str = "") -> GPTArchitecture:
+                      pp_layers: str = "", expert_parallel: int = 0) -> GPTArchitecture:
     """The model's architecture from the checkpoint's args, checked against the served TP and PP sizes, with the
     served stage split ``pp_layers`` (``PP_LAYERS``, ``GPTArchitecture.served_split``) in place of the recorded
     one."""
+    args = read_args(path)
     try:
-        arch = GPTArchitecture.from_megatron_args(read_args(path))
+        arch = GPTArchitecture.from_megatron_args(args)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
-    problem = arch.tensor_parallel_problem(tensor_parallel)
+    saved_ep = (vars(args) if not isinstance(args, dict) else args).get("expert_model_parallel_size") or 1
+    if legacy.is_legacy(path) and saved_ep > 1:  # its mp_rank_TT_EEE shards would read as pipeline stages
+        raise CheckpointError(f"{path} was saved with expert_model_parallel_size={saved_ep} in the legacy format "
+                              "(mp_rank_TT[_PPP]_EEE shards), which is not read yet: save it as torch_dist "
+                              "(--ckpt-format torch_dist), whose experts serve at any EP")
+    problem = arch.tensor_parallel_problem(tensor_parallel, expert_parallel)
     if problem:
         raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")
     try:

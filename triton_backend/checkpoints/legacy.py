@@ -73,7 +73,9 @@ def read_args(path: str | pathlib.Path):
 
 
 def _is_swiglu_fc1(name: str, swiglu: bool) -> bool:
-    return swiglu and ".mlp.linear_fc1." in name
+    """A gated MLP's fc1, stacked [gate; up]: the dense MLP's, each expert's and the shared experts'."""
+    return swiglu and re.search(r"\.mlp\.(?:experts\.local_experts\.\d+\.|shared_experts\.)?linear_fc1\.",
+                                name) is not None
 
 
 def merge(shards: list[torch.Tensor], dim: int, halves: bool) -> torch.Tensor:
@@ -124,6 +126,38 @@ class _Source:
         return last, name
 
 
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+class _Experts:
+    """Where this rank's experts are: EP ranks share out each MoE layer's experts in order (rank e holds
+    e x n / EP onwards, numbered from 0 in its model), and each expert is split TP / EP ways. Checkpoints hold
+    every expert under its global number."""
+
+    def __init__(self, arch):
+        from megatron.core import parallel_state
+
+        self.ep = parallel_state.get_expert_model_parallel_world_size() if arch.num_experts else 1
+        self.local = (arch.num_experts or 0) // self.ep
+        self.first = parallel_state.get_expert_model_parallel_rank() * self.local if arch.num_experts else 0
+        if arch.num_experts:
+            self.tp = parallel_state.get_expert_tensor_parallel_world_size()
+            self.tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+
+    @staticmethod
+    def owns(name: str) -> bool:
+        return _EXPERT.match(name) is not None
+
+    def saved_name(self, name: str) -> str:
+        match = _EXPERT.match(name)
+        return f"{match[1]}{self.first + int(match[2])}{match[3]}" if match else name
+
+    def elsewhere(self, saved: str) -> bool:
+        """A saved expert's tensor another EP rank loads."""
+        match = _EXPERT.match(saved)
+        return match is not None and not self.first <= int(match[2]) < self.first + self.local
+
+
 def load_weights(model, path: str | pathlib.Path, arch) -> None:
     """Fill ``model`` (this rank's shard at the served TP, its pipeline stage at the served PP) from a legacy
     checkpoint saved at any TP x PP."""
@@ -132,6 +166,7 @@ def load_weights(model, path: str | pathlib.Path, arch) -> None:
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
+    experts = _Experts(arch)
     source = _Source(path, arch)
     first_layer = arch.stage_layers(pp)[stage].start
     params = dict(model.named_parameters())
@@ -140,7 +175,7 @@ def load_weights(model, path: str | pathlib.Path, arch) -> None:
         if name.endswith("_extra_state"):
             target[name] = current
             continue
-        at, saved = source.locate(name, first_layer)
+        at, saved = source.locate(experts.saved_name(name), first_layer)
         states = source.states(at)
         files = source.grid[at]
         missing = [str(f.parent.name) for f, sd in zip(files, states) if saved not in sd]
@@ -151,7 +186,8 @@ def load_weights(model, path: str | pathlib.Path, arch) -> None:
         param = params.get(name)
         if param is not None and getattr(param, "tensor_model_parallel", False):
             dim, halves = param.partition_dim, _is_swiglu_fc1(name, arch.swiglu)
-            tensor = split(merge(shards, dim, halves), dim, tp, rank, halves)
+            parts, index = (experts.tp, experts.tp_rank) if experts.owns(name) else (tp, rank)
+            tensor = split(merge(shards, dim, halves), dim, parts, index, halves)
         else:
             tensor = shards[0]
         if tuple(tensor.shape) != tuple(current.shape):
@@ -162,7 +198,7 @@ def load_weights(model, path: str | pathlib.Path, arch) -> None:
     if pp == 1:  # the whole model was read: whatever it did not use does not belong to it
         last = len(source.grid) - 1
         extra = sorted(f"{k}" for s in range(len(source.grid)) for k in source.states(s)[0]
-                       if (s, k) not in used and not k.endswith("_extra_state")
+                       if (s, k) not in used and not k.endswith("_extra_state") and not experts.elsewhere(k)
                        and not (source.tied and s == last and s > 0 and k == "output_layer.weight"))
         if extra:
             raise CheckpointError(f"{path}: tensors the model does not have: {', '.join(extra[:5])}")

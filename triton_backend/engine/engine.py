@@ -204,6 +204,11 @@ class Engine:
                 "kv_usage": used / self.blocks.num_blocks, "cancelled": self.stats.requests_cancelled,
                 "prefix_queried_tokens": self.blocks.queried_tokens, "prefix_hit_tokens": self.blocks.hit_tokens}
 
+    def expert_tokens(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer rank 0 computes (empty for a dense model)."""
+        tally = getattr(self.gpt, "expert_tokens", None)
+        return tally() if tally is not None else {}
+
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:

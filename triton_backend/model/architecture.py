@@ -27,7 +27,6 @@ NOT_SERVED = {
     "window_attn_skip_freq": (None,),  # some layers full, some windowed: every layer here shares one window
     "multi_latent_attention": (None, False),
     "softmax_type": (None, "vanilla"),
-    "num_experts": (None, 0),
     "add_qkv_bias": (None, False),
     "apply_residual_connection_post_layernorm": (None, False),
     "mrope_section": (None,),
@@ -40,6 +39,9 @@ NOT_SERVED = {
     "linear_attention_freq": (None,),
     "is_hybrid_model": (None, False),
     "heterogeneous_layers_config_path": (None,),
+    "moe_latent_size": (None, 0),  # experts computed in a projected space
+    "moe_apply_probs_on_input": (None, False),
+    "moe_router_topk_limited_devices": (None, 0),  # device-limited routing: depends on training's expert layout
     "mtp_num_layers": (None, 0),  # multi-token prediction layers: their weights have no place in the served model
 }
 # Every TransformerConfig field is read, refused here, or declared harmless: model/config_fields.py.
@@ -49,6 +51,12 @@ def refused_fields(values: dict) -> list[str]:
     """The recorded fields this server cannot serve (``field=value``), in NOT_SERVED's order."""
     return [f"{name}={values[name]!r}" for name, plain in NOT_SERVED.items()
             if name in values and values[name] not in plain]
+
+
+MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_score_function", "moe_router_pre_softmax",
+              "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias", "moe_router_num_groups",
+              "moe_router_group_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+              "moe_layer_freq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,20 @@ class GPTArchitecture:
     # Sliding-window attention (left, right), as flash attention takes it: a token sees itself and the ``left``
     # tokens before it; right must be 0 (causal). None or a negative left: the whole context.
     window_size: tuple[int, int] | None = None
+    # Mixture of experts (Megatron's names): each MoE layer's MLP is ``num_experts`` experts of
+    # ``moe_ffn_hidden_size`` (default ffn_hidden_size) behind a router that picks ``moe_router_topk`` per token.
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_router_score_function: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+    moe_router_pre_softmax: bool = False  # softmax over all experts before the top-k (else over the top-k)
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_enable_expert_bias: bool = False  # a persistent per-expert bias added for selection only
+    moe_router_num_groups: int | None = None  # group-limited routing: experts in groups, the best groups first
+    moe_router_group_topk: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None  # a dense expert every token goes through
+    moe_shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(a learned gate)
+    moe_layer_freq: int | tuple[int, ...] = 1  # every n-th layer is MoE, or a 0/1 pattern per layer
     # Uneven pipeline splits as training recorded them (Megatron's names); used when they fit the served PP
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
@@ -116,15 +138,59 @@ class GPTArchitecture:
             kept["window_size"] = window
         if not values.get("group_query_attention", False):
             kept["num_query_groups"] = None
-        return cls(**kept)
+        if not kept.get("num_experts"):  # the MoE fields say nothing without experts
+            kept = {k: v for k, v in kept.items() if k not in MOE_FIELDS}
+        elif isinstance(kept.get("moe_layer_freq"), list):
+            kept["moe_layer_freq"] = tuple(int(x) for x in kept["moe_layer_freq"])
+        arch = cls(**kept)
+        problem = arch.moe_problem()
+        if problem:
+            raise ValueError(problem)
+        return arch
 
-    def tensor_parallel_problem(self, tp: int) -> str | None:
-        """Why this model cannot be split ``tp`` ways, or None."""
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Which layers (global, 0-based) are MoE layers (``moe_layer_freq``, Megatron's rule)."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
+        return [bool(x) for x in self.moe_layer_freq]
+
+    def moe_problem(self) -> str | None:
+        """Why these MoE fields cannot be served, or None."""
+        if not self.num_experts:
+            return None
+        freq = self.moe_layer_freq
+        if isinstance(freq, int) and freq < 1 or not isinstance(freq, int) and len(freq) != self.num_layers:
+            return f"moe_layer_freq={freq!r} must be a positive integer or one 0/1 entry per layer"
+        if not 0 < self.moe_router_topk <= self.num_experts:
+            return f"moe_router_topk={self.moe_router_topk} must be between 1 and num_experts={self.num_experts}"
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            return f"moe_router_score_function={self.moe_router_score_function!r} must be softmax or sigmoid"
+        groups = self.moe_router_num_groups
+        if groups and (self.num_experts % groups or not self.moe_router_group_topk
+                       or self.moe_router_group_topk > groups):
+            return (f"moe_router_num_groups={groups}, moe_router_group_topk={self.moe_router_group_topk}: the groups "
+                    f"must divide num_experts={self.num_experts} and group_topk be 1 .. num_groups")
+        return None
+
+    def tensor_parallel_problem(self, tp: int, ep: int = 0) -> str | None:
+        """Why this model cannot be split ``tp`` ways (its experts ``ep`` ways, default ``tp``), or None."""
         groups = self.num_query_groups or self.num_attention_heads
         for what, value in (("num_attention_heads", self.num_attention_heads), ("num_query_groups", groups),
                             ("ffn_hidden_size", self.ffn_hidden_size), ("padded_vocab_size", self.padded_vocab_size)):
             if value % tp:
                 return f"{what}={value} is not divisible by {tp}"
+        ep = ep or tp
+        if self.num_experts:
+            experts_ffn = self.moe_ffn_hidden_size or self.ffn_hidden_size
+            for what, value, parts in (("num_experts", self.num_experts, ep),
+                                       ("moe_ffn_hidden_size", experts_ffn, tp // ep),
+                                       ("moe_shared_expert_intermediate_size",
+                                        self.moe_shared_expert_intermediate_size or 0, tp)):
+                if value % parts:
+                    return f"{what}={value} is not divisible by {parts} (TP={tp}, EP={ep})"
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             return f"position_embedding_type={self.position_embedding_type!r} is not supported"
         return None
@@ -216,6 +282,8 @@ class GPTArchitecture:
         """The namespace Megatron training would have saved for this architecture."""
         values = dataclasses.asdict(self)
         values["group_query_attention"] = self.num_query_groups is not None
+        if not isinstance(self.moe_layer_freq, int):
+            values["moe_layer_freq"] = list(self.moe_layer_freq)
         values.update(extra)
         return argparse.Namespace(**values)
 
@@ -263,6 +331,33 @@ class GPTArchitecture:
             apply_rope_fusion=False,
             rotary_interleaved=self.rotary_interleaved,
             qk_layernorm=self.qk_layernorm,
+            **self._moe_config_fields(),
+        )
+
+    def _moe_config_fields(self) -> dict:
+        if not self.num_experts:
+            return {}
+        return dict(
+            num_moe_experts=self.num_experts,
+            moe_router_topk=self.moe_router_topk,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size or self.ffn_hidden_size,
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_num_groups=self.moe_router_num_groups,
+            moe_router_group_topk=self.moe_router_group_topk,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_layer_freq=self.moe_layer_freq if isinstance(self.moe_layer_freq, int) else list(self.moe_layer_freq),
+            # Inference is dropless (no capacity, whatever training's moe_expert_capacity_factor was) and has no
+            # auxiliary losses; tokens are gathered to the experts' ranks (the all-to-all dispatcher needs CUDA).
+            moe_expert_capacity_factor=None,
+            moe_input_jitter_eps=None,  # training's noise on the router's input (applied in eval too)
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
         )
 
     def _activation(self):

@@ -12,12 +12,18 @@ from __future__ import annotations
 # layernorm_epsilon, squared_relu or swiglu for activation_func).
 READ = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
         "layernorm_epsilon", "add_bias_linear", "gated_linear_unit", "activation_func", "normalization",
-        "qk_layernorm", "rotary_interleaved", "layernorm_zero_centered_gamma", "window_size"}
+        "qk_layernorm", "rotary_interleaved", "layernorm_zero_centered_gamma", "window_size",
+        "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_score_function",
+        "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_shared_expert_intermediate_size",
+        "moe_shared_expert_gate", "moe_layer_freq"}
 
 # Refused when set (config name -> the args name ``NOT_SERVED`` checks).
 REFUSED = {"window_attn_skip_freq": "window_attn_skip_freq",
            "multi_latent_attention": "multi_latent_attention", "softmax_type": "softmax_type",
-           "num_moe_experts": "num_experts", "add_qkv_bias": "add_qkv_bias",
+           "add_qkv_bias": "add_qkv_bias", "moe_latent_size": "moe_latent_size",
+           "moe_apply_probs_on_input": "moe_apply_probs_on_input",
+           "moe_router_topk_limited_devices": "moe_router_topk_limited_devices",
            "apply_residual_connection_post_layernorm": "apply_residual_connection_post_layernorm",
            "qk_l2_norm": "qk_l2_norm", "mrope_section": "mrope_section", "softmax_scale": "softmax_scale",
            "attention_output_gate": "attention_output_gate", "no_rope_freq": "no_rope_freq",
@@ -86,19 +92,17 @@ HARMLESS = {
         "cuda_graph_warmup_steps", "external_cuda_graph", "cuda_graph_impl", "cuda_graph_scope",
         "inference_rng_tracker", "inference_sampling_seed",
     },
-    # Mixture-of-experts settings: they take effect only with num_experts, which is refused.
+    # Mixture-of-experts training and kernels: load-balancing losses and bias updates, token dropping (inference is
+    # dropless: every token reaches its top-k experts), how tokens travel and which GEMMs compute the experts.
     "moe": {
-        "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_shared_expert_overlap", "moe_layer_freq",
-        "moe_ffn_hidden_size", "moe_router_load_balancing_type", "moe_router_topk", "moe_enable_routing_replay",
-        "moe_router_topk_limited_devices", "moe_router_padding_for_quantization", "moe_router_padding_for_fp8",
-        "moe_router_num_groups", "moe_router_group_topk", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
-        "moe_router_score_function", "moe_router_dtype", "moe_router_enable_expert_bias",
+        "moe_shared_expert_overlap", "moe_router_load_balancing_type", "moe_enable_routing_replay",
+        "moe_router_padding_for_quantization", "moe_router_padding_for_fp8", "moe_router_dtype",
         "moe_router_bias_update_rate", "moe_router_force_load_balancing", "moe_grouped_gemm",
         "moe_use_legacy_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_input_jitter_eps",
         "moe_token_dropping", "moe_token_dispatcher_type", "moe_enable_deepep", "moe_flex_dispatcher_backend",
         "moe_per_layer_logging", "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
         "moe_token_drop_policy", "moe_layer_recompute", "moe_permute_fusion", "moe_router_fusion",
-        "moe_apply_probs_on_input", "moe_latent_size", "moe_deepep_num_sms", "moe_hybridep_num_sms",
+        "moe_deepep_num_sms", "moe_hybridep_num_sms",
     },
     # Other model families' settings: they take effect only with a flag that is refused (is_hybrid_model,
     # experimental_attention_variant, linear_attention_freq).

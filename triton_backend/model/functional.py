@@ -77,6 +77,34 @@ class _Layer:
     fc2_bias: torch.Tensor | None
     q_norm: _Norm | None = None  # qk_layernorm: each head's query and key, before RoPE
     k_norm: _Norm | None = None
+    moe: _MoE | None = None  # a mixture-of-experts layer's MLP (fc1 and fc2 then None)
+
+
+@dataclasses.dataclass
+class _MoE:
+    """A mixture-of-experts MLP: Megatron's router (its own routing function, over the same weights) and this rank's
+    experts, each a dense MLP; a shared expert beside them, gated or not."""
+
+    router: object  # the layer's ``TopKRouter``: its config, weight and expert bias
+    first: int  # the global number of this rank's first expert (expert parallelism)
+    experts: list[tuple[_Linear, _Linear]]  # (fc1, fc2) of each local expert, column- and row-parallel
+    shared: tuple[_Linear, _Linear] | None = None
+    shared_gate: torch.Tensor | None = None  # [1, h]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs, chosen) [N, experts]: each token's weight per expert and whether it goes there, by Megatron's
+        ``topk_routing_with_score_function`` (dropless: no capacity)."""
+        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+        r, c = self.router, self.router.config
+        logits = r.gating(x)
+        probs, chosen = topk_routing_with_score_function(
+            logits, c.moe_router_topk, use_pre_softmax=c.moe_router_pre_softmax, num_groups=c.moe_router_num_groups,
+            group_topk=c.moe_router_group_topk, scaling_factor=c.moe_router_topk_scaling_factor,
+            score_function=c.moe_router_score_function, expert_bias=r.expert_bias)
+        if hasattr(r, "count"):  # the served router's tally (model/moe.py)
+            r.count(chosen)
+        return probs, chosen
 
 
 def _qk_norm(module) -> _Norm | None:
@@ -96,6 +124,23 @@ def _norm(module) -> _Norm:
     return _Norm("rms", tuple(module.normalized_shape), module.weight, None, module.eps)
 
 
+def _dense_mlp(mlp) -> bool:
+    return hasattr(mlp, "linear_fc1") and mlp.linear_fc1.skip_bias_add
+
+
+def _moe_problem(mlp) -> str | None:
+    """Why a layer's MLP is not an MoE this path computes: Megatron's ``MoELayer`` with ``SequentialMLP`` experts
+    without biases, its top-k router without one."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    if not isinstance(mlp, MoELayer) or not isinstance(mlp.experts, SequentialMLP):
+        return "not Megatron's MoELayer over SequentialMLP experts"
+    if mlp.router.bias is not None or mlp.config.moe_latent_size or mlp.config.add_bias_linear:
+        return "biases or a latent projection"
+    return None
+
+
 def supported(model) -> str | None:
     """Why ``model`` (a GPTModel built by ``gpt.build_model``) cannot run on this path, or None."""
     from megatron.core.transformer.identity_op import IdentityOp
@@ -107,7 +152,7 @@ def supported(model) -> str | None:
              "no_rope_freq": bool(getattr(c, "no_rope_freq", None)),
              "activation_func_clamp_value": getattr(c, "activation_func_clamp_value", None) is not None,
              "glu_linear_offset": bool(getattr(c, "glu_linear_offset", 0.0)),
-             "bias_activation_fusion": c.bias_activation_fusion, "num_moe_experts": bool(c.num_moe_experts),
+             "bias_activation_fusion": c.bias_activation_fusion,
              "multi_token_prediction": bool(getattr(c, "mtp_num_layers", None)),
              "embedding_scaling": bool(getattr(getattr(model, "embedding", None), "scale_factor", None))}
     on = [name for name, value in flags.items() if value]
@@ -128,7 +173,7 @@ def supported(model) -> str | None:
                  "k_layernorm": attention.k_layernorm is None or isinstance(attention.k_layernorm, qk_norms),
                  "cross_attention": isinstance(layer.cross_attention, IdentityOp),
                  "linear_qkv": not attention.linear_qkv.skip_bias_add,
-                 "mlp": hasattr(layer.mlp, "linear_fc1") and layer.mlp.linear_fc1.skip_bias_add}
+                 "mlp": _dense_mlp(layer.mlp) or _moe_problem(layer.mlp) is None}
         wrong = [name for name, ok in parts.items() if not ok]
         if wrong:
             return f"layer {layer.layer_number}: unsupported " + ", ".join(wrong)
@@ -171,11 +216,20 @@ def packed_bytes(model) -> int:
 def _linear_weights(model):
     """(weight, is the output layer's) of every linear layer the fast path multiplies by."""
     for layer in model.decoder.layers:
-        a, m = layer.self_attention, layer.mlp
-        for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
+        for linear in _linears(layer):
             yield linear.weight, False
     if model.post_process:  # a pipeline stage before the last has no output layer
         yield _output_weight(model), model.share_embeddings_and_output_weights and model.pre_process
+
+
+def _linears(layer) -> list:
+    """A layer's linear modules: attention's, then the dense MLP's or each local expert's and the shared one's."""
+    a, m = layer.self_attention, layer.mlp
+    if _dense_mlp(m):
+        mlps = [m]
+    else:
+        mlps = list(m.experts.local_experts) + ([m.shared_experts] if m.shared_experts is not None else [])
+    return [a.linear_qkv, a.linear_proj] + [linear for mlp in mlps for linear in (mlp.linear_fc1, mlp.linear_fc2)]
 
 
 def _output_weight(model) -> torch.Tensor:
@@ -224,6 +278,14 @@ def _biased(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias
 
 
+def _moe(mlp) -> _MoE:
+    shared = mlp.shared_experts
+    return _MoE(mlp.router, mlp.local_expert_indices[0],
+                [(_pack(e.linear_fc1.weight), _pack(e.linear_fc2.weight)) for e in mlp.experts.local_experts],
+                None if shared is None else (_pack(shared.linear_fc1.weight), _pack(shared.linear_fc2.weight)),
+                None if shared is None else shared.gate_weight)
+
+
 class FunctionalGPT:
     """``forward(tokens, positions, step, rows)``: the logits of packed ``rows`` ([len(rows), vocab / tp]), as
     ``GPTModel.forward`` computes them with ``PagedAttention`` over ``step``."""
@@ -247,13 +309,15 @@ class FunctionalGPT:
         self.layers = []
         for layer in model.decoder.layers:
             a, m = layer.self_attention, layer.mlp
-            for linear in (a.linear_qkv, a.linear_proj, m.linear_fc1, m.linear_fc2):
+            for linear in _linears(layer):
                 _cpu_layout(linear.weight)
+            dense = _dense_mlp(m)
             self.layers.append(_Layer(
                 _norm(layer.input_layernorm), _pack(a.linear_qkv.weight), a.linear_qkv.bias, a.core_attention,
                 _pack(a.linear_proj.weight), a.linear_proj.bias, _norm(layer.pre_mlp_layernorm),
-                _pack(m.linear_fc1.weight), m.linear_fc1.bias, _pack(m.linear_fc2.weight), m.linear_fc2.bias,
-                _qk_norm(a.q_layernorm), _qk_norm(a.k_layernorm)))
+                _pack(m.linear_fc1.weight) if dense else None, m.linear_fc1.bias if dense else None,
+                _pack(m.linear_fc2.weight) if dense else None, m.linear_fc2.bias if dense else None,
+                _qk_norm(a.q_layernorm), _qk_norm(a.k_layernorm), None if dense else _moe(m)))
         a = model.decoder.layers[0].self_attention
         self.groups = a.num_query_groups_per_partition
         self.heads = a.num_attention_heads_per_partition
@@ -306,6 +370,43 @@ class FunctionalGPT:
             h = self.activation(h)
         return self._row_parallel(h, layer.fc2, layer.fc2_bias)
 
+    def _expert(self, fc1: _Linear, fc2: _Linear, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A dense MLP's partial product on this rank (its slice of the hidden units), not yet summed; ``scale``
+        weighs each row's hidden units before fc2, as Megatron's experts apply their routing weights."""
+        h = fc1(x)
+        if self.gated:
+            gate, linear = h.chunk(2, dim=-1)
+            h = self.activation(gate) * linear
+        else:
+            h = self.activation(h)
+        if scale is not None:
+            h = (h * scale.unsqueeze(-1)).to(x.dtype)
+        return fc2(h)
+
+    def _moe(self, moe: _MoE, x: torch.Tensor) -> torch.Tensor:
+        """Each token through its top-k experts, weighted, plus the shared expert. Tokens are grouped by expert: one
+        product per expert this rank holds and some token chose (a decode step of one sequence reads k experts'
+        weights). Every rank of the tensor-parallel group has every token: it computes its own experts' part
+        (expert parallelism) of its slice of each expert (tensor parallelism within experts) and of the shared
+        expert, and one sum over the group completes them all."""
+        probs, chosen = moe.route(x)
+        local = slice(moe.first, moe.first + len(moe.experts))
+        pairs = chosen[:, local].t().nonzero()  # (expert, token), grouped by expert as Megatron permutes them
+        counts = chosen[:, local].sum(dim=0).tolist()  # the layer's one host read: tokens per expert
+        tokens = pairs[:, 1]
+        weights = probs[:, local].t()[pairs[:, 0], tokens].split(counts)
+        parts = [self._expert(*moe.experts[e], rows, weights[e])
+                 for e, rows in enumerate(x[tokens].split(counts)) if counts[e]]
+        out = torch.zeros_like(x)
+        if parts:  # summed per token in Megatron's order (its ``unpermute``): the same sums
+            out.scatter_add_(0, tokens[:, None].expand(-1, x.shape[1]), torch.cat(parts))
+        if moe.shared is not None:
+            y = self._expert(*moe.shared, x)
+            if moe.shared_gate is not None:
+                y = y * torch.sigmoid(F.linear(x, moe.shared_gate))
+            out = out + y
+        return self._reduce(out)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step, rows: torch.Tensor) -> torch.Tensor:
         return self.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows)
 
@@ -319,7 +420,8 @@ class FunctionalGPT:
         for layer in self.layers:
             out = self._attention(layer, layer.input_norm(x), attend)
             x = x + out
-            out = self._mlp(layer, layer.mlp_norm(x))
+            h = layer.mlp_norm(x)
+            out = self._mlp(layer, h) if layer.moe is None else self._moe(layer.moe, h)
             x = x + out
         if not self.last:
             return x

@@ -10,7 +10,7 @@ import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
 
-from . import decode_kernel, functional
+from . import decode_kernel, functional, moe
 from .architecture import GPTArchitecture
 from .attention import PagedAttention, Rotary
 from .graphs import DecodeGraphs
@@ -19,19 +19,23 @@ LOG = logging.getLogger(__name__)
 
 
 def init_parallel(tensor_parallel: int = 1, device: str = "cpu", timeout_s: float = 1800,
-                  pipeline_parallel: int = 1) -> None:
+                  pipeline_parallel: int = 1, expert_parallel: int = 1) -> None:
     """Initialise torch.distributed (NCCL on CUDA, gloo on CPU) and Megatron's ``parallel_state``.
 
     Works both under torchrun and in a plain process (a single-rank group on a free local port).
     ``timeout_s`` bounds every collective: a stalled or vanished rank raises instead of hanging. Ranks are
     ordered as Megatron orders them: rank = TP rank + TP x PP rank, so ranks 0..TP-1 hold the first stage.
+    ``expert_parallel`` (EP, dividing TP) ranks of a stage share out each MoE layer's experts; each expert is split
+    TP / EP ways (Megatron's expert tensor parallelism).
     """
     from megatron.core import parallel_state
 
     init_distributed(device, timeout_s)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 pipeline_model_parallel_size=pipeline_parallel)
+                                                 pipeline_model_parallel_size=pipeline_parallel,
+                                                 expert_model_parallel_size=expert_parallel,
+                                                 expert_tensor_parallel_size=tensor_parallel // expert_parallel)
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 1800) -> None:
@@ -90,10 +94,14 @@ def build_model(arch: GPTArchitecture, params_dtype=torch.float32, tensor_parall
     # from the checkpoint), skipped here so that CPU stages build.
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
+    spec = layer_spec(arch)
+    if arch.num_experts:
+        moe.allocate_on_cpu()
+        spec = moe.block_spec(arch, config, PagedAttention)
     with mock.patch.object(LanguageModule, "_is_in_embd_group", return_value=False):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(arch),
+            transformer_layer_spec=spec,
             vocab_size=arch.padded_vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=first,
@@ -208,6 +216,9 @@ class CachedGPT:
         self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
         static = fast and self.window is None and (graphs == "eager" or (graphs == "auto" and
                                                                          param.device.type == "cuda"))
+        if static and arch.num_experts and graphs == "auto":  # how many tokens each expert gets is read per step
+            LOG.warning("no CUDA graphs for a mixture-of-experts model: its steps run eagerly")
+            static = False
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
         # a pipeline stage (``build_model``): its own layers only; the first embeds, the last makes the logits
         self.first, self.last = model.pre_process, model.post_process
@@ -230,6 +241,10 @@ class CachedGPT:
                                        capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype)
 
     @torch.inference_mode()
+    def expert_tokens(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer of this stage (``moe.expert_tokens``)."""
+        return moe.expert_tokens(self.model)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
                 tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.

@@ -30,7 +30,8 @@ def _checkpoint(path) -> str:
 
 
 def fingerprint(cfg: ServerConfig) -> dict:
-    return {"TP": cfg.tensor_parallel, "PP": cfg.pipeline_parallel, "PP_LAYERS": cfg.pp_layers, "NNODES": cfg.nnodes,
+    return {"TP": cfg.tensor_parallel, "PP": cfg.pipeline_parallel, "PP_LAYERS": cfg.pp_layers, "EP": cfg.experts_split,
+            "NNODES": cfg.nnodes,
             "DTYPE": cfg.dtype,
             "DEVICE": cfg.device, "CHECKPOINT": _checkpoint(cfg.checkpoint)}
 

@@ -65,13 +65,15 @@ class Outcome:
 
 def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: list, vocab_size: int = 0,
              eos_id: int = 2, max_slots: int = 64, kv_cache_mb: float = 64, threads: int = 1, graphs: str | None = None,
-             tokenizer: bool = False, pp_layers: str = "", **engine) -> dict | None:
+             tokenizer: bool = False, pp_layers: str = "", ep: int = 0, compile: int = 1,
+             **engine) -> dict | None:
     """One rank of a TP x PP job serving ``checkpoint``: rank 0 runs ``requests`` ((prompt, SamplingParams), all
     submitted at once) through an engine and returns their outcomes, the seconds they took, and every rank's
     resident weight bytes; the other ranks follow and return None. ``kv_cache_mb`` may be a fraction here (a
     cache of a few blocks, for tests); ``graphs`` "eager" runs decode steps through the static steps of
     ``model/graphs.py`` without capture (how CPU tests check them); ``tokenizer``: the engine gets the
-    checkpoint's tokenizer (stop words, guides); ``pp_layers``: the stage split (``PP_LAYERS``)."""
+    checkpoint's tokenizer (stop words, guides); ``pp_layers``: the stage split (``PP_LAYERS``); ``ep``: EP (0:
+    TP); ``compile``: 0 runs Megatron's own forward (COMPILE)."""
     import torch.distributed as dist
 
     from preprocessing import tokenization
@@ -82,12 +84,13 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
     from triton_backend.server import load_gpt, tokenizer_spec
 
     torch.set_num_threads(threads)
-    init_parallel(tp, "cpu", timeout_s=120, pipeline_parallel=pp)
+    init_parallel(tp, "cpu", timeout_s=120, pipeline_parallel=pp, expert_parallel=ep or tp)
     rank = dist.get_rank()
     group = protocol.make_group(60) if tp * pp > 1 else None
     stage_groups = pipeline.make_stage_groups(tp, pp, 60) if pp > 1 else [None]
     cfg = ServerConfig(checkpoint=checkpoint, tensor_parallel=tp, pipeline_parallel=pp, pp_microbatches=microbatches,
-                       pp_layers=pp_layers, max_slots=max_slots, kv_cache_mb=kv_cache_mb, device="cpu")
+                       pp_layers=pp_layers, expert_parallel=ep, max_slots=max_slots, kv_cache_mb=kv_cache_mb,
+                       compile=compile, device="cpu")
     gpt = load_gpt(cfg, graphs)
     weights = torch.tensor([sum(p.numel() * p.element_size() for p in gpt.model.parameters())])
     if tp * pp > 1:
@@ -123,4 +126,5 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
     stats = dataclasses.asdict(eng.stats)
     dist.destroy_process_group()
     return {"outcomes": outcomes, "seconds": seconds, "weights": weights.tolist(), "stats": stats,
+            "experts": eng.expert_tokens(),
             "fatal": repr(eng.fatal) if eng.fatal else None}

@@ -75,6 +75,9 @@ class Fronting:
     def arch(self):
         return self.gpt.arch
 
+    def expert_tokens(self) -> dict[int, list[int]]:
+        return self.gpt.expert_tokens()
+
 
 class Leader(Fronting):
     """Rank 0's side: ``forward`` broadcasts a step to the followers, then runs it locally."""

@@ -71,6 +71,8 @@ class ControlChannel:
                         LOG.info("cancelled by the client: %s", arg)
                 elif command == "load" and sender:
                     self._sock.sendto(json.dumps(self.engine.load()).encode(), sender)
+                elif command == "experts" and sender:
+                    self._sock.sendto(json.dumps(self.engine.expert_tokens()).encode(), sender)
             except (OSError, UnicodeDecodeError) as err:  # a peer that went away must not end the channel
                 LOG.warning("control message %r: %s", message[:64], err)
 
@@ -96,18 +98,25 @@ class ControlClient:
 
     def load(self) -> dict | None:
         """The engine's load, or None when rank 0 does not answer in time."""
+        return self._ask(b"load")
+
+    def expert_tokens(self) -> dict[str, list[int]] | None:
+        """Tokens routed to each expert so far, by MoE layer number (a string in JSON); None: no answer."""
+        return self._ask(b"experts")
+
+    def _ask(self, question: bytes, size: int = 1 << 20) -> dict | None:
         with self._lock:
             self._sock.setblocking(False)
             try:
                 while True:  # drop a late answer to an earlier question
-                    self._sock.recv(4096)
+                    self._sock.recv(size)
             except OSError:
                 pass
             self._sock.settimeout(self._timeout_s)
-            if not self._send(b"load"):
+            if not self._send(question):
                 return None
             try:
-                return json.loads(self._sock.recv(4096))
+                return json.loads(self._sock.recv(size))
             except (OSError, ValueError):
                 return None
 

@@ -9,9 +9,9 @@ The serving side keeps the engine's interface (``submit``, ``cancel``, ``load``,
 callables in ``binding.py`` run unchanged over a ``RemoteEngine``. Messages, pickled over a socketpair
 (``multiprocessing.connection``, a well-kept framing rather than our own):
 
-    serving -> engine   ("submit", key, prompt, params) | ("cancel", key) | ("serving",)
+    serving -> engine   ("submit", key, prompt, params) | ("cancel", key) | ("serving",) | ("experts",)
     engine -> serving   ("step", [update, ...], load) after each engine pass that changed something
-                        | ("refused", key, message) | ("stop",)
+                        | ("refused", key, message) | ("experts", tallies) | ("stop",)
 
 An update is ``(key, new tokens, their log-probs, first_token_at, done, finish_reason, error, finished_at)``:
 one message per engine step for all generations, not one per token. Times are ``time.monotonic()``, which is
@@ -121,6 +121,11 @@ class EngineHost:
                     self.engine.cancel(generation)
             elif message[0] == "serving":
                 self.serving.set()
+            elif message[0] == "experts":  # the metrics' poll: read off the routers' tallies, not the engine thread
+                try:
+                    self._send(("experts", self.engine.expert_tokens()))
+                except TimeoutError:
+                    LOG.warning("the serving process takes no messages; the expert tallies were not sent")
 
     def _compiles(self, params) -> bool:
         """Whether submitting this request compiles a guide (it has one, not in the cache yet)."""
@@ -196,6 +201,7 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         self._load = {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_usage": 0.0, "cancelled": 0,
                       "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
+        self._experts: dict = {}  # the MoE routers' tallies, as of the last poll
         self._step_hooks = []
         self._thread = threading.Thread(target=self._receive, name="engine-link", daemon=True)
         self._thread.start()
@@ -219,6 +225,12 @@ class RemoteEngine:
 
     def load(self) -> dict:
         return dict(self._load)
+
+    def expert_tokens(self) -> dict:
+        """Tokens routed to each expert per MoE layer, as of the previous call (each call asks rank 0 for the
+        next: the metrics poll every half second, and nothing waits on rank 0)."""
+        self._send(("experts",))
+        return dict(self._experts)
 
     def add_step_hook(self, hook) -> None:
         self._step_hooks.append(hook)
@@ -244,6 +256,8 @@ class RemoteEngine:
                     self._load = message[2]
                 elif message[0] == "refused":
                     self._finish(message[1], None, message[2])
+                elif message[0] == "experts":
+                    self._experts = message[1]
                 elif message[0] == "stop":
                     return
                 for hook in self._step_hooks:

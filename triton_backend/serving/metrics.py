@@ -80,6 +80,35 @@ class Publisher:
             self.output_tokens.increment(tout)
 
 
+class ExpertCounters:
+    """``llm_moe_expert_tokens_total{layer, expert}``: tokens the router sent to each expert of each MoE layer,
+    from ``Engine.expert_tokens()`` (operators see hot experts and the imbalance). Made on the first tally that
+    has layers: a dense model shows no such family."""
+
+    def __init__(self, pb_utils):
+        self._pb = pb_utils
+        self._family = None
+        self._metrics: dict[tuple[str, int], object] = {}
+        self._seen: dict[tuple[str, int], int] = {}
+
+    def set(self, tallies: dict) -> None:
+        if not tallies:
+            return
+        if self._family is None:
+            family = self._pb.MetricFamily
+            self._family = family("llm_moe_expert_tokens_total", "Tokens routed to each expert of each MoE layer "
+                                  "(the layers of rank 0's pipeline stage)", family.COUNTER)
+        for layer, counts in tallies.items():
+            for expert, count in enumerate(counts):
+                key = (str(layer), expert)
+                if key not in self._metrics:
+                    self._metrics[key] = self._family.Metric(labels={"layer": key[0], "expert": str(expert)})
+                    self._seen[key] = 0
+                if count > self._seen[key]:
+                    self._metrics[key].increment(float(count - self._seen[key]))
+                    self._seen[key] = count
+
+
 class LoadGauges:
     """The engine's running and waiting sequences, KV-cache use, cancellations and prefix-cache lookups, from
     ``Engine.load()``."""

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 from preprocessing.params import InvalidRequest
 from preprocessing.pipeline import GenerationFailed, Postprocessor
 from triton_backend.serving.control import ControlClient
-from triton_backend.serving.metrics import LoadGauges, Publisher
+from triton_backend.serving.metrics import ExpertCounters, LoadGauges, Publisher
 
 INPUTS = [
     "OUTPUT_IDS", "OUTPUT_LENGTH", "OUTPUT_LOG_PROBS", "INPUT_IDS", "INPUT_LENGTH", "ERROR", "TEXT_INPUT",
@@ -27,6 +27,7 @@ class TritonPythonModel:
         self.post = Postprocessor.from_env()
         self.metrics = Publisher(pb_utils)
         self.gauges = LoadGauges(pb_utils)
+        self.experts = ExpertCounters(pb_utils)
         self.control = ControlClient()
         self.stopping = threading.Event()
         self.checked = {}  # cancel key -> when its stream's cancellation was last asked
@@ -39,6 +40,9 @@ class TritonPythonModel:
             load = self.control.load()
             if load is not None:
                 self.gauges.set(load)
+                tallies = self.control.expert_tokens()
+                if tallies:
+                    self.experts.set(tallies)
 
     def finalize(self):
         self.stopping.set()
