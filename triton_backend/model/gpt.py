@@ -240,11 +240,11 @@ class CachedGPT:
             self.graphs = DecodeGraphs(self.fast, self.cache, max_slots, -(-self.max_len // block_size),
                                        capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype)
 
-    @torch.inference_mode()
     def expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer of this stage (``moe.expert_tokens``)."""
         return moe.expert_tokens(self.model)
 
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
                 tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
