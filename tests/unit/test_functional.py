@@ -302,3 +302,19 @@ def test_zero_centered_gamma_scales_by_one_plus_the_stored_weight(base):
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         assert torch.allclose(centred(ids, positions, None), plain(ids, positions, None), atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_step_records_no_autograd_graph(fast):
+    """Steps run in inference mode: logits that required grad would fail sampling's in-place operations (a penalised
+    sampled row takes torch's path) and cost memory for a graph nobody uses."""
+    model = context_model(ROTARY_ARCH)
+    gpt = CachedGPT(model, ROTARY_ARCH, max_slots=2, block_size=4, fast=fast)
+    engine = Engine(gpt, VOCAB, EOS).start()
+    try:
+        g = engine.submit([5, 17, 33], SamplingParams(max_tokens=4, temperature=0.8, repetition_penalty=1.3, seed=1,
+                                                       end_id=-1))
+        assert g.wait(60) and g.error is None, g.error
+    finally:
+        engine.stop()
+    assert len(g.tokens) == 4

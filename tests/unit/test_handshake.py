@@ -21,27 +21,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job(nodes: list[tuple[int, dict]], nnodes: int = 2, deadline_s: float = 20, leader_delay: float = 0):
-    """Node 0 leading with VIEW and each (node, view) following, at once; every node's answer, node 0's first."""
-    port = free_port()
+def job(nodes: list[tuple[int, dict]], view: dict = VIEW, deadline_s: float = 20, leader_delay: float = 0,
+        stagger: float = 0, port: int | None = None):
+    """Node 0 leading with ``view`` (its NNODES) and each (node, view) following, ``stagger`` seconds apart; every
+    node's answer, node 0's first."""
+    port = port or free_port()
 
     def leader():
         time.sleep(leader_delay)
-        return handshake.lead(port, nnodes, VIEW, deadline_s)
+        return handshake.lead(port, view["NNODES"], view, deadline_s)
 
     with concurrent.futures.ThreadPoolExecutor(len(nodes) + 1) as pool:
         lead = pool.submit(leader)
-        follows = [pool.submit(handshake.follow, "127.0.0.1", port, node, view, deadline_s) for node, view in nodes]
+        follows = []
+        for node, theirs in nodes:
+            follows.append(pool.submit(handshake.follow, "127.0.0.1", port, node, theirs, deadline_s))
+            time.sleep(stagger)
         return [lead.result()] + [f.result() for f in follows]
 
 
+THREE = dict(VIEW, NNODES=3)
+
+
 def test_nodes_that_agree_all_go_and_the_port_is_free_for_torchrun():
-    view = dict(VIEW, NNODES=3)
     port = free_port()
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        lead = pool.submit(handshake.lead, port, 3, view, 20)
-        follows = [pool.submit(handshake.follow, "127.0.0.1", port, n, view, 20) for n in (1, 2)]
-        assert [lead.result()] + [f.result() for f in follows] == [[], [], []]
+    assert job([(1, THREE), (2, THREE)], THREE, port=port) == [[], [], []]
     with socket.create_server(("", port)):  # closed before "go": torchrun's store can bind it at once
         pass
 
@@ -52,28 +56,15 @@ def test_a_node_with_another_nnodes_is_refused_on_both_sides():
 
 
 def test_every_difference_is_named_and_the_waiting_nodes_are_told_too():
-    view = dict(VIEW, NNODES=3)
-    port = free_port()
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        lead = pool.submit(handshake.lead, port, 3, view, 20)
-        good = pool.submit(handshake.follow, "127.0.0.1", port, 1, view, 20)
-        time.sleep(1)  # node 1 is in and waiting when node 2 comes with another TP and checkpoint
-        bad = pool.submit(handshake.follow, "127.0.0.1", port, 2, dict(view, TP=2, CHECKPOINT="iter_0000002"), 20)
-        want = ["node 2 has TP=2 where node 0 has TP=1",
-                "node 2 has CHECKPOINT=iter_0000002 where node 0 has CHECKPOINT=iter_0000001, architecture "
-                "0123456789ab"]
-        assert lead.result() == bad.result() == good.result() == want
+    # node 1 is in and waiting when node 2 comes with another TP and checkpoint
+    answers = job([(1, THREE), (2, dict(THREE, TP=2, CHECKPOINT="iter_0000002"))], THREE, stagger=1)
+    want = ["node 2 has TP=2 where node 0 has TP=1",
+            "node 2 has CHECKPOINT=iter_0000002 where node 0 has CHECKPOINT=iter_0000001, architecture 0123456789ab"]
+    assert answers == [want] * 3
 
 
 def test_a_node_rank_given_twice_is_refused():
-    view = dict(VIEW, NNODES=3)
-    port = free_port()
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        lead = pool.submit(handshake.lead, port, 3, view, 20)
-        first = pool.submit(handshake.follow, "127.0.0.1", port, 1, view, 20)
-        time.sleep(1)
-        second = pool.submit(handshake.follow, "127.0.0.1", port, 1, view, 20)
-        assert lead.result() == first.result() == second.result() == ["two nodes were started with NODE_RANK=1"]
+    assert job([(1, THREE), (1, THREE)], THREE, stagger=1) == [["two nodes were started with NODE_RANK=1"]] * 3
 
 
 def test_a_node_started_before_node_0_waits_for_it():
