@@ -96,7 +96,7 @@ def read_architecture_from(args):
 
 @pytest.mark.parametrize("field, value", [("mtp_num_layers", 1), ("multi_latent_attention", True),
                                           ("window_attn_skip_freq", 4), ("softmax_type", "learnable"),
-                                          ("num_experts", 8)])
+                                          ("moe_latent_size", 16)])
 def test_fields_that_change_the_math_and_are_not_served_are_refused_by_name(field, value):
     from triton_backend.model.architecture import GPTArchitecture
 

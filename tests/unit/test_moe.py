@@ -6,6 +6,7 @@ Qwen2-MoE and GLM-4.5 (DeepSeek-V3's routing) are held to the same weights in te
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from preprocessing.params import SamplingParams
+from tools.bench_engine import TORCHRUN_VARIABLES
 from triton_backend.checkpoints import read_architecture
 from triton_backend.config import ROOT, ServerConfig
 from triton_backend.model.architecture import GPTArchitecture
@@ -51,9 +53,13 @@ def test_the_moe_fields_are_read_from_megatron_args_and_checked():
 
 
 def make(tmp, preset: str, fmt: str):
+    """The preset written by ``make_checkpoint`` in a process of its own: a one-rank job that must not inherit this
+    process's rendezvous (an earlier test's process group sets MASTER_PORT and RANK here)."""
     out = tmp / f"{preset}_{fmt}"
-    subprocess.run([sys.executable, "-m", "triton_backend.make_checkpoint", "--random", preset, "--format", fmt,
-                    "--init-std", "0.2", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    run = subprocess.run([sys.executable, "-m", "triton_backend.make_checkpoint", "--random", preset, "--format", fmt,
+                          "--init-std", "0.2", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 

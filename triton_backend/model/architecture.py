@@ -229,8 +229,9 @@ class GPTArchitecture:
 
         ``layers``: empty, the recorded split else an even one (``stage_layers``); ``balanced``, the split that
         evens out each stage's weights read per step, the last stage's output layer counted as the layers its
-        weights equal (an even split leaves the last stage the slowest, and with batches in flight the slowest
-        stage paces all); or the layers of each stage, ``"14,10"``. Megatron's splits only: a first and a last
+        weights equal (with a large vocabulary an even split leaves the last stage the slowest, and with batches in
+        flight the slowest stage paces all; a dense layer's weights are counted); or the layers of each stage,
+        ``"14,10"``. Megatron's splits only: a first and a last
         stage of any size, the stages between them equal. ``ValueError`` names ``PP_LAYERS`` and the rule.
         """
         if pipeline_parallel == 1 or not layers:

@@ -2,7 +2,7 @@
 
 torchrun's static rendezvous cannot tell a mismatched node from a late one: a node given another NNODES waits for
 a group that never forms, until the rendezvous times out, and the nodes already there wait with it. So before
-torchrun starts, each node sends node 0 its view of the job (``agreement.fingerprint``: TP, PP, PP_LAYERS, NNODES,
+torchrun starts, each node sends node 0 its view of the job (``agreement.fingerprint``: TP, PP, PP_LAYERS, EP, NNODES,
 DTYPE, DEVICE and what the checkpoint is) over ``MASTER_PORT``, one JSON line. Node 0 compares each with its own;
 once every node has checked in and agrees, it closes the port, answers each node "go" and starts torchrun, whose
 store then takes the same port (its clients retry until it listens). A difference, a node rank given twice or a
