@@ -258,6 +258,7 @@ class RemoteEngine:
                     self._finish(message[1], None, message[2])
                 elif message[0] == "experts":
                     self._experts = message[1]
+                    continue  # no generation changed: the step hooks have nothing to do
                 elif message[0] == "stop":
                     return
                 for hook in self._step_hooks:
