@@ -91,9 +91,9 @@ class _MoE:
     shared: tuple[_Linear, _Linear] | None = None
     shared_gate: torch.Tensor | None = None  # [1, h]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs, chosen) [N, experts]: each token's weight per expert and whether it goes there, by Megatron's
-        ``topk_routing_with_score_function`` (dropless: no capacity)."""
+        ``topk_routing_with_score_function`` (dropless: no capacity); and the tokens each expert gets [experts]."""
         from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
         r, c = self.router, self.router.config
@@ -102,9 +102,10 @@ class _MoE:
             logits, c.moe_router_topk, use_pre_softmax=c.moe_router_pre_softmax, num_groups=c.moe_router_num_groups,
             group_topk=c.moe_router_group_topk, scaling_factor=c.moe_router_topk_scaling_factor,
             score_function=c.moe_router_score_function, expert_bias=r.expert_bias)
+        per_expert = chosen.sum(dim=0)
         if hasattr(r, "count"):  # the served router's tally (model/moe.py)
-            r.count(chosen)
-        return probs, chosen
+            r.count(per_expert)
+        return probs, chosen, per_expert
 
 
 def _qk_norm(module) -> _Norm | None:
@@ -389,10 +390,10 @@ class FunctionalGPT:
         weights). Every rank of the tensor-parallel group has every token: it computes its own experts' part
         (expert parallelism) of its slice of each expert (tensor parallelism within experts) and of the shared
         expert, and one sum over the group completes them all."""
-        probs, chosen = moe.route(x)
+        probs, chosen, per_expert = moe.route(x)
         local = slice(moe.first, moe.first + len(moe.experts))
         pairs = chosen[:, local].t().nonzero()  # (expert, token), grouped by expert as Megatron permutes them
-        counts = chosen[:, local].sum(dim=0).tolist()  # the layer's one host read: tokens per expert
+        counts = per_expert[local].tolist()  # the layer's one host read: tokens per expert
         tokens = pairs[:, 1]
         weights = probs[:, local].t()[pairs[:, 0], tokens].split(counts)
         parts = [self._expert(*moe.experts[e], rows, weights[e])

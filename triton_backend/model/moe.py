@@ -33,13 +33,13 @@ class ServedRouter(TopKRouter):
         self.register_buffer("served_tokens", torch.zeros(self.config.num_moe_experts, dtype=torch.int64),
                              persistent=False)
 
-    def count(self, chosen: torch.Tensor) -> None:
+    def count(self, per_expert: torch.Tensor) -> None:
         """Add a step's routing (``chosen``: [tokens, experts], True where a token goes) to the tally."""
-        self.served_tokens += chosen.sum(dim=0)
+        self.served_tokens += per_expert
 
     def forward(self, input: torch.Tensor, *args, **kwargs):
         probs, chosen = super().forward(input, *args, **kwargs)
-        self.count(chosen)
+        self.count(chosen.sum(dim=0))
         return probs, chosen
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
