@@ -22,14 +22,14 @@ def free_port() -> int:
 
 
 def job(nodes: list[tuple[int, dict]], view: dict = VIEW, deadline_s: float = 20, leader_delay: float = 0,
-        stagger: float = 0, port: int | None = None):
+        stagger: float = 0, port: int | None = None, grace_s: float = handshake.GRACE_S):
     """Node 0 leading with ``view`` (its NNODES) and each (node, view) following, ``stagger`` seconds apart; every
     node's answer, node 0's first."""
     port = port or free_port()
 
     def leader():
         time.sleep(leader_delay)
-        return handshake.lead(port, view["NNODES"], view, deadline_s)
+        return handshake.lead(port, view["NNODES"], view, deadline_s, grace_s)
 
     with concurrent.futures.ThreadPoolExecutor(len(nodes) + 1) as pool:
         lead = pool.submit(leader)
@@ -63,8 +63,15 @@ def test_every_difference_is_named_and_the_waiting_nodes_are_told_too():
     assert answers == [want] * 3
 
 
+def test_a_node_that_comes_after_the_refusal_hears_it_too():
+    # node 2 is refused before node 1 checks in: node 1 is told within the grace rather than waiting out its deadline
+    answers = job([(2, dict(THREE, DTYPE="bfloat16")), (1, THREE)], THREE, stagger=1.5)
+    assert answers == [["node 2 has DTYPE=bfloat16 where node 0 has DTYPE=float32"]] * 3
+
+
 def test_a_node_rank_given_twice_is_refused():
-    assert job([(1, THREE), (1, THREE)], THREE, stagger=1) == [["two nodes were started with NODE_RANK=1"]] * 3
+    assert job([(1, THREE), (1, THREE)], THREE, stagger=1, grace_s=1) == [
+        ["two nodes were started with NODE_RANK=1"]] * 3
 
 
 def test_a_node_started_before_node_0_waits_for_it():

@@ -19,6 +19,7 @@ import socket
 import time
 
 DEADLINE_S = 600.0  # as long as torchrun's own static rendezvous waits for its nodes
+GRACE_S = 10.0  # after a refusal, how long node 0 still answers the nodes that have not heard it yet
 _READ_S = 10.0  # a connection that sends no line in this long is not a node of ours
 
 
@@ -46,43 +47,72 @@ def _listener(port: int) -> socket.socket:
     return socket.create_server(("", port))
 
 
-def lead(port: int, nnodes: int, view: dict, deadline_s: float = DEADLINE_S) -> list[str]:
+def _judge(message: dict, view: dict, nnodes: int, joined: dict) -> list[str]:
+    node = message["node"]
+    problems = [f"node {node} has {key}={value} where node 0 has {key}={view.get(key)}"
+                for key, value in message["view"].items() if value != view.get(key)]
+    if not problems and node in joined:
+        problems = [f"two nodes were started with NODE_RANK={node}"]
+    elif not problems and not 0 < node < nnodes:
+        problems = [f"node {node} has NODE_RANK={node}, outside 1 .. NNODES - 1 = {nnodes - 1}"]
+    return problems
+
+
+def _accept(server: socket.socket, until: float) -> tuple[socket.socket, dict] | None:
+    """The next node's connection and its check-in line before ``until`` (None: none came)."""
+    while (left := until - time.monotonic()) > 0:
+        server.settimeout(min(left, 1.0))
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        message = _line(conn, _READ_S)
+        if message and isinstance(message.get("node"), int) and isinstance(message.get("view"), dict):
+            return conn, message
+        conn.close()  # not one of ours (a port scan, a health probe)
+    return None
+
+
+def lead(port: int, nnodes: int, view: dict, deadline_s: float = DEADLINE_S, grace_s: float = GRACE_S) -> list[str]:
     """Node 0: wait for nodes 1 .. ``nnodes`` - 1 to check in; the reasons the job cannot start (empty: go)."""
     joined: dict[int, socket.socket] = {}
+    told: set[int] = set()  # nodes already answered with a refusal
     problems: list[str] = []
     deadline = time.monotonic() + deadline_s
     with _listener(port) as server:
         while len(joined) < nnodes - 1 and not problems:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            arrival = _accept(server, deadline)
+            if arrival is None:
                 missing = [str(n) for n in range(1, nnodes) if n not in joined]
                 problems.append(f"node{'s' if len(missing) > 1 else ''} {', '.join(missing)} of NNODES={nnodes} did "
                                 f"not check in at MASTER_PORT={port} within {deadline_s:.0f} s")
                 break
-            server.settimeout(min(left, 1.0))
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            message = _line(conn, _READ_S)
-            node = message.get("node") if message else None
-            if not isinstance(node, int) or not isinstance(message.get("view"), dict):
-                conn.close()  # not one of ours (a port scan, a health probe)
-                continue
-            problems = [f"node {node} has {key}={value} where node 0 has {key}={view.get(key)}"
-                        for key, value in message["view"].items() if value != view.get(key)]
-            if not problems and node in joined:
-                problems = [f"two nodes were started with NODE_RANK={node}"]
-            elif not problems and not 0 < node < nnodes:
-                problems = [f"node {node} has NODE_RANK={node}, outside 1 .. NNODES - 1 = {nnodes - 1}"]
+            conn, message = arrival
+            problems = _judge(message, view, nnodes, joined)
             if problems:
                 _send(conn, {"refused": problems})
                 conn.close()
+                told.add(message["node"])
             else:
-                joined[node] = conn
+                joined[message["node"]] = conn
+        if problems:
+            for conn in joined.values():
+                _send(conn, {"refused": problems})
+                conn.close()
+        # A node whose check-in was still queued, or that was between retries, when the job was refused hears it
+        # too rather than waiting out its deadline (nodes that never came are not waited for).
+        grace = time.monotonic() + grace_s
+        while problems and not set(range(1, nnodes)) <= told | set(joined) and time.monotonic() < deadline:
+            arrival = _accept(server, min(grace, deadline))
+            if arrival is None:
+                break
+            conn, message = arrival
+            _send(conn, {"refused": problems})
+            conn.close()
+            told.add(message["node"])
     # The port is free before anyone is told to go: torchrun's store binds it next.
-    for conn in joined.values():
-        _send(conn, {"refused": problems} if problems else {"go": True})
+    for conn in joined.values() if not problems else ():
+        _send(conn, {"go": True})
         conn.close()
     return problems
 
