@@ -8,7 +8,8 @@ torch.distributed picks its network interface from the host name, which on a mul
 container, a network namespace) often names another network or none. Unless ``GLOO_SOCKET_IFNAME`` /
 ``NCCL_SOCKET_IFNAME`` say otherwise, the interface through which this node reaches ``MASTER_ADDR`` is used.
 Before torchrun, each node checks in with node 0 (``ranks/handshake.py``): a node with another configuration is
-refused on every node, where torchrun's rendezvous would wait.
+refused on every node, where torchrun's rendezvous would wait. A checkpoint that cannot be served at the asked
+TP / PP / EP is refused here too, by the same rule the ranks apply, before TP x PP processes start to find it out.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def torchrun_command(cfg: ServerConfig, module: str = "triton_backend.server") -
             cfg.master_addr, "--master-port", str(cfg.master_port), "--nproc-per-node", per_node, "-m", module]
 
 
+def layout_problem(cfg: ServerConfig) -> str | None:
+    """Why the checkpoint cannot be served in this layout (None: it can, or the ranks will say what is wrong)."""
+    from triton_backend import checkpoints
+
+    try:
+        checkpoints.read_architecture(cfg.checkpoint, cfg.tensor_parallel, cfg.pipeline_parallel, cfg.pp_layers,
+                                      cfg.experts_split)
+    except checkpoints.CheckpointError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - anything else (a file being written, a format read only by the ranks) is theirs
+        return None
+    return None
+
+
 def main() -> int:
     try:
         cfg = ServerConfig.from_env()
@@ -72,6 +87,12 @@ def main() -> int:
             print(f"configuration error: {line}", file=sys.stderr)
         if problems:
             return 2
+    # After the check-in: the nodes agree on the layout and the checkpoint, so each refuses a layout that does not
+    # fit by itself, and none is left waiting for another.
+    problem = layout_problem(cfg)
+    if problem:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
     command = torchrun_command(cfg)
     os.execv(command[0], command)
     return 0  # not reached

@@ -47,16 +47,19 @@ def ranks(env) -> int:
     return int(env.get("TP") or 1) * int(env.get("PP") or 1)
 
 
-def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", **env) -> Server:
-    """Start ``torchrun -m module`` (the server, or a test's wrapper of it) with ``env`` and wait until ready."""
+def start_server(tmp: pathlib.Path, module: str = "triton_backend.server", launch: bool = False, **env) -> Server:
+    """Start ``torchrun -m module`` (the server, or a test's wrapper of it) with ``env`` and wait until ready;
+    ``launch``: as ``make serve`` does, through ``triton_backend.launch`` (which checks the layout, then runs
+    torchrun with the server)."""
     http, grpc, metrics, api = free_ports(4)
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "server.log"
     environ = {**os.environ, "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
                "API_PORT": str(api), "DEVICE": "cpu", "HOST": "127.0.0.1", **env}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", str(ranks(environ)), "-m", module]
     process = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc-per-node", str(ranks(environ)), "-m", module],
+        [sys.executable, "-m", "triton_backend.launch"] if launch else command,
         cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", process, log,

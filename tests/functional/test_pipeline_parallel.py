@@ -29,7 +29,7 @@ def test_a_checkpoint_saved_in_stages_serves_in_stages_and_whole(tmp_path, refer
 def test_a_layout_the_model_cannot_split_is_refused_at_start(tmp_path):
     from .conftest import start_server
 
-    with pytest.raises(RuntimeError, match="server exited with 1"):
-        start_server(tmp_path / "pp3", PP="3")
+    with pytest.raises(RuntimeError, match="server exited with 2"):
+        start_server(tmp_path / "pp3", launch=True, PP="3")
     log = (tmp_path / "pp3" / "server.log").read_text()
     assert "cannot be served at PP=3: num_layers=4 cannot be split in 3 pipeline stages" in log
