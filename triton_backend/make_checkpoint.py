@@ -9,7 +9,8 @@
 model of a preset architecture (the same weights at every TP and PP, so outputs can be compared across them).
 The TP size is the number of ranks torchrun starts divided by ``--pp`` (default 1), the pipeline stages: in
 the legacy format each stage's shards go to ``mp_rank_TT_PPP`` as Megatron training writes them (every rank
-holds its TP shard of the whole model and writes one stage of it); torch_dist shards are the same at any
+holds its TP shard of the whole model and writes one stage of it), and with ``--ep`` each expert rank's part
+as ``mp_rank_TT[_PPP]_EEE``; torch_dist shards are the same at any
 layout, and the args record the pipeline size. ``--tokenizer-type TYPE --tokenizer PATH`` records a
 tokenizer in the checkpoint's args as Megatron training does (its files' paths, and with ``--random`` a
 vocabulary sized to it); ``--random`` without them records the demo model's sentencepiece tokenizer.
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.02, help="weight init std (--random)")
     parser.add_argument("--iteration", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (the job's ranks / PP is its TP)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size to save at (legacy: mp_rank_TT[_PPP]_EEE shards, each expert split "
+                             "TP ways as Megatron's default expert_tensor_parallel_size does; torch_dist: args only)")
     parser.add_argument("--tokenizer-type", help="tokenizer_type to record (with --tokenizer; guessed when left out)")
     parser.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer file or directory to record")
     a = parser.parse_args()
@@ -161,7 +165,11 @@ def main() -> None:
                 if name.endswith("router.expert_bias"):
                     buffer.normal_(0.0, 0.1)
         extra = {"seed": a.seed, "init_method_std": a.init_std}
+    if a.ep > 1 and (arch.num_experts or 0) % a.ep:
+        parser.error(f"--ep {a.ep} must divide num_experts={arch.num_experts}")
     extra.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=a.pp, ckpt_format=a.format, **recorded)
+    if arch.num_experts:
+        extra.update(expert_model_parallel_size=a.ep, expert_tensor_parallel_size=tp)
     megatron_args = arch.to_megatron_args(**extra)
     if a.format == "legacy":
         try:

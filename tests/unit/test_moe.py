@@ -52,13 +52,14 @@ def test_the_moe_fields_are_read_from_megatron_args_and_checked():
     assert ServerConfig(tensor_parallel=4, device="cpu").experts_split == 4
 
 
-def make(tmp, preset: str, fmt: str):
+def make(tmp, preset: str, fmt: str, *args: str):
     """The preset written by ``make_checkpoint`` in a process of its own: a one-rank job that must not inherit this
     process's rendezvous (an earlier test's process group sets MASTER_PORT and RANK here)."""
     out = tmp / f"{preset}_{fmt}"
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
     run = subprocess.run([sys.executable, "-m", "triton_backend.make_checkpoint", "--random", preset, "--format", fmt,
-                          "--init-std", "0.2", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+                          "--init-std", "0.2", "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -66,9 +67,13 @@ def make(tmp, preset: str, fmt: str):
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
     """The ``moe-deepseek`` preset (sigmoid routing with an expert bias, groups, scaling, a shared expert, a
-    dense first layer) in both formats."""
+    dense first layer) in both formats; the legacy one saved as two expert-parallel ranks (``mp_rank_00_000``,
+    ``mp_rank_00_001``: four experts each), as Megatron training at EP=2 writes it."""
     tmp = tmp_path_factory.mktemp("moe")
-    return {fmt: make(tmp, "moe-deepseek", fmt) for fmt in ("legacy", "torch_dist")}
+    saved = {"legacy": make(tmp, "moe-deepseek", "legacy", "--ep", "2"), "torch_dist": make(tmp, "moe-deepseek",
+                                                                                             "torch_dist")}
+    assert sorted(p.name for p in (saved["legacy"] / "iter_0000001").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    return saved
 
 
 REQUESTS = [
@@ -138,15 +143,95 @@ def test_moe_stages_give_one_ranks_tokens(deepseek, one_rank):
     result = local.spawn(2, local.generate, str(deepseek["legacy"]), 1, 2, 2, REQUESTS, kv_cache_mb=4,
                          prefill_tokens=32, pp_layers="1,2")[0]
     assert_same(result, one_rank, "PP=2")
+    assert result["experts"] == one_rank["experts"]  # the second stage's routers' tallies, carried back
 
 
-def test_a_legacy_checkpoint_saved_with_expert_parallelism_is_refused_by_name(tmp_path):
+def test_legacy_expert_rank_shards_are_told_from_stages_and_read_back_whole(tmp_path):
+    """mp_rank_TT_EEE (PP=1, EP>1) and mp_rank_TT_PPP_EEE shards, each holding its own experts numbered from 0,
+    read into one rank that holds every expert."""
     from triton_backend.checkpoints import CheckpointError, legacy
+    from triton_backend.model.gpt import build_model
 
     from .models import context_model
 
-    legacy.save(context_model(MOE), MOE.to_megatron_args(expert_model_parallel_size=2), tmp_path / "ep2", 1)
-    with pytest.raises(CheckpointError, match="saved with expert_model_parallel_size=2 in the legacy format"):
-        read_architecture(tmp_path / "ep2")
-    legacy.save(context_model(MOE), MOE.to_megatron_args(), tmp_path / "ep1", 1)
-    assert read_architecture(tmp_path / "ep1").num_experts == 8
+    model = context_model(MOE)
+    want = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    for pp, names in ((1, ["mp_rank_00_000", "mp_rank_00_001"]),
+                      (2, ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"])):
+        args = MOE.to_megatron_args(expert_model_parallel_size=2, pipeline_model_parallel_size=pp)
+        stages = MOE.stage_layers(pp) if pp > 1 else None
+        for stage in range(pp):
+            directory = legacy.save(model, args, tmp_path / f"pp{pp}", 1, stages, stage if stages else None)
+        assert sorted(p.name for p in directory.iterdir()) == names
+        cube = legacy.shard_cube(tmp_path / f"pp{pp}")
+        assert [[[f.parent.name for f in ranks] for ranks in stage] for stage in cube] == (
+            [[["mp_rank_00_000"], ["mp_rank_00_001"]]] if pp == 1 else
+            [[["mp_rank_00_000_000"], ["mp_rank_00_000_001"]], [["mp_rank_00_001_000"], ["mp_rank_00_001_001"]]])
+        second = torch.load(cube[-1][1][0], weights_only=False)["model"]
+        experts = {k.split(".")[6] for k in second if ".local_experts." in k}
+        assert experts == {"0", "1", "2", "3"}  # experts 4-7, numbered from 0 as Megatron saves them
+        whole = build_model(MOE)
+        legacy.load_weights(whole, tmp_path / f"pp{pp}", read_architecture(tmp_path / f"pp{pp}"))
+        got = whole.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    legacy.save(model, MOE.to_megatron_args(expert_model_parallel_size=2, expert_tensor_parallel_size=1,
+                                            tensor_model_parallel_size=2), tmp_path / "etp1", 1)
+    with pytest.raises(CheckpointError, match="saved with expert_tensor_parallel_size=1 and "
+                                              "tensor_model_parallel_size=2 in the legacy format"):
+        read_architecture(tmp_path / "etp1")
+
+
+def te_spec_layer(name: str, moe: bool) -> str:
+    """``name`` as a checkpoint trained with TransformerEngine layer specs holds it: norms fused into the linear
+    after them, but for an MoE layer's MLP norm, which stays apart."""
+    name = name.replace("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
+    return name if moe else name.replace("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+
+
+def test_checkpoints_written_with_transformer_engine_specs_read_in_both_formats(tmp_path):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from triton_backend.checkpoints import legacy, load_weights
+    from triton_backend.checkpoints.torch_dist import _cpu_safe_save
+    from triton_backend.model.gpt import build_model
+
+    from .models import context_model
+
+    arch = dataclasses.replace(MOE, moe_layer_freq=[0, 1])  # one dense layer, one MoE layer
+    model = context_model(arch)
+    want = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    moe = {f"decoder.layers.{i}." for i, flag in enumerate(arch.moe_layers) if flag}
+
+    def te(name: str) -> str:
+        return te_spec_layer(name, any(name.startswith(p) for p in moe))
+
+    # legacy: a TE model's state dict, its modules' _extra_state entries too
+    state = {te(k): v for k, v in model.state_dict().items()}
+    state["decoder.layers.0.self_attention.linear_qkv._extra_state"] = None
+    args = arch.to_megatron_args(transformer_impl="transformer_engine")
+    directory = tmp_path / "legacy" / "iter_0000001" / "mp_rank_00"
+    directory.mkdir(parents=True)
+    torch.save({"args": args, "model": state, "iteration": 1, "checkpoint_version": 3.0},
+               directory / legacy.SHARD_FILE)
+    (tmp_path / "legacy" / "latest_checkpointed_iteration.txt").write_text("1")
+    assert {"decoder.layers.1.pre_mlp_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+            "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"} <= state.keys()
+    # torch_dist: Megatron's local spec already names a dense layer's norms as TE does; an MoE layer's MLP norm not
+    sharded = model.sharded_state_dict()
+    renamed = []
+    for value in sharded.values():
+        if isinstance(value, ShardedTensor) and value.key.startswith(tuple(moe)) and ".linear_fc1.layer_norm_" in \
+                value.key and ".experts." not in value.key:
+            value.key = value.key.replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
+            renamed.append(value.key)
+    assert renamed == ["decoder.layers.1.pre_mlp_layernorm.weight"]
+    (tmp_path / "dist" / "iter_0000001").mkdir(parents=True)
+    with _cpu_safe_save():
+        dist_checkpointing.save({"model": sharded, "args": args}, str(tmp_path / "dist" / "iter_0000001"))
+    (tmp_path / "dist" / "latest_checkpointed_iteration.txt").write_text("1")
+    for fmt in ("legacy", "dist"):
+        whole = build_model(arch)
+        load_weights(whole, tmp_path / fmt, read_architecture(tmp_path / fmt))
+        got = whole.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items()), fmt

@@ -35,11 +35,18 @@ def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1, pipeli
         arch = GPTArchitecture.from_megatron_args(args)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
-    saved_ep = (vars(args) if not isinstance(args, dict) else args).get("expert_model_parallel_size") or 1
-    if legacy.is_legacy(path) and saved_ep > 1:  # its mp_rank_TT_EEE shards would read as pipeline stages
-        raise CheckpointError(f"{path} was saved with expert_model_parallel_size={saved_ep} in the legacy format "
-                              "(mp_rank_TT[_PPP]_EEE shards), which is not read yet: save it as torch_dist "
-                              "(--ckpt-format torch_dist), whose experts serve at any EP")
+    values = vars(args) if not isinstance(args, dict) else args
+    saved_tp, saved_ep = values.get("tensor_model_parallel_size") or 1, values.get("expert_model_parallel_size") or 1
+    saved_etp = values.get("expert_tensor_parallel_size") or saved_tp
+    if legacy.is_legacy(path) and arch.num_experts and saved_etp != saved_tp:
+        # each expert's slices would then sit in shards other than the tensor-parallel ranks' (mp_rank_TT)
+        raise CheckpointError(f"{path} was saved with expert_tensor_parallel_size={saved_etp} and "
+                              f"tensor_model_parallel_size={saved_tp} in the legacy format, whose experts are read "
+                              "only when the two are equal: save it as torch_dist (--ckpt-format torch_dist), whose "
+                              "experts serve at any TP and EP")
+    if legacy.is_legacy(path) and arch.num_experts and arch.num_experts % saved_ep:
+        raise CheckpointError(f"{path}: num_experts={arch.num_experts} is not divisible by the saved "
+                              f"expert_model_parallel_size={saved_ep}")
     problem = arch.tensor_parallel_problem(tensor_parallel, expert_parallel)
     if problem:
         raise CheckpointError(f"{path} cannot be served at TP={tensor_parallel}: {problem}")

@@ -4,6 +4,7 @@
     <dir>/iter_0000300/mp_rank_00/model_optim_rng.pt       {"args", "model", "iteration", "checkpoint_version"}
     <dir>/iter_0000300/mp_rank_01/model_optim_rng.pt       ...                     (tensor parallelism only)
     <dir>/iter_0000300/mp_rank_00_000/model_optim_rng.pt   TP rank 00 of pipeline stage 000, ...
+    <dir>/iter_0000300/mp_rank_00_001_002/...              ... of stage 001 and expert-parallel rank 002
 
 Shards saved at TP=m x PP=p are read for any served TP=n x PP=q. Tensor parallelism: each tensor-parallel
 parameter is merged and re-split along its ``partition_dim`` the way Megatron partitions it (QKV is laid out per
@@ -12,7 +13,12 @@ SwiGLU's fc1 as two halves (gate and up) split separately; every other tensor is
 parallelism: a stage's file numbers its layers from 0, so each served layer is found by its global index in the
 saved stage that held it (both splits are Megatron's, ``GPTArchitecture.stage_layers``); the embedding is in
 the first saved stage, the final norm and output layer in the last. A last stage whose output layer is tied to
-the embedding keeps a copy of it, as Megatron's does.
+the embedding keeps a copy of it, as Megatron's does. Expert parallelism: each expert-parallel rank's shard
+holds the dense tensors and its own experts numbered from 0, each split across the TP ranks (Megatron's default
+``expert_tensor_parallel_size``, TP); experts are found by their global number. Checkpoints trained with
+TransformerEngine layer specs hold a layer's norms fused into the linear after them
+(``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``; an MoE layer's
+``pre_mlp_layernorm`` stays apart): each is read under whichever name the shard holds.
 """
 
 from __future__ import annotations
@@ -26,37 +32,74 @@ from ..model.architecture import GPTArchitecture
 from .layout import TRACKER, CheckpointError, iteration_dir
 
 SHARD_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
 def is_legacy(path: str | pathlib.Path) -> bool:
     directory = iteration_dir(path)
-    return any((directory / name / SHARD_FILE).is_file() for name in ("mp_rank_00", "mp_rank_00_000"))
+    return any((directory / name / SHARD_FILE).is_file()
+               for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"))
 
 
-def shard_grid(path: str | pathlib.Path) -> list[list[pathlib.Path]]:
-    """The saved shards as ``grid[pipeline stage][tensor-parallel rank]`` (one stage without pipeline parallelism),
-    every one of them present."""
+def _saved_sizes(directory: pathlib.Path, names: list[str]) -> tuple[int, int]:
+    """(pipeline, expert) parallel sizes the shards were saved at, from the args of the first readable one."""
+    for name in sorted(names):
+        file = directory / name / SHARD_FILE
+        if file.is_file():
+            args = _load(file).get("args")
+            values = (vars(args) if not isinstance(args, dict) else args) if args is not None else {}
+            experts = values.get("expert_model_parallel_size") or 1 if values.get("num_experts") else 1
+            return values.get("pipeline_model_parallel_size") or 1, experts
+    return 1, 1
+
+
+def shard_cube(path: str | pathlib.Path) -> list[list[list[pathlib.Path]]]:
+    """The saved shards as ``cube[pipeline stage][expert-parallel rank][tensor-parallel rank]``, every one present.
+
+    Megatron names them ``mp_rank_TT``, adds ``_PPP`` when the pipeline size is above 1 and then ``_EEE`` when
+    the expert-parallel size is: a lone three-digit suffix is a stage unless the saved args say PP=1 and EP>1.
+    Every expert rank's shard holds the same dense tensors and its own experts, numbered from 0."""
     directory = iteration_dir(path)
     found = {}
     for p in directory.iterdir() if directory.is_dir() else []:
         match = _RANK_DIR.match(p.name)
         if match:
-            found[(int(match.group(2) or 0), int(match.group(1)))] = (p / SHARD_FILE, match.group(2) is not None)
-    if not found or len({piped for _, piped in found.values()}) > 1:
-        raise CheckpointError(f"{directory} does not hold mp_rank_TT or mp_rank_TT_PPP shards (one kind only)")
-    stages, ranks = 1 + max(s for s, _ in found), 1 + max(t for _, t in found)
-    missing = [f"mp_rank_{t:02d}" + (f"_{s:03d}" if stages > 1 or next(iter(found.values()))[1] else "")
-               for s in range(stages) for t in range(ranks) if (s, t) not in found]
+            found[p.name] = (int(match.group(1)), [int(n) for n in match.group(2).split("_")[1:]])
+    if not found or len({len(suffix) for _, suffix in found.values()}) > 1:
+        raise CheckpointError(f"{directory} does not hold mp_rank_TT[_PPP][_EEE] shards (one kind only)")
+    suffixes = len(next(iter(found.values()))[1])
+    saved_pp, saved_ep = _saved_sizes(directory, list(found)) if suffixes == 1 else (0, 0)
+    by_expert = suffixes == 1 and saved_pp == 1 and saved_ep > 1
+
+    def position(suffix: list[int]) -> tuple[int, int]:  # (stage, expert rank)
+        if suffixes == 2:
+            return suffix[0], suffix[1]
+        return (0, suffix[0]) if by_expert else (suffix[0] if suffix else 0, 0)
+
+    grid = {(*position(suffix), t): directory / name / SHARD_FILE for name, (t, suffix) in found.items()}
+    stages, experts, ranks = (1 + max(key[i] for key in grid) for i in range(3))
+
+    def name(s: int, e: int, t: int) -> str:
+        parts = [s, e] if suffixes == 2 else [e] if by_expert else [s] if suffixes else []
+        return f"mp_rank_{t:02d}" + "".join(f"_{n:03d}" for n in parts)
+
+    missing = [name(s, e, t) for s in range(stages) for e in range(experts) for t in range(ranks)
+               if (s, e, t) not in grid]
     if missing:
         raise CheckpointError(f"{directory} lacks the shards {', '.join(missing[:4])}")
-    return [[found[(s, t)][0] for t in range(ranks)] for s in range(stages)]
+    return [[[grid[(s, e, t)] for t in range(ranks)] for e in range(experts)] for s in range(stages)]
+
+
+def shard_grid(path: str | pathlib.Path) -> list[list[pathlib.Path]]:
+    """The shards of the first expert rank (all of them without expert parallelism) as
+    ``grid[pipeline stage][tensor-parallel rank]``: every dense tensor is there."""
+    return [stage[0] for stage in shard_cube(path)]
 
 
 def shard_files(path: str | pathlib.Path) -> list[pathlib.Path]:
     """Every shard file, first stage first."""
-    return [f for stage in shard_grid(path) for f in stage]
+    return [f for stage in shard_cube(path) for expert in stage for f in expert]
 
 
 def _load(file: pathlib.Path) -> dict:
@@ -70,6 +113,19 @@ def read_args(path: str | pathlib.Path):
     if "args" not in state:
         raise CheckpointError(f"{path} stores no training args; cannot tell the model's architecture")
     return state["args"]
+
+
+_TE_NORMS = re.compile(r"^(.*\.layers\.\d+\.)(input_layernorm|pre_mlp_layernorm)\.(weight|bias)$")
+
+
+def te_name(name: str) -> str:
+    """``name`` as a checkpoint trained with TransformerEngine layer specs holds it: a dense layer's norms fused
+    into the linear after them (an MoE layer's ``pre_mlp_layernorm`` stays apart, under the local spec's name)."""
+    match = _TE_NORMS.match(name)
+    if not match:
+        return name
+    linear = "self_attention.linear_qkv" if match[2] == "input_layernorm" else "mlp.linear_fc1"
+    return f"{match[1]}{linear}.layer_norm_{match[3]}"
 
 
 def _is_swiglu_fc1(name: str, swiglu: bool) -> bool:
@@ -99,34 +155,45 @@ class _Source:
 
     def __init__(self, path, arch):
         self.path = path
-        self.grid = shard_grid(path)
+        self.cube = shard_cube(path)
+        self.grid = [stage[0] for stage in self.cube]
         # The saved split, from the args saved with it (``arch`` may carry a served split, PP_LAYERS)
         saved = GPTArchitecture.from_megatron_args(read_args(path))
         self.stages = saved.stage_layers(len(self.grid))
+        self.saved_experts = (saved.num_experts or 0) // len(self.cube[0])  # each expert rank's, numbered from 0
         self.tied = not arch.untie_embeddings_and_output_weights
-        self._states: dict[int, list[dict]] = {}
+        self._states: dict[tuple[int, int], list[dict]] = {}
 
-    def states(self, stage: int) -> list[dict]:
-        if stage not in self._states:
-            self._states[stage] = [_load(f)["model"] for f in self.grid[stage]]
-        return self._states[stage]
+    def states(self, stage: int, expert_rank: int = 0) -> list[dict]:
+        if (stage, expert_rank) not in self._states:
+            self._states[(stage, expert_rank)] = [_load(f)["model"] for f in self.cube[stage][expert_rank]]
+        return self._states[(stage, expert_rank)]
 
-    def locate(self, name: str, first_layer: int) -> tuple[int, str]:
-        """(saved stage, name there) of the served stage's tensor ``name``, whose layers start at ``first_layer``."""
+    def files(self, stage: int, expert_rank: int = 0) -> list[pathlib.Path]:
+        return self.cube[stage][expert_rank]
+
+    def locate(self, name: str, first_layer: int) -> tuple[int, int, str]:
+        """(saved stage, saved expert rank, name there) of the served stage's tensor ``name`` (experts under their
+        global numbers), whose layers start at ``first_layer``."""
         layer = _LAYER.match(name)
         if layer:
             index = first_layer + int(layer.group(1))
             stage = next(s for s, layers in enumerate(self.stages) if index in layers)
-            return stage, f"decoder.layers.{index - self.stages[stage].start}.{layer.group(2)}"
+            rest, expert_rank = layer.group(2), 0
+            expert = _EXPERT.match(rest)
+            if expert and len(self.cube[stage]) > 1:
+                expert_rank, local = divmod(int(expert[2]), self.saved_experts)
+                rest = f"{expert[1]}{local}{expert[3]}"
+            return stage, expert_rank, f"decoder.layers.{index - self.stages[stage].start}.{rest}"
         if name.startswith("embedding."):
-            return 0, name
+            return 0, 0, name
         last = len(self.stages) - 1
         if name == "output_layer.weight" and self.tied and name not in self.states(last)[0]:
-            return 0, "embedding.word_embeddings.weight"  # a tied output layer saved in one stage: the embedding
-        return last, name
+            return 0, 0, "embedding.word_embeddings.weight"  # a tied output layer saved in one stage: the embedding
+        return last, 0, name
 
 
-_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(.*\bmlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
 class _Experts:
@@ -175,13 +242,15 @@ def load_weights(model, path: str | pathlib.Path, arch) -> None:
         if name.endswith("_extra_state"):
             target[name] = current
             continue
-        at, saved = source.locate(experts.saved_name(name), first_layer)
-        states = source.states(at)
-        files = source.grid[at]
+        at, expert_rank, saved = source.locate(experts.saved_name(name), first_layer)
+        states = source.states(at, expert_rank)
+        saved = te_name(saved) if saved not in states[0] and te_name(saved) in states[0] else saved
+        files = source.files(at, expert_rank)
         missing = [str(f.parent.name) for f, sd in zip(files, states) if saved not in sd]
         if missing:
             raise CheckpointError(f"{path}: tensor '{saved}' is missing from {', '.join(missing)}")
-        used.add((at, saved))
+        if expert_rank == 0:
+            used.add((at, saved))
         shards = [sd[saved] for sd in states]
         param = params.get(name)
         if param is not None and getattr(param, "tensor_model_parallel", False):
@@ -225,10 +294,26 @@ def stage_state(state: dict, layers: range, first: bool, last: bool, tied: bool)
     return out
 
 
+def expert_rank_state(state: dict, num_experts: int, ranks: int, rank: int) -> dict:
+    """What expert-parallel rank ``rank`` of ``ranks`` saves of a state dict holding every expert: the dense tensors
+    and its own experts, numbered from 0 (Megatron's legacy layout)."""
+    local = num_experts // ranks
+    out = {}
+    for name, tensor in state.items():
+        expert = _EXPERT.match(name)
+        if expert is None:
+            out[name] = tensor
+        elif rank * local <= int(expert[2]) < (rank + 1) * local:
+            out[f"{expert[1]}{int(expert[2]) - rank * local}{expert[3]}"] = tensor
+    return out
+
+
 def save(model, args, directory: str | pathlib.Path, iteration: int, stages: list[range] | None = None,
          stage: int | None = None) -> pathlib.Path:
     """Write this rank's shard the way Megatron-LM's ``--ckpt-format torch`` does. With ``stages`` (a pipeline
-    split of the whole ``model``), write stage ``stage``'s part of it as ``mp_rank_TT_PPP``."""
+    split of the whole ``model``), write stage ``stage``'s part of it as ``mp_rank_TT_PPP``. With
+    ``args.expert_model_parallel_size`` E > 1 (``model`` holding every expert), write what each of the E expert
+    ranks would, as ``mp_rank_TT[_PPP]_EEE``."""
     from megatron.core import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -239,11 +324,15 @@ def save(model, args, directory: str | pathlib.Path, iteration: int, stages: lis
         tied = not getattr(args, "untie_embeddings_and_output_weights", False)
         state = stage_state(state, stages[stage], stage == 0, stage == len(stages) - 1, tied)
         name += f"_{stage:03d}"
-    target = directory / f"iter_{iteration:07d}" / name
-    target.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": args, "model": state, "iteration": iteration, "checkpoint_version": 3.0},
-               target / SHARD_FILE)
+    ranks = getattr(args, "expert_model_parallel_size", None) or 1
+    shards = {name: state} if ranks == 1 else {
+        f"{name}_{e:03d}": expert_rank_state(state, args.num_experts, ranks, e) for e in range(ranks)}
+    for shard, content in shards.items():
+        target = directory / f"iter_{iteration:07d}" / shard
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save({"args": args, "model": content, "iteration": iteration, "checkpoint_version": 3.0},
+                   target / SHARD_FILE)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (directory / TRACKER).write_text(str(iteration))
-    return target.parent
+    return directory / f"iter_{iteration:07d}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
 from unittest import mock
 
 import torch
@@ -34,12 +35,33 @@ def read_args(path: str | pathlib.Path):
     return common["args"]
 
 
+# Megatron's local layer spec stores a layer's MLP norm as the TransformerEngine spec fuses it (``mlp.linear_fc1.
+# layer_norm_*``), MoE layers too; the TE spec keeps an MoE layer's norm apart (``pre_mlp_layernorm.*``), as the
+# MoE cannot fuse it. A checkpoint trained with TE holds the latter.
+_TE_MOE_NORM = re.compile(r"^(.*\.layers\.\d+\.)mlp\.linear_fc1\.layer_norm_(weight|bias)$")
+
+
+def _read_te_names(sharded: dict, stored: set[str]) -> None:
+    """Point the model's tensors the checkpoint lacks at their TransformerEngine-spec names where it holds those."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for value in sharded.values():
+        if isinstance(value, dict):
+            _read_te_names(value, stored)
+        elif isinstance(value, ShardedTensor) and value.key not in stored:
+            match = _TE_MOE_NORM.match(value.key)
+            if match and f"{match[1]}pre_mlp_layernorm.{match[2]}" in stored:
+                value.key = f"{match[1]}pre_mlp_layernorm.{match[2]}"
+
+
 def load_weights(model, path: str | pathlib.Path) -> None:
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
+    sharded = model.sharded_state_dict()
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+        _read_te_names(sharded, set(dist_checkpointing.load_tensors_metadata(str(directory))))
+        loaded = dist_checkpointing.load({"model": sharded}, str(directory))
     except Exception as err:  # dist_checkpointing raises several types; the message is what matters
         raise CheckpointError(f"{directory} does not fit the model built from its args: {err}") from err
     model.load_state_dict(loaded["model"], strict=True)

@@ -204,10 +204,22 @@ class Engine:
                 "kv_usage": used / self.blocks.num_blocks, "cancelled": self.stats.requests_cancelled,
                 "prefix_queried_tokens": self.blocks.queried_tokens, "prefix_hit_tokens": self.blocks.hit_tokens}
 
-    def expert_tokens(self) -> dict[int, list[int]]:
-        """Tokens routed to each expert so far, per MoE layer rank 0 computes (empty for a dense model)."""
+    def expert_tokens(self, wait_s: float = 0.0) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer (empty for a dense model). Pipeline stages after the
+        first send theirs back with a step or a heartbeat (``pipeline.PipelineLeader``): when steps ran since,
+        an idle engine is woken to heartbeat at once, and this waits up to ``wait_s`` for the fresh tallies."""
         tally = getattr(self.gpt, "expert_tokens", None)
-        return tally() if tally is not None else {}
+        if tally is None:
+            return {}
+        tallies = tally()
+        if getattr(self.gpt, "tallies_stale", False):
+            with self._wake:
+                self._wake.notify_all()
+            deadline = time.monotonic() + wait_s
+            while self.gpt.tallies_stale and time.monotonic() < deadline and self.fatal is None:
+                time.sleep(0.02)
+            tallies = tally()
+        return tallies
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -39,6 +39,7 @@ class StepOutputs:
     tops: list[tuple[list[int], list[float]] | None]  # alternatives, for the rows that ask
     errors: list[str | None]
     sampled_again: bool = False  # sampling the whole step failed and ran row by row
+    tallies: dict | None = None  # pipeline stages after the first: their MoE routers' tallies, when asked for
 
 
 def failure(err: BaseException) -> str:

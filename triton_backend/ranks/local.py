@@ -119,6 +119,7 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
         for g in generations:
             g.wait(600)
         seconds = time.perf_counter() - started
+        experts = eng.expert_tokens(wait_s=30)  # every stage's, carried back by a heartbeat
     finally:
         eng.stop()
     outcomes = [Outcome(g.tokens, g.logprobs, g.prompt_logprobs, g.top, g.finish_reason, g.error)
@@ -126,5 +127,5 @@ def generate(checkpoint: str, tp: int, pp: int, microbatches: int, requests: lis
     stats = dataclasses.asdict(eng.stats)
     dist.destroy_process_group()
     return {"outcomes": outcomes, "seconds": seconds, "weights": weights.tolist(), "stats": stats,
-            "experts": eng.expert_tokens(),
+            "experts": experts,
             "fatal": repr(eng.fatal) if eng.fatal else None}

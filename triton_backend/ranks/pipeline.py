@@ -13,6 +13,11 @@ The job has TP x PP ranks, ordered as Megatron orders them (rank = TP rank + TP 
    (``outputs.Mirror``: its copies of rank 0's samplers) and sends rank 0 only those: tokens, log-probs, the
    alternatives and scores asked for. The logits never leave the stage.
 
+Mixture-of-experts tallies (tokens routed to each expert, ``/metrics``): rank 0 holds its own stage's. When they
+are asked for, the next step goes as TALLY_STEP, on which each stage's TP rank 0 adds its routers' tallies to the
+plan it passes on and the last stage returns them with the outputs; every HEARTBEAT (an idle rank 0's) carries
+them back the same way.
+
 Every stage runs the steps in the order rank 0 launched them, so the KV blocks rank 0 hands out are written
 and read in that order on every stage, whatever is in flight. Rank 0 does not wait for a step's outputs to
 launch the next (``launch`` and ``collect`` are separate): with ``microbatches`` groups of sequences in flight
@@ -97,6 +102,16 @@ class PipelineLeader(Fronting):
         self.next, self.last = tp, tp * (pp - 1)  # stage 1's and the last stage's TP rank 0
         self.sends = _Sends(group)
         self.mirrored: set[int] = set()  # sequences the last stage has a sampler for
+        self.tallies: dict[int, list[int]] = {}  # the later stages' MoE tallies, as last carried back
+        self.tallies_wanted = False  # the next step carries them back (TALLY_STEP)
+        self.tallies_stale = False  # steps ran since they were last carried back
+
+    def expert_tokens(self) -> dict[int, list[int]]:
+        """Every stage's MoE tallies: this stage's now, the others' as of the last step or heartbeat that carried
+        them (one asked for now comes back with the next step, or the next heartbeat, see ``Engine``)."""
+        if self.gpt.arch.num_experts:
+            self.tallies_wanted = True
+        return {**self.gpt.expert_tokens(), **self.tallies}
 
     def _message(self, command: Command, sizes=(0, 0, 0, 0), payload=None, plan: bytes = b""):
         header = torch.tensor([command, *sizes, len(plan)], dtype=torch.int64, device=self.device)
@@ -122,7 +137,9 @@ class PipelineLeader(Fronting):
         plan = pickle.dumps({"new": new, "released": released, "vocab": vocab_size, "sampled": [i for i, _ in sampled],
                              "scored": [(i, s.at, s.count, s.first) for i, s in scored]})
         tokens, _, last, lengths, tables, _ = step
-        parts = self._message(Command.STEP, (len(tokens), len(last), len(lengths), len(tables)),
+        command = Command.TALLY_STEP if self.tallies_wanted else Command.STEP
+        self.tallies_wanted, self.tallies_stale = False, command == Command.STEP
+        parts = self._message(command, (len(tokens), len(last), len(lengths), len(tables)),
                               torch.cat(step).to(torch.int64), plan)
         hidden = self.gpt.forward(*step)
         self.sends.send(parts + [hidden], self.next)
@@ -131,12 +148,19 @@ class PipelineLeader(Fronting):
         """The outputs of the oldest step launched (they come back in launch order)."""
         size = _recv(torch.empty(1, dtype=torch.int64, device=self.device), self.last, self.group)
         data = _recv(torch.empty(int(size), dtype=torch.uint8, device=self.device), self.last, self.group)
-        return pickle.loads(data.cpu().numpy().tobytes())
+        outputs = pickle.loads(data.cpu().numpy().tobytes())
+        if outputs.tallies is not None:
+            self.tallies.update(outputs.tallies)
+        return outputs
 
     def heartbeat(self) -> None:
-        """Through every stage and back (the last stage answers): raises ``RankLost`` for a silent one."""
+        """Through every stage and back (the last stage answers, with the stages' MoE tallies): raises
+        ``RankLost`` for a silent one."""
         self.sends.send(self._message(Command.HEARTBEAT), self.next)
-        _recv(torch.empty(1, dtype=torch.int64, device=self.device), self.last, self.group)
+        size = _recv(torch.empty(1, dtype=torch.int64, device=self.device), self.last, self.group)
+        data = _recv(torch.empty(int(size), dtype=torch.uint8, device=self.device), self.last, self.group)
+        self.tallies.update(pickle.loads(data.cpu().numpy().tobytes()))
+        self.tallies_stale = False
 
     def shutdown(self) -> None:
         try:
@@ -167,20 +191,31 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None, tokenizer=None) -> No
             raise lost(0, err) from err
         return t
 
+    def tallied(carried: torch.Tensor | None) -> bytes:
+        """The MoE tallies the earlier stages sent (pickled), this stage's added."""
+        tallies = pickle.loads(carried.cpu().numpy().tobytes()) if carried is not None and len(carried) else {}
+        return pickle.dumps({**tallies, **gpt.expert_tokens()})
+
     while True:
         header = receive(torch.empty(HEADER, dtype=torch.int64, device=device))
         command, n, rows, sequences, entries, plan_bytes = (int(x) for x in header.tolist())
-        if command not in (Command.STEP, Command.HEARTBEAT, Command.SHUTDOWN):
+        if command not in (Command.STEP, Command.TALLY_STEP, Command.HEARTBEAT, Command.SHUTDOWN):
             raise RuntimeError(f"unknown command {command} from the previous stage")
-        if command != Command.STEP:
+        if command == Command.HEARTBEAT:  # TP rank 0's line carries the tallies (the header counts their bytes)
+            carried = receive(torch.empty(plan_bytes, dtype=torch.uint8, device=device)) if plan_bytes else None
+            if tp_rank == 0:
+                data = tallied(carried)
+                header = torch.tensor([command, 0, 0, 0, 0, len(data)], dtype=torch.int64, device=device)
+            if not last:
+                sends.send([header, _bytes(data, device)] if tp_rank == 0 else [header], rank + tp)
+            elif mirror is not None:  # the answer rank 0 waits for
+                sends.send([torch.tensor([len(data)], dtype=torch.int64, device=device), _bytes(data, device)], 0)
+            continue
+        if command == Command.SHUTDOWN:
             if not last:
                 sends.send([header], rank + tp)
-            elif mirror is not None and command == Command.HEARTBEAT:
-                sends.send([torch.zeros(1, dtype=torch.int64, device=device)], 0)  # the answer rank 0 waits for
-            if command == Command.SHUTDOWN:
-                sends.wait()
-                return
-            continue
+            sends.wait()
+            return
         payload = receive(torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=device))
         plan = receive(torch.empty(plan_bytes, dtype=torch.uint8, device=device))
         hidden = receive(torch.empty(n, hidden_size, dtype=dtype, device=device)) if stage > 0 else None
@@ -189,8 +224,18 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None, tokenizer=None) -> No
             mirror.vocab_size = wanted["vocab"]
             mirror.prepare(wanted)
         out = gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]), hidden=hidden)
+        tally = command == Command.TALLY_STEP and tp_rank == 0
         if not last:
+            if tally:  # this stage's tallies join the earlier ones in the plan it passes on
+                passed = pickle.loads(plan.cpu().numpy().tobytes())
+                passed["tallies"] = {**passed.get("tallies", {}), **gpt.expert_tokens()}
+                plan = _bytes(pickle.dumps(passed), device)
+                header = torch.tensor([command, n, rows, sequences, entries, len(plan)], dtype=torch.int64,
+                                      device=device)
             sends.send([header, payload, plan, out], rank + tp)
         elif mirror is not None:
-            data = pickle.dumps(mirror.run(out, wanted))
+            outputs = mirror.run(out, wanted)
+            if tally:
+                outputs.tallies = {**wanted.get("tallies", {}), **gpt.expert_tokens()}
+            data = pickle.dumps(outputs)
             sends.send([torch.tensor([len(data)], dtype=torch.int64, device=device), _bytes(data, device)], 0)

@@ -45,6 +45,7 @@ class Command(enum.IntEnum):
     STEP = 1
     HEARTBEAT = 2
     SHUTDOWN = 3
+    TALLY_STEP = 4  # pipeline stages only: a STEP whose outputs carry every stage's MoE expert tallies back
 
 
 def make_group(timeout_s: float):
