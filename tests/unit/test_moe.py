@@ -52,6 +52,32 @@ def test_the_moe_fields_are_read_from_megatron_args_and_checked():
     assert ServerConfig(tensor_parallel=4, device="cpu").experts_split == 4
 
 
+@pytest.mark.parametrize("fields", [
+    dict(), dict(moe_router_pre_softmax=True), dict(moe_router_topk=1, moe_router_pre_softmax=True),
+    dict(moe_router_topk_scaling_factor=2.5),
+    dict(moe_router_score_function="sigmoid"), dict(moe_router_score_function="sigmoid", moe_router_topk=1),
+    dict(moe_router_score_function="sigmoid", bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+         moe_router_topk=4, moe_router_topk_scaling_factor=2.5),
+    dict(moe_router_num_groups=2, moe_router_group_topk=1, moe_router_pre_softmax=True)], ids=str)
+def test_the_served_top_k_is_megatrons_routing_as_indices(fields):
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from triton_backend.model.moe import top_k
+
+    fields = dict(fields)
+    bias = torch.randn(8) * 0.1 if fields.pop("bias", False) else None
+    config = dataclasses.replace(MOE, **fields).transformer_config()
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    weights, chosen = top_k(logits, config, bias)
+    probs, routing = topk_routing_with_score_function(
+        logits, config.moe_router_topk, use_pre_softmax=config.moe_router_pre_softmax,
+        num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
+        scaling_factor=config.moe_router_topk_scaling_factor, score_function=config.moe_router_score_function,
+        expert_bias=bias)
+    assert torch.equal(torch.zeros_like(routing).scatter(1, chosen, True), routing)
+    assert torch.equal(torch.zeros_like(probs).scatter(1, chosen, weights), probs)  # bit for bit
+
+
 def make(tmp, preset: str, fmt: str, *args: str):
     """The preset written by ``make_checkpoint`` in a process of its own: a one-rank job that must not inherit this
     process's rendezvous (an earlier test's process group sets MASTER_PORT and RANK here)."""

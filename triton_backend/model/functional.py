@@ -91,21 +91,23 @@ class _MoE:
     shared: tuple[_Linear, _Linear] | None = None
     shared_gate: torch.Tensor | None = None  # [1, h]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probs, chosen) [N, experts]: each token's weight per expert and whether it goes there, by Megatron's
-        ``topk_routing_with_score_function`` (dropless: no capacity); and the tokens each expert gets [experts]."""
-        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Each token's k (expert, weight) pairs grouped by this rank's experts, as Megatron permutes them (by
+        expert, tokens in order): (tokens [pairs], weights [pairs], pairs per local expert). The routing is
+        Megatron's (``moe.top_k``, dropless: no capacity); the router's tally counts every expert's tokens."""
+        from .moe import top_k
 
-        r, c = self.router, self.router.config
-        logits = r.gating(x)
-        probs, chosen = topk_routing_with_score_function(
-            logits, c.moe_router_topk, use_pre_softmax=c.moe_router_pre_softmax, num_groups=c.moe_router_num_groups,
-            group_topk=c.moe_router_group_topk, scaling_factor=c.moe_router_topk_scaling_factor,
-            score_function=c.moe_router_score_function, expert_bias=r.expert_bias)
-        per_expert = chosen.sum(dim=0)
+        r = self.router
+        weights, chosen = top_k(r.gating(x), r.config, r.expert_bias)
+        chosen = chosen.flatten()  # token-major: token t's choices at t x k ..
+        per_expert = torch.bincount(chosen, minlength=r.config.num_moe_experts)
         if hasattr(r, "count"):  # the served router's tally (model/moe.py)
             r.count(per_expert)
-        return probs, chosen, per_expert
+        counts = per_expert.tolist()  # the layer's one host read: tokens per expert
+        order = torch.argsort(chosen, stable=True)  # by expert, tokens in order within each
+        skip, local = sum(counts[:self.first]), counts[self.first:self.first + len(self.experts)]
+        order = order[skip:skip + sum(local)]
+        return order // weights.shape[1], weights.flatten()[order], local
 
 
 def _qk_norm(module) -> _Norm | None:
@@ -390,12 +392,8 @@ class FunctionalGPT:
         weights). Every rank of the tensor-parallel group has every token: it computes its own experts' part
         (expert parallelism) of its slice of each expert (tensor parallelism within experts) and of the shared
         expert, and one sum over the group completes them all."""
-        probs, chosen, per_expert = moe.route(x)
-        local = slice(moe.first, moe.first + len(moe.experts))
-        pairs = chosen[:, local].t().nonzero()  # (expert, token), grouped by expert as Megatron permutes them
-        counts = per_expert[local].tolist()  # the layer's one host read: tokens per expert
-        tokens = pairs[:, 1]
-        weights = probs[:, local].t()[pairs[:, 0], tokens].split(counts)
+        tokens, weights, counts = moe.route(x)
+        weights = weights.split(counts)
         parts = [self._expert(*moe.experts[e], rows, weights[e])
                  for e, rows in enumerate(x[tokens].split(counts)) if counts[e]]
         out = torch.zeros_like(x)

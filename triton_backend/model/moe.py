@@ -48,6 +48,43 @@ class ServedRouter(TopKRouter):
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
 
+def top_k(logits: torch.Tensor, config, expert_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts) [tokens, k]: each token's chosen experts and their routing weights, by the arithmetic of
+    Megatron's ``topk_routing_with_score_function`` (softmax before or after the top-k, or sigmoid with the
+    expert bias for selection only; group-limited selection by Megatron's own ``group_limited_topk``; the
+    scaling factor). Written out rather than called because Megatron's returns them spread over dense
+    [tokens, experts] maps, made by two scatters, that a grouped computation must turn back into these
+    indices: at a decode step's few rows those operations cost as much as the experts' products. Held to
+    Megatron's function in tests/unit/test_moe.py."""
+    from megatron.core.transformer.moe.moe_utils import group_limited_topk
+
+    k, tokens, experts = config.moe_router_topk, *logits.shape
+
+    def pick(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if config.moe_router_group_topk:
+            return group_limited_topk(scores, k, tokens, experts, config.moe_router_num_groups,
+                                      config.moe_router_group_topk)
+        return torch.topk(scores, k=k, dim=1)
+
+    if config.moe_router_score_function == "softmax":
+        if config.moe_router_pre_softmax:
+            weights, chosen = pick(torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits))
+        else:
+            scores, chosen = pick(logits)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(logits)
+    else:  # sigmoid (the architecture refuses any other)
+        scores = torch.sigmoid(logits.float()).type_as(logits)
+        if expert_bias is not None:
+            chosen = pick(scores + expert_bias)[1]
+            scores = torch.gather(scores, dim=1, index=chosen).type_as(logits)
+        else:
+            scores, chosen = pick(scores)
+        weights = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if k > 1 else scores
+    if config.moe_router_topk_scaling_factor:
+        weights = weights * config.moe_router_topk_scaling_factor
+    return weights, chosen
+
+
 def expert_tokens(model) -> dict[int, list[int]]:
     """Tokens routed to each expert so far, per MoE layer of ``model`` (this pipeline stage's), by the layer's
     global number (from 1, Megatron's ``layer_number``)."""
