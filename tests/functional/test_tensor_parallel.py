@@ -82,15 +82,15 @@ def reference(server):
     return results
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", [4, 8])  # TP=2: the llama family's test below, the tokenizers', MoE's, the faults'
 def test_ensemble_text_is_identical_at_every_tp(tmp_path, reference, tp):
     assert_same(serve_and_collect(tmp_path, f"tp{tp}", TP=str(tp)), reference, f"TP={tp}")
 
 
-@pytest.mark.parametrize("fmt, tps", [("torch_dist", (4,)), ("legacy", (1, 4))])
+@pytest.mark.parametrize("fmt, tps", [("torch_dist", (1,)), ("legacy", (1, 4))])
 def test_a_tp2_checkpoint_serves_at_tp1_and_tp4(tmp_path, reference, fmt, tps):
-    # legacy shards are merged and split by our reader (both ways tested); torch_dist's by Megatron's
-    # dist_checkpointing, one resharding path for both ways (tested here by the split, the harder one)
+    # legacy shards are merged and split by our reader (both ways here); torch_dist's by Megatron's
+    # dist_checkpointing: merged here, split by every test above (the demo checkpoint is torch_dist at TP=1)
     ckpt = make_checkpoint(tmp_path / f"demo_tp2_{fmt}", 2, "--from", str(DEMO / "checkpoint"), "--format", fmt)
     for tp in tps:
         assert_same(serve_and_collect(tmp_path, f"{fmt}_tp{tp}", TP=str(tp), CHECKPOINT=str(ckpt)), reference,
