@@ -20,6 +20,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import group_limited_topk
 from megatron.core.transformer.moe.router import TopKRouter
 
 
@@ -56,13 +57,11 @@ def top_k(logits: torch.Tensor, config, expert_bias: torch.Tensor | None) -> tup
     [tokens, experts] maps, made by two scatters, that a grouped computation must turn back into these
     indices: at a decode step's few rows those operations cost as much as the experts' products. Held to
     Megatron's function in tests/unit/test_moe.py."""
-    from megatron.core.transformer.moe.moe_utils import group_limited_topk
-
-    k, tokens, experts = config.moe_router_topk, *logits.shape
+    k = config.moe_router_topk
 
     def pick(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if config.moe_router_group_topk:
-            return group_limited_topk(scores, k, tokens, experts, config.moe_router_num_groups,
+            return group_limited_topk(scores, k, *scores.shape, config.moe_router_num_groups,
                                       config.moe_router_group_topk)
         return torch.topk(scores, k=k, dim=1)
 
