@@ -6,10 +6,11 @@ FROM nvcr.io/nvidia/pytorch:24.12-py3
 
 WORKDIR /opt/megatron-triton
 COPY requirements.txt .
-# Keep the base image's CUDA build of torch; everything else is installed at the project's pins.
-RUN grep -v '^torch==' requirements.txt > /tmp/requirements-gpu.txt \
-    && pip install --no-cache-dir -r /tmp/requirements-gpu.txt \
-    && rm /tmp/requirements-gpu.txt
+COPY docker/check_pins.py docker/
+# The versions the tests ran against, torch included: PyPI's CUDA build of the pinned release replaces the base
+# image's own (its pip constraints would hold it back). The build fails if any installed package is not its pin.
+RUN PIP_CONSTRAINT="" pip install --no-cache-dir -r requirements.txt \
+    && python docker/check_pins.py requirements.txt
 
 COPY preprocessing/ preprocessing/
 COPY triton_backend/ triton_backend/

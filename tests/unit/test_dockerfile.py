@@ -19,17 +19,43 @@ def test_hadolint_passes():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_base_image_is_pinned_and_pins_agree_with_requirements():
+def test_base_image_is_pinned_and_the_build_installs_and_checks_every_pin():
     dockerfile = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", dockerfile, re.M).group(1)
     assert ":" in base and not base.endswith(":latest"), base
     required = pins((ROOT / "requirements.txt").read_text())
     for name, version in pins(dockerfile).items():
         assert required.get(name) == version, f"Dockerfile: {name}=={version}; requirements: {required.get(name)}"
-    # The image installs requirements.txt itself, dropping only torch (the base image's CUDA build stays).
-    assert "COPY requirements.txt" in dockerfile
-    dropped = re.findall(r"grep -v '\^([a-z0-9\-]+)=='", dockerfile)
-    assert dropped == ["torch"]
+    # requirements.txt whole (torch too: the tested release, not the base image's), then the check of every pin
+    install = re.search(r"^RUN .*pip install --no-cache-dir -r requirements.txt \\\n\s+&& python "
+                        r"docker/check_pins.py requirements.txt$", dockerfile, re.M)
+    assert install, "the image must install requirements.txt and check its pins in one step"
+    assert "grep -v" not in dockerfile  # no pin dropped on the way
+    assert dockerfile.index("COPY docker/check_pins.py") < install.start()
+
+
+def check_pins(requirements: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "docker" / "check_pins.py"), str(requirements)],
+                          capture_output=True, text=True)
+
+
+def test_the_pin_check_passes_on_what_the_tests_run_and_names_each_difference(tmp_path):
+    assert check_pins(ROOT / "requirements.txt").returncode == 0  # this venv holds the pins (torch's +cpu aside)
+    import megatron.core
+    import torch
+
+    release = torch.__version__.split("+")[0]
+    other = tmp_path / "requirements.txt"
+    other.write_text(f"torch=={release}+cu126  # the same release for another device\n"
+                     f"megatron-core=={megatron.core.__version__}\nnumpy<2\ntqdm\n")
+    assert check_pins(other).returncode == 0
+    other.write_text("torch==2.6.0\nnvidia-pytriton[extra]==0.7.0 ; python_version >= '3.8'\n"
+                     "megatron-core==0.12.0\nno-such-package==1.0\n")
+    run = check_pins(other)
+    assert run.returncode == 1
+    assert f"torch: pinned 2.6.0, installed {torch.__version__}" in run.stderr
+    assert f"megatron-core: pinned 0.12.0, installed {megatron.core.__version__}" in run.stderr
+    assert "no-such-package: pinned 1.0, not installed" in run.stderr and "pytriton" not in run.stderr
 
 
 def test_entrypoint_and_healthcheck_scripts_exist():
