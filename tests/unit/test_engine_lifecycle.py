@@ -423,6 +423,38 @@ def test_the_busy_time_sums_every_step(gpt, start_engine):
     assert 6 * 0.02 <= engine.stats.step_seconds <= time.monotonic() - started
 
 
+class RaisingOnce(FailingOnce):
+    """The real model, except that one forward raises ``error``."""
+
+    def __init__(self, gpt, fail_on_call: int, error: BaseException):
+        super().__init__(gpt, fail_on_call)
+        self.error = error
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise self.error
+        return self.gpt.forward(*args)
+
+
+@pytest.mark.parametrize("error, fatal", [
+    (torch.AcceleratorError("CUDA error: device-side assert triggered (injected)"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered (injected)"), True),
+    (RuntimeError("index -1 is out of bounds (injected)"), False),
+    (torch.OutOfMemoryError("CUDA out of memory (injected)"), False)], ids=lambda v: type(v).__name__)
+def test_a_device_error_other_than_out_of_memory_ends_the_engine_at_one_rank_too(gpt, start_engine, error, fatal):
+    """A CUDA error but out of memory leaves the device unusable (every later call fails): the engine ends, and
+    with it readiness and the job, where any other failed step fails its rows and the engine goes on."""
+    engine = start_engine(RaisingOnce(gpt, 1, error))  # failures_fatal=False: one rank
+    g = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+    assert g.wait(10) and g.error.startswith(f"generation failed: {type(error).__name__}")
+    if fatal:
+        assert engine.ended.wait(10) and engine.fatal is error
+    else:
+        after = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))
+        assert after.wait(10) and after.error is None and engine.fatal is None
+
+
 def test_with_failures_fatal_a_failed_step_ends_the_engine(gpt, start_engine):
     engine = start_engine(FailingOnce(gpt, fail_on_call=1), failures_fatal=True)
     g = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, end_id=-1))

@@ -81,6 +81,17 @@ class EngineStats:
                 f"{self.step_seconds / steps * 1e3:.1f} ms per step, {self.step_seconds:.1f} s busy")
 
 
+def unrecoverable(err: BaseException) -> bool:
+    """Whether the device is unusable after ``err``: a CUDA error other than running out of memory (a device-side
+    assert, an illegal address) is sticky, failing every later call in the process, so the job must end (at every
+    TP size) rather than fail each step behind a green health check. Out of memory is survivable."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    if isinstance(err, getattr(torch, "AcceleratorError", ())):  # torch >= 2.8 raises CUDA errors as this
+        return True
+    return isinstance(err, RuntimeError) and "CUDA error" in str(err)  # older torch: a RuntimeError saying so
+
+
 class Engine:
     """Owns the model and its KV cache; thread-safe ``submit`` from any number of serving threads.
 
@@ -304,7 +315,7 @@ class Engine:
             for row in list(self._running):
                 row.in_flight = False
                 self._retire(row, error=failure(err))
-            if self.failures_fatal:
+            if self.failures_fatal or unrecoverable(err):
                 self.fatal = err
                 return False
         finally:
