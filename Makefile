@@ -12,7 +12,7 @@ export TP PP EP PP_MICROBATCHES PP_LAYERS NNODES NODE_RANK MASTER_ADDR MASTER_PO
        KV_CACHE_MB PREFIX_CACHING COMPILE CUDA_GRAPHS PREFILL_TOKENS TORCH_THREADS PIN_ENGINE STREAM_RESPONSES_PER_S \
        API API_PORT API_KEY CHAT_TEMPLATE MODEL_NAME
 
-.PHONY: serve test unit functional lint bench bench-cache bench-pp bench-nodes bench-api bench-engine bench-guided bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
+.PHONY: serve test unit functional lint bench bench-attention bench-cache bench-pp bench-nodes bench-api bench-engine bench-guided bench-genai-perf soak fuzz mutate demo-model setup system-deps clean
 
 serve: setup demo-model
 	$(PY) -m triton_backend.launch
@@ -42,6 +42,11 @@ bench-api: setup demo-model
 BENCH_ENGINE_ARGS ?=
 bench-engine: setup demo-model $(VENV)/.bench-installed
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 1 -m tools.bench_engine $(BENCH_ENGINE_ARGS)
+
+# Decode attention's bytes moved per step against the KV bytes it must read, the CUDA graphs' path counted from its
+# own operations on meta tensors, and the CPU kernel's (tools/bench_attention.py; no GPU needed).
+bench-attention: setup
+	$(PY) tools/bench_attention.py
 
 # Pipeline stages in-process: batches in flight against one at a time, resident weights per rank (gpt-350m).
 bench-pp: setup demo-model $(VENV)/.bench-installed
