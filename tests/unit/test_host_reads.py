@@ -3,7 +3,7 @@
 thread while it steps. On CPU they cost little; on a GPU each one waits for the device. The target is one per
 step (the sampled tokens). Today a step makes ``DECODE_STEP_HOST_READS``: ``CachedGPT.forward`` reads back the
 lengths, block tables and table lengths the engine has just uploaded, ``kv_cache.plan`` the positions, and
-sampling returns the tokens and their log-probs apart; a change that adds one fails here."""
+sampling reads the tokens with their log-probs; a change that adds one fails here."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from triton_backend.model.gpt import CachedGPT
 from .models import ARCH, EOS, VOCAB, context_model
 
 HOST_READS = ("item", "tolist", "cpu")
-DECODE_STEP_HOST_READS = 6  # per decode step of one sequence (target 1)
+DECODE_STEP_HOST_READS = 5  # per decode step of one sequence (target 1)
 
 
 @contextlib.contextmanager

@@ -122,9 +122,10 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
         normaliser = _log_sum_exp(model_logits)
     if rest:
         chosen = _choose(logits, rows, list(rest), chosen)
-    tokens = chosen.tolist()
-    logprobs = (model_logits.gather(1, chosen[:, None])[:, 0] - normaliser).tolist()
-    return tokens, logprobs
+    logprobs = model_logits.gather(1, chosen[:, None])[:, 0] - normaliser
+    # one read back to the host for both (float64 holds every token id and float32 log-prob exactly)
+    tokens, logprobs = torch.stack((chosen.double(), logprobs.double())).tolist()
+    return [int(t) for t in tokens], logprobs
 
 
 def _choose(logits: torch.Tensor, rows: list[RowSampler], which: list[int], chosen: torch.Tensor | None):
