@@ -20,7 +20,7 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def forward(self, *step):
+    def forward(self, *step, host=None):
         self.calls.append([t.clone() for t in step])
         return torch.zeros(len(step[2]), 8)
 

@@ -82,16 +82,17 @@ SPAN_SLACK = 2
 
 
 def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths,
-         pairs: bool = True, window: int | None = None) -> StepContext:
+         pairs: bool = True, window: int | None = None, host_positions: np.ndarray | None = None) -> StepContext:
     """The step for packed tokens at ``positions`` ([N]), in segments of ``lengths`` (one per sequence, in
     packed order); sequence i's block table is the next ``table_lengths[i]`` entries of ``tables``. A segment of
     one token is a decode (it may also be a one-token prompt); a longer one a prompt chunk. Raises
     ``ValueError`` on a malformed step. Vectorised with numpy: at 64 rows a loop over tokens and blocks cost
     more than the attention it plans. ``pairs``: plan the decodes' (row, block) pairs for the torch attention
     (not needed where the CPU kernel reads the tables). ``window``: a decode sees only itself and the ``window``
-    keys before it (sliding-window attention; the pairs then mask the older ones)."""
+    keys before it (sliding-window attention; the pairs then mask the older ones). ``host_positions``: the
+    positions as a numpy array (else they are read back from ``positions``' device)."""
     bs, device = cache.block_size, positions.device
-    pos = positions.cpu().numpy().astype(np.int64)
+    pos = (positions.cpu().numpy() if host_positions is None else host_positions).astype(np.int64)
     lengths, tables, table_lengths = (np.asarray(x, dtype=np.int64).reshape(-1)
                                       for x in (lengths, tables, table_lengths))
     if lengths.sum() != len(pos) or len(table_lengths) != len(lengths) or table_lengths.sum() != len(tables) \

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
@@ -491,18 +492,19 @@ class Engine:
                 sampled.append(r)
                 last.append(len(tokens) - 1)
         device = self.gpt.device  # pragma: no mutate
-        step = [torch.tensor(x, dtype=torch.long).to(device)  # pragma: no mutate
-                for x in (tokens, positions, last, lengths, tables, table_lengths)]
+        arrays = [np.asarray(x, dtype=np.int64) for x in (tokens, positions, last, lengths, tables, table_lengths)]
+        step = [torch.from_numpy(x).to(device) for x in arrays]  # pragma: no mutate
+        host = (arrays[1], arrays[3], arrays[4], arrays[5])  # what the step plans from: no read back from the device
         launched = _Launched(chunks, [r for r, _ in scored], sampled)
         for c in chunks:
             c.row.in_flight = True
         if hasattr(self.gpt, "launch"):
             released, self._released = self._released, []
             self.gpt.launch(step, [(r.id, s) for r, s in scored], [(r.id, r.sampler) for r in sampled], released,
-                            self.vocab_size)
+                            self.vocab_size, host=host)
         else:
             prefetch([r.sampler.guide for r in sampled if r.sampler.guide is not None], self.vocab_size)
-            logits = self.gpt.forward(*step)
+            logits = self.gpt.forward(*step, host=host)
             launched.outputs = compute(logits, [s for _, s in scored], [r.sampler for r in sampled], self.vocab_size)
         self._in_flight.append(launched)
         self._last_group = chunks[0].row.group

@@ -6,6 +6,7 @@ import logging
 import os
 from unittest import mock
 
+import numpy as np
 import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
@@ -185,6 +186,12 @@ def fit_blocks(max_slots: int, max_len: int, block_size: int, per_token: int, bu
     return min(wanted, fit)
 
 
+def read_back(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """``tensors`` (1-D int64) as numpy arrays, read back from the device in one transfer."""
+    whole = torch.cat(tensors).cpu().numpy()
+    return np.split(whole, np.cumsum([len(t) for t in tensors])[:-1])
+
+
 class CachedGPT:
     """A GPTModel plus its paged KV cache: ``forward`` runs a packed step and returns the logits it asks for.
 
@@ -246,27 +253,32 @@ class CachedGPT:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
-                tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None):
+                tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None,
+                host: tuple[np.ndarray, ...] | None = None):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
 
         ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
         table is the next ``table_lengths[i]`` entries of ``tables`` (see ``kv_cache.plan``). A pipeline stage
         after the first takes the previous stage's ``hidden`` states ([N, h]) instead of embedding ``tokens``;
         a stage before the last returns its hidden states ([N, h], every token: the next stage's cache needs
-        them all) instead of logits.
+        them all) instead of logits. ``host``: the same positions, lengths, tables and table lengths as numpy
+        arrays, which the step plans from; without them they are read back from the device, in one transfer.
         """
-        lengths, tables, table_lengths = (t.cpu().numpy() for t in (lengths, tables, table_lengths))
+        host_positions, lengths, tables, table_lengths = host if host is not None else read_back(
+            positions, lengths, tables, table_lengths)
         if not (self.first and self.last):
-            return self._stage_forward(tokens, positions, last, lengths, tables, table_lengths, hidden)
+            return self._stage_forward(tokens, positions, last, lengths, tables, table_lengths, hidden,
+                                       host_positions)
         if self.graphs is not None and (lengths == 1).all():
             try:
-                logits = self.graphs.run(tokens, positions.cpu().numpy(), tables, table_lengths, last)
+                logits = self.graphs.run(tokens, host_positions, tables, table_lengths, last)
             except Exception as err:  # never an outage: the eager path serves this step and every later one
                 LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
                 self.graphs, logits = None, None
             if logits is not None:
                 return gather_vocab(logits.float().contiguous(), self.tp)
-        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window)
+        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window,
+                    host_positions=host_positions)
         if self.fast is not None:
             return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:
@@ -281,18 +293,19 @@ class CachedGPT:
         return gather_vocab(logits.float().contiguous(), self.tp)
 
 
-    def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden):
+    def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden, host_positions):
         """A pipeline stage's part of ``forward``: decode steps through its own static steps (graphs) when it has
         them, else eagerly."""
         if self.graphs is not None and (lengths == 1).all():
             try:
-                out = self.graphs.run(tokens, positions.cpu().numpy(), tables, table_lengths, last, hidden)
+                out = self.graphs.run(tokens, host_positions, tables, table_lengths, last, hidden)
             except Exception as err:  # never an outage: the eager path serves this step and every later one
                 LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
                 self.graphs, out = None, None
             if out is not None:
                 return gather_vocab(out.float().contiguous(), self.tp) if self.last else out
-        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window)
+        step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window,
+                    host_positions=host_positions)
         rows = last if self.last else None
         if self.fast is not None:
             out = self.fast.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows,

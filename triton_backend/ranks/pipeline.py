@@ -125,9 +125,10 @@ class PipelineLeader(Fronting):
         return parts
 
     def launch(self, step: list[torch.Tensor], scored: list, sampled: list, released: list[int],
-               vocab_size: int) -> None:
+               vocab_size: int, host=None) -> None:
         """Start ``step`` (the engine's six int64 tensors) down the pipeline. ``scored``: (sequence id,
-        ``outputs.Scored``); ``sampled``: (sequence id, sampler); ``released``: sequences retired since."""
+        ``outputs.Scored``); ``sampled``: (sequence id, sampler); ``released``: sequences retired since;
+        ``host``: the step's host arrays (``CachedGPT.forward``)."""
         new = {}
         for i, sampler in [(i, s.sampler) for i, s in scored] + sampled:
             if i not in self.mirrored:
@@ -141,7 +142,7 @@ class PipelineLeader(Fronting):
         self.tallies_wanted, self.tallies_stale = False, command == Command.STEP
         parts = self._message(command, (len(tokens), len(last), len(lengths), len(tables)),
                               torch.cat(step).to(torch.int64), plan)
-        hidden = self.gpt.forward(*step)
+        hidden = self.gpt.forward(*step, host=host)
         self.sends.send(parts + [hidden], self.next)
 
     def collect(self) -> StepOutputs:

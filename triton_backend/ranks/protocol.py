@@ -99,11 +99,11 @@ class Leader(Fronting):
         except RuntimeError as err:  # gloo and NCCL raise RuntimeError (DistBackendError) for a lost peer
             raise lost(None, err) from err
 
-    def forward(self, tokens, positions, last, lengths, tables, table_lengths):
+    def forward(self, tokens, positions, last, lengths, tables, table_lengths, host=None):
         step = (tokens, positions, last, lengths, tables, table_lengths)
         payload = torch.cat(step).to(torch.int64)
         self._send(Command.STEP, (len(tokens), len(last), len(lengths), len(tables)), payload)
-        return self.gpt.forward(*step)
+        return self.gpt.forward(*step, host=host)
 
     def heartbeat(self) -> None:
         self._send(Command.HEARTBEAT)
