@@ -54,7 +54,7 @@ class ByteCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.__name__
-        inputs = [a for a in list(args) + list((kwargs or {}).values())]
+        inputs = list(args) + list((kwargs or {}).values())
         flat = [t for a in inputs for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
         if func.is_view or name.split(".")[0] in ("view", "_unsafe_view", "expand", "transpose", "t", "empty",
                                                    "empty_like", "scalar_tensor"):

@@ -38,13 +38,14 @@ def read_architecture(path: str | pathlib.Path, tensor_parallel: int = 1, pipeli
     values = vars(args) if not isinstance(args, dict) else args
     saved_tp, saved_ep = values.get("tensor_model_parallel_size") or 1, values.get("expert_model_parallel_size") or 1
     saved_etp = values.get("expert_tensor_parallel_size") or saved_tp
-    if legacy.is_legacy(path) and arch.num_experts and saved_etp != saved_tp:
+    legacy_experts = arch.num_experts and legacy.is_legacy(path)
+    if legacy_experts and saved_etp != saved_tp:
         # each expert's slices would then sit in shards other than the tensor-parallel ranks' (mp_rank_TT)
         raise CheckpointError(f"{path} was saved with expert_tensor_parallel_size={saved_etp} and "
                               f"tensor_model_parallel_size={saved_tp} in the legacy format, whose experts are read "
                               "only when the two are equal: save it as torch_dist (--ckpt-format torch_dist), whose "
                               "experts serve at any TP and EP")
-    if legacy.is_legacy(path) and arch.num_experts and arch.num_experts % saved_ep:
+    if legacy_experts and arch.num_experts % saved_ep:
         raise CheckpointError(f"{path}: num_experts={arch.num_experts} is not divisible by the saved "
                               f"expert_model_parallel_size={saved_ep}")
     problem = arch.tensor_parallel_problem(tensor_parallel, expert_parallel)

@@ -96,7 +96,7 @@ class _MoE:
         # what each step reads of the router, looked up once (a module's attributes go through nn.Module lookups)
         r = self.router
         self._config, self._expert_bias = r.config, r.expert_bias
-        self._tally = getattr(r, "served_tokens", None)  # the served router's (model/moe.py)
+        self._count = getattr(r, "count", None)  # the served router's tally (model/moe.py)
         self._gating = r.gating
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -106,12 +106,12 @@ class _MoE:
         weights, chosen = top_k(self._gating(x), self._config, self._expert_bias)
         chosen = chosen.flatten()  # token-major: token t's choices at t x k ..
         per_expert = torch.bincount(chosen, minlength=self._config.num_moe_experts)
-        if self._tally is not None:
-            self._tally += per_expert
+        if self._count is not None:
+            self._count(per_expert)
         counts = per_expert.tolist()  # the layer's one host read: tokens per expert
         order = torch.argsort(chosen, stable=True)  # by expert, tokens in order within each
         skip, local = sum(counts[:self.first]), counts[self.first:self.first + len(self.experts)]
-        if skip or len(local) < len(counts):  # expert parallelism: this rank's experts' pairs only
+        if len(local) < len(counts):  # expert parallelism: this rank's experts' pairs only
             order = order[skip:skip + sum(local)]
         return order // weights.shape[1], weights.flatten()[order], local
 
@@ -370,27 +370,20 @@ class FunctionalGPT:
         out = attend(layer.attention, q, k, v)
         return self._row_parallel(out, layer.proj, layer.proj_bias)
 
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        """An MLP's fc1 output [rows, units] to its hidden units: the activation, gating it when gated."""
+        if self.gated:
+            gate, linear = h.chunk(2, dim=-1)
+            return self.activation(gate) * linear
+        return self.activation(h)
+
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = _biased(layer.fc1(x), layer.fc1_bias)  # column-parallel: this rank's bias shard
-        if self.gated:
-            gate, linear = h.chunk(2, dim=-1)
-            h = self.activation(gate) * linear
-        else:
-            h = self.activation(h)
-        return self._row_parallel(h, layer.fc2, layer.fc2_bias)
+        return self._row_parallel(self._activate(h), layer.fc2, layer.fc2_bias)
 
-    def _expert(self, fc1: _Linear, fc2: _Linear, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """A dense MLP's partial product on this rank (its slice of the hidden units), not yet summed; ``scale``
-        weighs each row's hidden units before fc2, as Megatron's experts apply their routing weights."""
-        h = fc1(x)
-        if self.gated:
-            gate, linear = h.chunk(2, dim=-1)
-            h = self.activation(gate) * linear
-        else:
-            h = self.activation(h)
-        if scale is not None:
-            h = (h * scale.unsqueeze(-1)).to(x.dtype)
-        return fc2(h)
+    def _expert(self, fc1: _Linear, fc2: _Linear, x: torch.Tensor) -> torch.Tensor:
+        """A dense MLP's partial product on this rank (its slice of the hidden units), not yet summed."""
+        return fc2(self._activate(fc1(x)))
 
     def _moe(self, moe: _MoE, x: torch.Tensor) -> torch.Tensor:
         """Each token through its top-k experts, weighted, plus the shared expert. Tokens are grouped by expert: one
@@ -405,13 +398,8 @@ class FunctionalGPT:
             # fc1 and fc2 per expert; what lies between (activation, routing weight) once over every expert's
             # rows together: element by element, the same values, in a few operations instead of a few per expert
             rows = x[tokens].split(counts)
-            h = torch.cat([moe.experts[e][0](rows[e]) for e in active])
-            if self.gated:
-                gate, linear = h.chunk(2, dim=-1)
-                h = self.activation(gate) * linear
-            else:
-                h = self.activation(h)
-            h = (h * weights.unsqueeze(-1)).to(x.dtype)
+            h = self._activate(torch.cat([moe.experts[e][0](rows[e]) for e in active]))
+            h = (h * weights.unsqueeze(-1)).to(x.dtype)  # the routing weight, as Megatron's experts apply it
             parts = [moe.experts[e][1](piece) for e, piece in zip(active, h.split([counts[e] for e in active]))]
             # summed per token in Megatron's order (its ``unpermute``): the same sums
             out.scatter_add_(0, tokens[:, None].expand(-1, x.shape[1]), torch.cat(parts))

@@ -35,7 +35,7 @@ class ServedRouter(TopKRouter):
                              persistent=False)
 
     def count(self, per_expert: torch.Tensor) -> None:
-        """Add a step's routing (``chosen``: [tokens, experts], True where a token goes) to the tally."""
+        """Add a step's tokens per expert (``per_expert``: [experts]) to the tally."""
         self.served_tokens += per_expert
 
     def forward(self, input: torch.Tensor, *args, **kwargs):

@@ -110,10 +110,10 @@ def lead(port: int, nnodes: int, view: dict, deadline_s: float = DEADLINE_S, gra
             _send(conn, {"refused": problems})
             conn.close()
             told.add(message["node"])
-    # The port is free before anyone is told to go: torchrun's store binds it next.
-    for conn in joined.values() if not problems else ():
-        _send(conn, {"go": True})
-        conn.close()
+    if not problems:  # the port is free before anyone is told to go: torchrun's store binds it next
+        for conn in joined.values():
+            _send(conn, {"go": True})
+            conn.close()
     return problems
 
 
