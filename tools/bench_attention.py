@@ -6,10 +6,13 @@ What a decode step must read in each layer is its rows' live keys and values (co
 x the element size, per row). What each path moves:
 
 * ``cuda (graphs)``: the CUDA default, decode steps replayed as CUDA graphs (``model/graphs.py``): the real
-  ``static_attend`` run on meta tensors (shapes and dtypes, no memory) under a dispatch mode that adds up, for
+  static step (the refill of its FlexAttention mask, the store of the new keys and values, the attention call)
+  run with the cache on meta tensors (shapes and dtypes, no memory) under a dispatch mode that adds up, for
   every operation, the bytes it reads and writes (a gather reads and writes what it gathers, a view moves
-  nothing, any other operation reads its inputs and writes its outputs; SDPA is counted as one fused kernel,
-  the least it can move). Rows and blocks are padded to its buckets, as the server pads them.
+  nothing, any other operation reads its inputs and writes its outputs). FlexAttention's kernel is counted
+  from its own inputs (``flex_bytes``): the blocks its block mask lists, read in place, once per key-value
+  group. Rows are padded to its buckets, as the server pads them; the mask's refill, made once per step, is
+  charged to this one layer in full.
 * ``cpu (kernel)``: the CPU decode kernel (``model/paged_decode.c``) reads each row's blocks where they are,
   through the block table: its rows' blocks (the last one whole), the queries and the outputs.
 
@@ -33,7 +36,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from triton_backend.model.graphs import StaticInputs, bucket, static_attend, static_inputs
+from triton_backend.cache.kv_cache import PagedKVCache
+from triton_backend.model import flex_paged
+from triton_backend.model.graphs import StaticInputs, bucket, refill_mask, static_attend, static_inputs, static_mask
 
 GROUPS, HEADS, HEAD_DIM, BLOCK, DTYPE = 8, 32, 128, 32, torch.bfloat16
 SDPA = ("_scaled_dot_product", "scaled_dot_product")
@@ -75,41 +80,54 @@ def needed(contexts: list[int]) -> int:
 
 
 def cuda_graphs_bytes(contexts: list[int]) -> ByteCount:
-    """One layer of the CUDA graphs' decode step over rows with these context lengths (the new token included)."""
+    """One layer of the CUDA graphs' decode step over rows with these context lengths (the new token included):
+    the refill of the step's mask, the store of its keys and values, and FlexAttention's kernel."""
     rows, block_counts = len(contexts), [math.ceil(c / BLOCK) for c in contexts]
     num_blocks = sum(block_counts)
-    keys, values = (torch.empty(num_blocks + 1, GROUPS, BLOCK, HEAD_DIM, dtype=DTYPE, device="meta") for _ in "kv")
-    cache = types.SimpleNamespace(block_size=BLOCK, scratch=num_blocks, keys=[keys], values=[values])
-    size = (bucket(rows), bucket(max(block_counts)))
+    cache = PagedKVCache(1, num_blocks, BLOCK, GROUPS, HEAD_DIM, DTYPE, "meta", scratch=True, group_major=True)
+    size = bucket(rows)
     positions = np.array([c - 1 for c in contexts], dtype=np.int64)
-    host = static_inputs(positions, np.arange(num_blocks, dtype=np.int64), np.array(block_counts), *size, BLOCK,
-                         num_blocks)
-    inputs = StaticInputs(**{name: torch.from_numpy(host[name]).to("meta") if name in host else
-                             torch.empty(size[0], dtype=torch.long, device="meta") for name in
-                             ("tokens", "positions", "tables", "seen", "write_blocks", "write_offsets")})
+    host = static_inputs(positions, np.arange(num_blocks, dtype=np.int64), np.array(block_counts), size,
+                         max(block_counts), BLOCK, num_blocks)
+    # the mask's small integer tensors are real (the kernel's byte count reads them); the cache is on meta
+    inputs = StaticInputs.empty(size, max(block_counts), num_blocks, "cpu")
+    inputs.fill(host)
+    mask = static_mask(cache, inputs, None)
     attention = types.SimpleNamespace(rotate=lambda q, k, positions: (q, k), softmax_scale=HEAD_DIM ** -0.5,
+                                      layer_index=0,
                                       store=lambda c, blocks, offsets, k, v: (_store(c.keys[0], blocks, offsets, k),
                                                                               _store(c.values[0], blocks, offsets, v)))
-    span = size[1] * BLOCK
-    mask = torch.empty(size[0], 1, 1, span, dtype=torch.bool, device="meta")
-    q = torch.empty(size[0], HEADS, HEAD_DIM, dtype=DTYPE, device="meta")
-    k, v = (torch.empty(size[0], GROUPS, HEAD_DIM, dtype=DTYPE, device="meta") for _ in range(2))
+    q = torch.empty(size, HEADS, HEAD_DIM, dtype=DTYPE, device="meta")
+    k, v = (torch.empty(size, GROUPS, HEAD_DIM, dtype=DTYPE, device="meta") for _ in range(2))
     count = ByteCount()
 
-    def fused_sdpa(query, key, value, attn_mask=None, **_):
-        # one kernel (CUDA's memory-efficient one takes this mask): reads its inputs once, writes its output once
+    def flex_kernel(query, key, value, block_mask, *_):
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        count.total += nbytes([query, key, value, attn_mask, out])
-        count.ops.append(("scaled_dot_product_attention (fused)", nbytes([query, key, value, attn_mask, out])))
+        moved = flex_bytes(query, key, block_mask) + nbytes(out)
+        count.total += moved
+        count.ops.append(("flex_attention (fused)", moved))
         return out
 
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused_sdpa), count:
+    with mock.patch.object(flex_paged, "kernel", lambda device_type, decode=True: flex_kernel), count:
+        refill_mask(mask, cache, inputs, None)
         static_attend(cache, inputs, mask)(attention, q, k, v)
     return count
 
 
+def flex_bytes(query: torch.Tensor, key: torch.Tensor, block_mask) -> int:
+    """What FlexAttention's kernel reads, from its own inputs: the queries; for each row and query tile, the blocks
+    its list names (keys and values, once per group: the decoding kernel serves a group's query heads together)
+    with their list entries and the owner entries the mask function looks up; the lists' counts."""
+    _, groups, _, d = key.shape
+    counts = block_mask.kv_num_blocks
+    blocks = int(counts.sum())
+    kv = blocks * block_mask.BLOCK_SIZE[1] * groups * d * 2 * key.element_size()
+    return nbytes(query) + kv + blocks * (4 + 4) + nbytes(counts)
+
+
 def _store(part, blocks, offsets, t):
-    part[blocks, :, offsets] = t  # as PagedAttention.store writes a step's keys and values
+    # as PagedAttention.store writes a step's keys and values (the indices are real, the cache on meta)
+    part[blocks.to(part.device), :, offsets.to(part.device)] = t
     return part
 
 

@@ -24,7 +24,7 @@ import torch
 
 from triton_backend import checkpoints
 from triton_backend.config import ROOT, ServerConfig
-from triton_backend.engine.engine import CPU_PREFILL_TOKENS, Engine
+from triton_backend.engine.engine import CPU_PREFILL_TOKENS, CUDA_PREFILL_TOKENS, Engine
 from triton_backend.model import functional
 from triton_backend.model.gpt import (
     CacheBudgetError,
@@ -35,6 +35,7 @@ from triton_backend.model.gpt import (
     init_parallel,
     kv_bytes_per_token,
 )
+from triton_backend.model.graphs import reserve_bytes as graphs_reserve
 from triton_backend.ranks import agreement, pipeline, session
 from triton_backend.ranks.pipeline import PipelineLeader
 from triton_backend.ranks.protocol import Leader, RankLost, describe, follow, make_group
@@ -63,7 +64,13 @@ def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     block = CachedGPT.BLOCK_SIZE
     # the fast path's packed weights are made after the cache: their memory is not there to take
     packing = functional.packed_bytes(model) if cfg.compile and functional.supported(model) is None else 0
-    blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, kv_budget(cfg, packing))
+    budget = kv_budget(cfg, packing)
+    if cfg.device == "cuda" and cfg.cuda_graphs and not cfg.kv_cache_mb:  # the graphs' memory is not the cache's
+        wanted = cfg.max_slots * -(-max_len // block)
+        reserve = graphs_reserve(arch, cfg.max_slots, cfg.tensor_parallel, DTYPES[cfg.dtype], wanted)
+        LOG.info("CUDA graphs: %.1f MiB kept out of the KV cache's budget", reserve / 2**20)
+        budget = max(0, budget - reserve)
+    blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, budget)
     if torch.distributed.get_world_size() > 1:  # every rank (every stage) must hold the same blocks
         agreed = torch.tensor([blocks], device=cfg.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
@@ -71,8 +78,11 @@ def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     LOG.info("KV cache: %d blocks of %d tokens (%d full %d-token contexts), %.1f MiB per rank; %d sequences at "
              "most (MAX_SLOTS)", blocks, block, blocks * block // max_len, max_len,
              blocks * block * per_token / 2**20, cfg.max_slots)
-    return CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile),
-                     graphs=graphs or ("auto" if cfg.cuda_graphs else "off"))
+    gpt = CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile),
+                    graphs=graphs or ("auto" if cfg.cuda_graphs else "off"))
+    # every rank, before rank 0 serves: captured now, or off on all
+    gpt.prepare_graphs(cfg.prefill_tokens or (CUDA_PREFILL_TOKENS if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
+    return gpt
 
 
 def kv_budget(cfg: ServerConfig, pending_bytes: int = 0) -> int:
@@ -134,7 +144,8 @@ def load_engine(cfg: ServerConfig, group=None, cpus: set[int] | None = None, sta
     return Engine(model, tokenizer.vocab_size, tokenizer.eos_id,
                   max_queue=cfg.max_queue, failures_fatal=cfg.world_size > 1, tokenizer=tokenizer,
                   max_request_s=cfg.max_request_s, cpus=cpus, prefix_caching=bool(cfg.prefix_caching),
-                  prefill_tokens=cfg.prefill_tokens or (2048 if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
+                  prefill_tokens=cfg.prefill_tokens or (CUDA_PREFILL_TOKENS if cfg.device == "cuda" else
+                                                        CPU_PREFILL_TOKENS))
 
 
 def engine_cpus(cfg: ServerConfig) -> set[int] | None:

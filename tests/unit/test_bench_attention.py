@@ -23,13 +23,26 @@ def test_the_count_charges_gathers_copies_and_products_and_not_views():
     assert copy.shape == (8, 10) and product.shape == (10, 100)
 
 
-def test_the_cuda_graphs_decode_step_copies_each_rows_keys_and_values_twice_before_attention():
-    contexts = [96, 64, 32]  # 3, 2 and 1 blocks: padded to 4 rows (a bucket) of 4 blocks
+def test_the_cuda_graphs_decode_step_reads_each_rows_blocks_in_place_once():
+    contexts = [96, 64, 32]  # 3, 2 and 1 whole blocks: padded to 4 rows (a bucket)
     count = bench.cuda_graphs_bytes(contexts)
     element = 2  # bfloat16
-    gathered = 4 * 4 * bench.BLOCK * bench.GROUPS * bench.HEAD_DIM * element  # one of K, V, as the bucket pads it
+    block = bench.BLOCK * bench.GROUPS * bench.HEAD_DIM * element  # one block of keys (or values) of one layer
     moved = dict(count.ops)
-    assert [m for name, m in count.ops if name == "clone.default"] == [2 * gathered] * 2
-    assert moved["scaled_dot_product_attention (fused)"] >= 2 * gathered
-    assert count.total >= 5 * gathered > 5 * bench.needed(contexts)  # the padding's share comes on top
+    # the kernel: the 6 blocks of keys and values the rows hold (the padding row none), their list entries, and
+    # the queries in and out (4 rows, padding included)
+    queries = 4 * bench.HEADS * bench.HEAD_DIM * element
+    assert moved["flex_attention (fused)"] == 6 * 2 * block + 6 * 8 + 4 * 4 + 2 * queries
+    # nothing else moves a block's worth: no copy of any row's keys, only the one new key and value per row it
+    # writes and the mask's small tables
+    assert max(m for name, m in count.ops if name != "flex_attention (fused)") < block
+    assert count.total < 1.2 * bench.needed(contexts)
     assert bench.cpu_kernel_bytes(contexts) < 1.1 * bench.needed(contexts)
+
+
+def test_the_kernels_count_follows_its_block_lists():
+    """Rows holding more blocks are charged for them: the count is read from the mask, not from the contexts."""
+    short, long = (bench.cuda_graphs_bytes(c) for c in ([32] * 4, [32 * 5] * 4))
+    kernel = [dict(c.ops)["flex_attention (fused)"] for c in (short, long)]
+    block = bench.BLOCK * bench.GROUPS * bench.HEAD_DIM * 2
+    assert kernel[1] - kernel[0] == 4 * 4 * (2 * block + 8)

@@ -20,17 +20,30 @@ class PagedKVCache:
     """Keys and values of every layer in ``num_blocks`` blocks of ``block_size`` tokens."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, groups: int, head_dim: int, dtype,
-                 device, scratch: bool = False):
+                 device, scratch: bool = False, group_major: bool = False):
         # ``scratch``: one more block, never handed to a sequence, where the padding rows of a static-shape step
         # (``model/graphs.py``) write and read; its id is ``num_blocks``.
-        shape = (num_blocks + scratch, groups, block_size, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # ``group_major``: each layer is stored as [groups, blocks, block_size, head_dim], so that a group's keys
+        # are one run of places (``flat``), as FlexAttention pages over them (``model/flex_paged.py``); ``keys``
+        # and ``values`` are the same [blocks, groups, ...] views over it either way.
+        total = num_blocks + scratch
+        shape = (groups, total, block_size, head_dim) if group_major else (total, groups, block_size, head_dim)
+        self._keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [t.transpose(0, 1) for t in self._keys] if group_major else self._keys
+        self.values = [t.transpose(0, 1) for t in self._values] if group_major else self._values
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.total_blocks = total
+        self.group_major = group_major
         self.scratch = num_blocks if scratch else None
 
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group-major cache's keys and values of ``layer`` as [1, groups, places, head_dim] (no copy)."""
+        k, v = self._keys[layer], self._values[layer]
+        return k.view(1, k.shape[0], -1, k.shape[-1]), v.view(1, v.shape[0], -1, v.shape[-1])
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self._keys + self._values)
 
 
 @dataclasses.dataclass
@@ -41,6 +54,7 @@ class PromptChunk:
     length: int
     first: int
     blocks: torch.Tensor | None  # the blocks holding positions 0 .. first + length (None when first == 0)
+    flex: object = None  # its ``flex_paged.PagedMask`` (a group-major cache's steps)
 
 
 @dataclasses.dataclass
@@ -74,6 +88,7 @@ class StepContext:
     rotary: object = None  # the step's rotary angles, made by its first layer for all (``attention.Rotary``)
     # ``write_blocks`` and ``write_offsets`` on the host, for the CPU kernel's store (planned with ``pairs=False``)
     host_writes: tuple[np.ndarray, np.ndarray] | None = None
+    flex: object = None  # the decode rows' ``flex_paged.PagedMask`` (a group-major cache's steps)
 
 
 # Read in place while the pool's used range is at most this many times the blocks the decodes read (plus a
@@ -107,11 +122,14 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
     if (pos // bs >= table_lengths[seg]).any() or (tables < 0).any() or (tables >= cache.num_blocks).any():
         raise ValueError("a segment's block table does not hold its positions")
     write_blocks, offsets = tables[table_starts[seg] + pos // bs], pos % bs  # new contiguous int64 arrays
+    flex = cache.group_major  # FlexAttention reads every token's keys from the pool (model/flex_paged.py)
     prompts = []
     for i in np.flatnonzero(lengths > 1).tolist():
         used = tables[table_starts[i]:table_starts[i] + -(-(first[i] + lengths[i]) // bs)]
         prompts.append(PromptChunk(int(starts[i]), int(lengths[i]), int(first[i]),
                                    torch.from_numpy(used).to(device) if first[i] else None))  # pragma: no mutate
+        if flex:
+            prompts[-1].flex = _flex_chunk(cache, used, int(first[i]), int(lengths[i]), device, window)
     step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),  # pragma: no mutate
                        torch.from_numpy(offsets).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
     if not pairs:
@@ -121,7 +139,11 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
         # contiguous int64 once per step: the kernel reads them by address in every layer
         step.tables, step.table_starts, step.lengths = (np.ascontiguousarray(x, dtype=np.int64) for x in (
             tables, table_starts[decodes], first[decodes] + 1))
-        if pairs:
+        if flex:
+            step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
+            step.flex = _flex_decodes(cache, tables, table_starts[decodes], table_lengths[decodes], first[decodes],
+                                      device, window)
+        elif pairs:
             _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device, window)
         else:
             step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
@@ -163,3 +185,33 @@ def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: i
     # added to the scores: -inf where a pair may not look (a block nobody decoding holds: everywhere)
     bias = torch.zeros(step.valid.shape, device=device)  # pragma: no mutate
     step.bias = bias.masked_fill_(~step.valid, float("-inf"))[:, None, None]
+
+
+def _flex_decodes(cache: PagedKVCache, tables, table_start, table_length, position, device, window):
+    """The decode rows' mask for FlexAttention, rows padded to a power of two (the compiled shapes)."""
+    from triton_backend.model import flex_paged
+
+    n, rows = len(position), flex_paged.padded(len(position))
+    table = np.zeros((rows, int(table_length.max())), dtype=np.int64)
+    entry = np.arange(table_length.sum()) - np.repeat(np.cumsum(table_length) - table_length, table_length)
+    table[:n][np.arange(table.shape[1])[None, :] < table_length[:, None]] = tables[
+        np.repeat(table_start, table_length) + entry]
+    counts, pos = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    counts[:n], pos[:n] = table_length, position
+    table_t, counts_t, pos_t = (torch.from_numpy(x).to(device) for x in (table, counts, pos))  # pragma: no mutate
+    start, count = flex_paged.decode_spans(pos_t, counts_t, cache.block_size, window)
+    return flex_paged.PagedMask.build(table_t, start, count, counts_t, pos_t[:, None], cache.total_blocks,
+                                      cache.block_size, window, flex_paged.Q_TILE)
+
+
+def _flex_chunk(cache: PagedKVCache, table: np.ndarray, first: int, length: int, device, window):
+    """A prompt chunk's mask for FlexAttention, its queries padded to a power of two (the compiled shapes)."""
+    from triton_backend.model import flex_paged
+
+    padded_length = flex_paged.padded(length, flex_paged.MIN_CHUNK)
+    start, count = flex_paged.chunk_spans(first, length, padded_length, cache.block_size, window)
+    table_t, start_t, count_t = (torch.from_numpy(np.ascontiguousarray(x)).to(device)  # pragma: no mutate
+                                 for x in (table[None], start, count))
+    query_pos = first + torch.arange(padded_length, device=device)[None]  # pragma: no mutate
+    return flex_paged.PagedMask.build(table_t, start_t, count_t, torch.tensor([len(table)], device=device),
+                                      query_pos, cache.total_blocks, cache.block_size, window, flex_paged.Q_TILE)

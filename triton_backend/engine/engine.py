@@ -40,6 +40,7 @@ LOG = logging.getLogger(__name__)
 # CPU decode kernel a step of 8 decodes took about 1.4 ms on the ``long`` preset, and a 256-token chunk beside
 # them opened a gap of 4.2-4.5x that; 128 keeps it at 1.7-1.9x (tools/bench_cache.py --scenario chunked).
 CPU_PREFILL_TOKENS = 128
+CUDA_PREFILL_TOKENS = 2048  # PREFILL_TOKENS's default on CUDA
 
 
 @dataclasses.dataclass

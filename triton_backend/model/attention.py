@@ -9,8 +9,9 @@ attend causally to their own sequence.
 
 Decode tokens on CPU (float32) run a small C kernel of our own (``decode_kernel.py`` says why) that reads each
 row's blocks in place; elsewhere, and as the kernel's reference, the torch path below reads the pool's blocks as
-one view and gathers only the queries. Why not vLLM's or flash-attention's paged kernels: none runs on CPU, and
-this project's tests run there. A CUDA kernel can take the torch path's place behind the same ``StepContext``.
+one view and gathers only the queries. On CUDA every token reads its blocks in place through torch's
+FlexAttention (``flex_paged.py``, which says why it and not vLLM's, FlashInfer's or flash-attention's paged
+kernels), over a group-major pool; the CPU tests run that same path eagerly.
 
 Rotary position embeddings are applied here too (the model is built without its own rotary module): GPTModel
 would rotate every row by positions 0..s-1, but each cached row continues at its own position.
@@ -24,7 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from triton_backend.cache.kv_cache import PromptChunk, StepContext
 
-from . import decode_kernel, rotary_kernel
+from . import decode_kernel, flex_paged, rotary_kernel
 
 
 class Rotary:
@@ -148,6 +149,8 @@ class PagedAttention(MegatronModule):
             decode_kernel.store(keys, values, k, v, *step.host_writes)
         else:
             keys, values = self.store(step.cache, step.write_blocks, step.write_offsets, k, v)
+        if step.cache.group_major:
+            return self._flex(step, q)
         if step.decode_index is not None and not step.prompts:
             return self._decode(step, q, keys, values)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
@@ -155,6 +158,21 @@ class PagedAttention(MegatronModule):
             out[step.decode_index] = self._decode(step, q[step.decode_index], keys, values)
         for chunk in step.prompts:
             out[chunk.start:chunk.start + chunk.length] = self._prompt(chunk, q, k, v, keys, values)
+        return out
+
+    def _flex(self, step: StepContext, q):
+        """The step's attention through FlexAttention over the group-major pool (``flex_paged``): the decode rows
+        in one call, each prompt chunk in one, every token reading its blocks in place."""
+        keys, values = step.cache.flat(self.layer_index)
+        if step.decode_index is not None and not step.prompts:
+            return flex_paged.decode(q, keys, values, step.flex, self.softmax_scale)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        if step.decode_index is not None:
+            out[step.decode_index] = flex_paged.decode(q[step.decode_index], keys, values, step.flex,
+                                                       self.softmax_scale)
+        for chunk in step.prompts:
+            part = slice(chunk.start, chunk.start + chunk.length)
+            out[part] = flex_paged.chunk(q[part], keys, values, chunk.flex, self.softmax_scale)
         return out
 
     def _prompt(self, chunk: PromptChunk, q, k, v, keys, values):

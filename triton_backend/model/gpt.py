@@ -11,7 +11,7 @@ import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
 
-from . import decode_kernel, functional, moe
+from . import decode_kernel, flex_paged, functional, moe
 from .architecture import GPTArchitecture
 from .attention import PagedAttention, Rotary
 from .graphs import DecodeGraphs
@@ -204,7 +204,7 @@ class CachedGPT:
 
     def __init__(self, model, arch: GPTArchitecture, max_slots: int, max_len: int | None = None,
                  num_blocks: int | None = None, block_size: int = BLOCK_SIZE, fast: bool = True,
-                 graphs: str = "auto"):
+                 graphs: str = "auto", attention: str = "auto"):
         self.model = model.eval()
         self.arch = arch
         param = next(model.parameters())
@@ -221,23 +221,28 @@ class CachedGPT:
         # graphs: "auto" replays decode steps as CUDA graphs on CUDA (graphs.py), "eager" runs the same
         # static-shape steps without capture (the tests' way on CPU), "off" never; both need the fast path
         self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
-        static = fast and self.window is None and (graphs == "eager" or (graphs == "auto" and
-                                                                         param.device.type == "cuda"))
+        static = fast and (graphs == "eager" or (graphs == "auto" and param.device.type == "cuda"))
         if static and arch.num_experts and graphs == "auto":  # how many tokens each expert gets is read per step
             LOG.warning("no CUDA graphs for a mixture-of-experts model: its steps run eagerly")
             static = False
+        # attention: "flex" reads the pool through FlexAttention (flex_paged.py), the CUDA default and what static
+        # steps run; "torch" the CPU kernel where it applies, else the torch paths of attention.py ("auto": by device)
+        if attention not in ("auto", "flex", "torch"):
+            raise ValueError(f"attention must be 'auto', 'flex' or 'torch', got {attention!r}")
+        self.flex = attention == "flex" or static or (attention == "auto" and param.device.type == "cuda")
         self.attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
         # a pipeline stage (``build_model``): its own layers only; the first embeds, the last makes the logits
         self.first, self.last = model.pre_process, model.post_process
         self.cache = PagedKVCache(len(self.attention), num_blocks, block_size, groups, head_dim, param.dtype,
-                                  param.device, scratch=static)
+                                  param.device, scratch=static, group_major=self.flex)
         if not hasattr(model.decoder, "wanted_rows"):
             model.decoder.wanted_rows = None
             model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
         # decode attention by the CPU kernel where it applies and builds (decode_kernel.py), else torch's
-        self.kernel = decode_kernel.applies(self.cache.keys[0], arch.num_attention_heads // (groups * tp)) \
+        self.kernel = not self.flex and decode_kernel.applies(self.cache.keys[0], arch.num_attention_heads //
+                                                              (groups * tp)) \
             and decode_kernel.library() is not None and self.window is None
         if why is not None:
             LOG.warning("Megatron's own forward runs every step (%s)", why)
@@ -245,7 +250,40 @@ class CachedGPT:
         self.graphs = None
         if static:
             self.graphs = DecodeGraphs(self.fast, self.cache, max_slots, -(-self.max_len // block_size),
-                                       capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype)
+                                       capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype,
+                                       window=self.window)
+
+    def prepare_graphs(self, prefill_tokens: int = 2048) -> bool:
+        """Make every bucket of the static decode steps now (captured as CUDA graphs on CUDA), before the server is
+        ready, the ranks of the job agreeing on each bucket with one collective: all replay, or all run eagerly (a
+        rank replaying while another runs eagerly would issue other collectives, at TP > 1, and the job would
+        hang). Every rank calls it, with or without static steps of its own. Returns whether they are on. On CUDA the
+        prompt chunks' attention is compiled first, for chunks of up to ``prefill_tokens``."""
+        import torch.distributed as dist
+
+        if self.flex and self.device.type == "cuda":  # the prompt chunks' attention compiles now, not under traffic
+            flex_paged.warm_up(self.cache, self.arch.num_attention_heads // self.tp, prefill_tokens, self.window)
+        joint = dist.is_initialized() and dist.get_world_size() > 1
+
+        def agree(ok: bool) -> bool:
+            if not joint:
+                return ok
+            flag = torch.tensor([int(ok)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if ok and not flag.item():
+                LOG.warning("another rank could not capture a decode step: every rank runs decode steps eagerly")
+            return bool(flag.item())
+
+        if self.graphs is None:  # nothing to capture here: votes yes in as many rounds as the others have buckets
+            for _ in DecodeGraphs.bucket_sizes(self.max_slots) if joint else ():
+                if not agree(True):
+                    break
+            return False
+        ok = self.graphs.capture_all(agree)
+        if not ok:
+            LOG.warning("static decode steps are off, every step runs eagerly")
+            self.graphs = None
+        return ok
 
     def expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer of this stage (``moe.expert_tokens``)."""
