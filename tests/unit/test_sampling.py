@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from preprocessing.params import SamplingParams
-from triton_backend.engine import sampling_kernel
+from triton_backend.engine import sampling, sampling_kernel
 from triton_backend.engine.sampling import RowSampler, _apply_penalties, alternatives, model_log_probs, sample
 
 VOCAB = 50
@@ -415,3 +415,48 @@ def test_log_probs_hold_for_rows_of_very_different_scales():
     tokens, logprobs = sample(x, [row(temperature=0.0), row(seed=1, temperature=0.9)], VOCAB)
     expected = torch.log_softmax(x[:, :VOCAB].double(), 1)[torch.arange(2), torch.tensor(tokens)]
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_a_rows_penalty_state_lives_on_the_device_and_grows_with_each_token():
+    """The penalties read each row's ``TokenCounts``: made once (the prompt uploaded once), then each accepted token
+    scattered in; the same tensors all along, and the logits as the definition gives them at every step."""
+    r = row(prompt=(1, 2, 3), repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    x = logits(1, seed=5)[:, :VOCAB]
+    made = None
+    for token in (7, 7, 9, 1, 7):
+        got = x.clone()
+        _apply_penalties(got, [r])
+        state = r.counts
+        made = made or (state.seen, state.counts)
+        assert state.seen is made[0] and state.counts is made[1]  # brought up to date, never rebuilt
+        seen = set(r.prompt) | set(r.generated)
+        assert sorted(state.seen.ids.tolist()) == sorted(seen) and state.seen.size == len(seen)
+        assert sorted(state.generated.ids.tolist()) == sorted(set(r.generated))
+        assert state.counts.tolist() == [float(r.generated.count(t)) for t in range(VOCAB)]
+        want = x.clone()
+        for t in seen:
+            value = float(x[0, t])
+            want[0, t] = value / 1.3 if value > 0 else value * 1.3
+        for t in set(r.generated):
+            want[0, t] -= 0.5 + 0.25 * r.generated.count(t)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        r.accept(token)
+    r.generated = [4]  # a new history (a test's, or a sequence read again) is taken whole
+    _apply_penalties(x.clone(), [r])
+    assert r.counts.seen is not made[0] and r.counts.counts.nonzero()[:, 0].tolist() == [4]
+
+
+def test_distinct_ids_grow_past_their_buffer_and_keep_each_id_once():
+    ids = sampling.DistinctIds("cpu")
+    ids.add([5, 5, 9])
+    ids.add(list(range(100)))  # past the first buffer of 64
+    assert ids.ids.tolist() == [5, 9] + [t for t in range(100) if t not in (5, 9)] and len(ids.buffer) >= 100
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_draw_past_the_whole_mass_takes_the_last_token_with_any(wait):
+    """Both ways (the host's look on CPU, the extra pass on CUDA) give the last token with mass."""
+    cdf = torch.tensor([[0.2, 0.7, 0.7, 0.7], [0.5, 1.0, 1.0, 1.0]])
+    total = cdf[:, -1:]
+    pick = torch.tensor([4, 1])  # row 0's draw went past the end
+    assert sampling._within(pick.clone(), cdf, total, wait).tolist() == [1, 1]

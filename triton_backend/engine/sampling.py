@@ -33,6 +33,7 @@ class RowSampler:
         self.prompt = prompt
         self.generated: list[int] = []
         self._draw: float | None = None  # this token's uniform number, once drawn
+        self.counts = TokenCounts()  # its tokens on the device, for the penalties
 
     def uniform(self) -> float:
         """This token's uniform number: drawn once, so a step sampled again (see ``Engine._advance``) draws the
@@ -59,17 +60,86 @@ class RowSampler:
         return tuple((self.prompt[-short:] if short > 0 else []) + self.generated[-n:])
 
 
+class DistinctIds:
+    """Distinct token ids, in a device buffer that doubles as it fills; the host keeps the set that tells a new id
+    (the engine holds every token on the host anyway, so telling costs no read back)."""
+
+    def __init__(self, device):
+        self.known: set[int] = set()
+        self.buffer = torch.empty(64, dtype=torch.long, device=device)
+        self.size = 0
+
+    def add(self, tokens: list[int]) -> None:
+        new = [t for t in dict.fromkeys(tokens) if t not in self.known]
+        if not new:
+            return
+        self.known.update(new)
+        size = self.size + len(new)
+        if size > len(self.buffer):
+            grown = self.buffer.new_empty(max(2 * len(self.buffer), size))
+            grown[:self.size] = self.buffer[:self.size]
+            self.buffer = grown
+        self.buffer[self.size:size] = torch.tensor(new, dtype=torch.long, device=self.buffer.device)
+        self.size = size
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.buffer[:self.size]
+
+
+class TokenCounts:
+    """A row's tokens on the logits' device, for the penalties: the distinct ids of its prompt and output
+    (``seen``, repetition), and of its output with how often each came (``generated`` and ``counts``, presence
+    and frequency). Made on the row's first penalised step with one upload of its tokens, then brought up to date
+    with the tokens accepted since, where the token set was once rebuilt in Python, and uploaded whole, at every
+    step. Kept sparse (ids, not a mask over the vocabulary): on CPU, passes over a 128k-id mask cost more per
+    step than the old sets at short histories."""
+
+    def __init__(self):
+        self.seen: DistinctIds | None = None
+        self.generated: DistinctIds | None = None
+        self.counts: torch.Tensor | None = None  # [vocab] float32
+        self._source: list[int] | None = None  # the generated list they follow, and how much of it they hold
+        self._held = 0
+
+    def update(self, row: RowSampler, vocab: int, device) -> TokenCounts:
+        p = row.params
+        if row.generated is not self._source or len(row.generated) < self._held:  # first use, or a new history
+            self._source, self._held = row.generated, 0
+            self.seen = self.generated = self.counts = None
+            if p.repetition_penalty != 1.0:
+                self.seen = DistinctIds(device)
+                self.seen.add(row.prompt)
+            if p.presence_penalty or p.frequency_penalty:
+                self.generated = DistinctIds(device)
+                self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        new = row.generated[self._held:]
+        if new:
+            if self.seen is not None:
+                self.seen.add(new)
+            if self.generated is not None:
+                self.generated.add(new)
+                self.counts.index_put_((torch.tensor(new, dtype=torch.long, device=device),),
+                                       torch.ones(len(new), device=device), accumulate=True)
+            self._held = len(row.generated)
+        return self
+
+
 def _apply_penalties(logits: torch.Tensor, rows: list[RowSampler]) -> None:
-    """Repetition penalty over prompt + generated tokens; presence/frequency over generated tokens only."""
+    """Repetition penalty over prompt + generated tokens; presence/frequency over generated tokens only; from
+    each row's ``TokenCounts``, on the logits' device."""
     for i, row in enumerate(rows):
         p = row.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=logits.device)
-            values = logits[i, seen]
-            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and row.generated:
-            ids, counts = torch.tensor(row.generated, device=logits.device).unique(return_counts=True)
-            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+        if p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty):
+            continue
+        state = row.counts.update(row, logits.shape[1], logits.device)
+        if state.seen is not None:
+            ids = state.seen.ids
+            values = logits[i, ids]
+            logits[i, ids] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if state.generated is not None and state.generated.size:
+            ids = state.generated.ids
+            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * state.counts[ids]
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampler], vocab_size: int,
@@ -210,8 +280,17 @@ def _draw_plain(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     total = cdf[:, -1:]
     # right=True: the first token whose cumulative mass exceeds the draw, so never a zero-probability one.
     pick = torch.searchsorted(cdf, uniform * total, right=True)[:, 0]
-    beyond = pick >= cdf.shape[1]  # the draw rounded up to the whole mass: the last token with any mass
-    if bool(beyond.any()):  # rare: one sync, and no extra pass over the vocabulary on every step
+    return _within(pick, cdf, total, wait=logits.device.type == "cpu")
+
+
+def _within(pick: torch.Tensor, cdf: torch.Tensor, total: torch.Tensor, wait: bool) -> torch.Tensor:
+    """``pick`` where a draw rounded up to the whole mass found no token (past the vocabulary): the last token
+    with any mass instead. ``wait``: look on the host first whether any did (rare; on CPU a look costs nothing,
+    and spares a pass over the vocabulary); else one more pass, with no wait on the device (CUDA)."""
+    beyond = pick >= cdf.shape[1]
+    if not wait:
+        return torch.where(beyond, (cdf < total).sum(dim=1), pick)
+    if bool(beyond.any()):
         pick[beyond] = (cdf[beyond] < total[beyond]).sum(dim=1)
     return pick
 
