@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         num_blocks = min(num_blocks, int(torch.cuda.mem_get_info()[0] * 0.75 // (per_token * block)))
     gpt = CachedGPT(model, arch, max_slots=max(a.rows), max_len=longest, num_blocks=num_blocks,
                     graphs="auto" if a.device == "cuda" else "eager")
-    gpt.prepare_graphs()
+    gpt.prepare()
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     peak = a.bandwidth_gbs * 1e9 if a.bandwidth_gbs else bandwidth(name)
     weights = weight_bytes(model)

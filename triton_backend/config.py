@@ -50,8 +50,10 @@ class ServerConfig:
     compile: int = 1  # 1: steps run the fast functional forward over the weights (model/functional.py); 0:
     # Megatron's own modules run every step (the reference; torch.compile itself does not pay on CPU, see
     # docs/measured.md)
-    cuda_graphs: int = 1  # 1: on CUDA, decode steps replay CUDA graphs captured per bucket of rows and blocks
-    # (model/graphs.py); 0: they run eagerly. Needs COMPILE=1; nothing changes on CPU
+    cuda_graphs: int = 1  # 1: on CUDA, decode steps replay CUDA graphs, one per bucket of rows, captured at start
+    # (model/graphs.py); 0: they run eagerly. Needs COMPILE=1 and ATTENTION flex; nothing changes on CPU
+    attention: str = "auto"  # flex: FlexAttention over the cache in place (model/flex_paged.py); torch: the CPU
+    # kernel where it applies, else torch operations (no CUDA graphs); auto: flex on CUDA, torch on CPU
     prefill_tokens: int = 0  # prompt tokens per engine step, longer prompts run in chunks; 0: 128 CPU, 2048 CUDA
     max_queue: int = 1024  # waiting sequences beyond which requests are refused
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to grow a batch
@@ -110,6 +112,8 @@ class ServerConfig:
                      "collective_timeout_s", "load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
+        if self.attention not in ("auto", "flex", "torch"):
+            raise ValueError(f"ATTENTION must be auto, flex or torch, got {self.attention!r}")
         for name in ("prefix_caching", "compile", "cuda_graphs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{_variable(name)} must be 0 or 1, got {getattr(self, name)}")

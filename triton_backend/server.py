@@ -65,7 +65,7 @@ def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     # the fast path's packed weights are made after the cache: their memory is not there to take
     packing = functional.packed_bytes(model) if cfg.compile and functional.supported(model) is None else 0
     budget = kv_budget(cfg, packing)
-    if cfg.device == "cuda" and cfg.cuda_graphs and not cfg.kv_cache_mb:  # the graphs' memory is not the cache's
+    if cfg.device == "cuda" and cfg.cuda_graphs and cfg.attention != "torch" and not cfg.kv_cache_mb:  # the graphs' memory is not the cache's
         wanted = cfg.max_slots * -(-max_len // block)
         reserve = graphs_reserve(arch, cfg.max_slots, cfg.tensor_parallel, DTYPES[cfg.dtype], wanted)
         LOG.info("CUDA graphs: %.1f MiB kept out of the KV cache's budget", reserve / 2**20)
@@ -79,9 +79,9 @@ def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
              "most (MAX_SLOTS)", blocks, block, blocks * block // max_len, max_len,
              blocks * block * per_token / 2**20, cfg.max_slots)
     gpt = CachedGPT(model, arch, max_slots=cfg.max_slots, num_blocks=blocks, fast=bool(cfg.compile),
-                    graphs=graphs or ("auto" if cfg.cuda_graphs else "off"))
+                    graphs=graphs or ("auto" if cfg.cuda_graphs else "off"), attention=cfg.attention)
     # every rank, before rank 0 serves: captured now, or off on all
-    gpt.prepare_graphs(cfg.prefill_tokens or (CUDA_PREFILL_TOKENS if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
+    gpt.prepare(cfg.prefill_tokens or (CUDA_PREFILL_TOKENS if cfg.device == "cuda" else CPU_PREFILL_TOKENS))
     return gpt
 
 

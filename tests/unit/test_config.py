@@ -24,6 +24,8 @@ def test_variables_are_read_and_bad_values_named():
     assert ServerConfig.from_env({"COMPILE": "0", "DEVICE": "cpu"}).compile == 0
     with pytest.raises(ValueError, match="CUDA_GRAPHS must be 0 or 1, got -1"):
         ServerConfig.from_env({"CUDA_GRAPHS": "-1", "DEVICE": "cpu"})
+    with pytest.raises(ValueError, match="ATTENTION must be auto, flex or torch, got 'paged'"):
+        ServerConfig.from_env({"ATTENTION": "paged", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="MAX_SLOTS must be at least 1"):
         ServerConfig.from_env({"MAX_SLOTS": "0", "DEVICE": "cpu"})
     with pytest.raises(ValueError, match="TP must be at least 1"):

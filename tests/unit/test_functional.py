@@ -222,6 +222,26 @@ def test_static_decode_steps_generate_what_the_eager_path_does(arch_and_model, p
         assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
 
 
+def test_attention_is_chosen_by_device_or_by_name():
+    """``attention``: "torch" (the CPU default) keeps the blocks-major cache and its kernels and has no static steps;
+    "flex" (the CUDA default) reads a group-major cache through FlexAttention, with or without static steps; the
+    same greedy tokens either way."""
+    model = context_model(ROTARY_ARCH)
+    auto = CachedGPT(model, ROTARY_ARCH, max_slots=4, block_size=4, graphs="off")
+    torch_only = CachedGPT(model, ROTARY_ARCH, max_slots=4, block_size=4, graphs="eager", attention="torch")
+    flex = CachedGPT(model, ROTARY_ARCH, max_slots=4, block_size=4, graphs="off", attention="flex")
+    assert not auto.flex and not auto.cache.group_major and auto.graphs is None
+    assert not torch_only.flex and torch_only.graphs is None  # static steps need FlexAttention
+    assert flex.flex and flex.cache.group_major and flex.graphs is None and not flex.kernel
+    want = greedy(auto, ROTARY_ARCH, PROMPTS, prefill_tokens=5)
+    for gpt in (torch_only, flex):
+        for (tokens, logprobs, _), (want_tokens, want_logprobs, _) in zip(
+                greedy(gpt, ROTARY_ARCH, PROMPTS, prefill_tokens=5), want):
+            assert tokens == want_tokens and logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    with pytest.raises(ValueError, match="attention must be 'auto', 'flex' or 'torch', got 'paged'"):
+        CachedGPT(model, ROTARY_ARCH, max_slots=4, block_size=4, attention="paged")
+
+
 def test_a_failing_static_step_falls_back_to_the_eager_path_with_one_log_line(caplog):
     model = context_model(ARCH)
     gpt = CachedGPT(model, ARCH, max_slots=4, block_size=4, graphs="eager")

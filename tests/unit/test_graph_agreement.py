@@ -1,4 +1,4 @@
-"""The ranks of a job agree on the static decode steps at start (``CachedGPT.prepare_graphs``): every bucket is
+"""The ranks of a job agree on the static decode steps at start (``CachedGPT.prepare``): every bucket is
 made before the server is ready, and when one rank cannot capture one, every rank stops at that bucket and runs
 decode steps eagerly; a rank without static steps of its own still votes. Two gloo ranks of a TP=2 job."""
 
@@ -32,7 +32,7 @@ def prepare(failing_rank: int | None, failing_bucket: int | None, without_graphs
         graphs._make = failing
     if rank == without_graphs:
         gpt.graphs = None
-    on = gpt.prepare_graphs()
+    on = gpt.prepare()
     return on, gpt.graphs is None, sorted(graphs.buckets)
 
 

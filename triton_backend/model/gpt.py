@@ -221,7 +221,8 @@ class CachedGPT:
         # graphs: "auto" replays decode steps as CUDA graphs on CUDA (graphs.py), "eager" runs the same
         # static-shape steps without capture (the tests' way on CPU), "off" never; both need the fast path
         self.window = arch.attention_window  # sliding-window attention: the torch decode path masks by position
-        static = fast and (graphs == "eager" or (graphs == "auto" and param.device.type == "cuda"))
+        static = fast and (graphs == "eager" or (graphs == "auto" and param.device.type == "cuda")) \
+            and attention != "torch"  # the static steps read the cache through FlexAttention
         if static and arch.num_experts and graphs == "auto":  # how many tokens each expert gets is read per step
             LOG.warning("no CUDA graphs for a mixture-of-experts model: its steps run eagerly")
             static = False
@@ -253,12 +254,12 @@ class CachedGPT:
                                        capture=graphs == "auto", hidden_size=arch.hidden_size, dtype=param.dtype,
                                        window=self.window)
 
-    def prepare_graphs(self, prefill_tokens: int = 2048) -> bool:
-        """Make every bucket of the static decode steps now (captured as CUDA graphs on CUDA), before the server is
-        ready, the ranks of the job agreeing on each bucket with one collective: all replay, or all run eagerly (a
-        rank replaying while another runs eagerly would issue other collectives, at TP > 1, and the job would
-        hang). Every rank calls it, with or without static steps of its own. Returns whether they are on. On CUDA the
-        prompt chunks' attention is compiled first, for chunks of up to ``prefill_tokens``."""
+    def prepare(self, prefill_tokens: int = 2048) -> bool:
+        """What the steps need made before the server is ready. On CUDA, FlexAttention compiled for prompt chunks of
+        up to ``prefill_tokens``. Then every bucket of the static decode steps (captured as CUDA graphs on CUDA),
+        the ranks of the job agreeing on each bucket with one collective: all replay, or all run eagerly (a rank
+        replaying while another runs eagerly would issue other collectives, at TP > 1, and the job would hang).
+        Every rank calls it, with or without static steps of its own. Returns whether they are on."""
         import torch.distributed as dist
 
         if self.flex and self.device.type == "cuda":  # the prompt chunks' attention compiles now, not under traffic

@@ -154,7 +154,7 @@ class DecodeGraphs:
 
     def capture_all(self, agree=lambda ok: ok) -> bool:
         """Make every bucket now (captured on CUDA), at start, so that no capture happens under traffic; after each
-        bucket ``agree(ok)`` gives the job's verdict (``CachedGPT.prepare_graphs``: every rank's, in one
+        bucket ``agree(ok)`` gives the job's verdict (``CachedGPT.prepare``: every rank's, in one
         collective), so that the ranks stop together, before any of them runs another bucket's warm-up, whose
         collectives a stopped rank would never join. Returns whether every bucket was made on every rank."""
         for rows in self.sizes():
