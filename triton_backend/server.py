@@ -65,9 +65,11 @@ def load_gpt(cfg: ServerConfig, graphs: str | None = None) -> CachedGPT:
     # the fast path's packed weights are made after the cache: their memory is not there to take
     packing = functional.packed_bytes(model) if cfg.compile and functional.supported(model) is None else 0
     budget = kv_budget(cfg, packing)
-    if cfg.device == "cuda" and cfg.cuda_graphs and cfg.attention != "torch" and not cfg.kv_cache_mb:  # the graphs' memory is not the cache's
-        wanted = cfg.max_slots * -(-max_len // block)
-        reserve = graphs_reserve(arch, cfg.max_slots, cfg.tensor_parallel, DTYPES[cfg.dtype], wanted)
+    # the graphs' memory is not the cache's
+    if cfg.device == "cuda" and cfg.cuda_graphs and cfg.attention != "torch" and not cfg.kv_cache_mb:
+        context = -(-max_len // block)
+        reserve = graphs_reserve(arch, cfg.max_slots, cfg.tensor_parallel, DTYPES[cfg.dtype], cfg.max_slots * context,
+                                 context)
         LOG.info("CUDA graphs: %.1f MiB kept out of the KV cache's budget", reserve / 2**20)
         budget = max(0, budget - reserve)
     blocks = fit_blocks(cfg.max_slots, max_len, block, per_token, budget)

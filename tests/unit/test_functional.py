@@ -203,6 +203,20 @@ def test_static_inputs_pad_rows_and_tables_with_the_scratch_block():
     assert [graphs.bucket(n) for n in (0, 1, 2, 3, 4, 5, 64, 65)] == [1, 1, 2, 4, 4, 8, 64, 128]
 
 
+def test_the_graphs_memory_kept_from_the_cache_follows_rows_and_blocks_not_copies_of_the_context():
+    """``reserve_bytes`` at Llama-3-8B's shape, 64 rows of 8k tokens (16,384 blocks), TP=1, bfloat16: at least its
+    largest step's logits, twice, and far below one gathered copy of those rows' keys in one layer (1 GiB, which
+    the static step once made); a four times longer context adds only the mask tables (int32 per block)."""
+    llama8b = dataclasses.replace(ROTARY_ARCH, hidden_size=4096, ffn_hidden_size=14336, padded_vocab_size=128256)
+    at_8k = graphs.reserve_bytes(llama8b, 64, 1, torch.bfloat16, 64 * 256, 256)
+    one_copy = 64 * 8192 * 8 * 128 * 2
+    assert 2 * 64 * 128256 * 6 < at_8k < one_copy / 4
+    at_32k = graphs.reserve_bytes(llama8b, 64, 1, torch.bfloat16, 64 * 1024, 1024)
+    masks = 2 * 127 * (2 * 4 * 64 * 768 + 8 * 768)  # 127 rows over the buckets 1 .. 64, twice
+    assert at_32k - at_8k == masks
+    assert graphs.reserve_bytes(llama8b, 64, 2, torch.bfloat16, 64 * 256, 256) < at_8k  # TP shares activations
+
+
 @pytest.mark.parametrize("prefill_tokens", [256, 5])
 def test_static_decode_steps_generate_what_the_eager_path_does(arch_and_model, prefill_tokens):
     """The decode steps CUDA graphs replay, run without capture: padded rows, FlexAttention over each row's blocks in

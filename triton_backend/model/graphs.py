@@ -39,18 +39,19 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def reserve_bytes(arch, max_rows: int, tensor_parallel: int, dtype: torch.dtype, blocks: int) -> int:
+def reserve_bytes(arch, max_rows: int, tensor_parallel: int, dtype: torch.dtype, blocks: int,
+                  context_blocks: int) -> int:
     """Memory the static decode steps take beside the KV cache, which the cache's budget leaves free (an estimate
-    with room to spare: twice what its parts add up to). Every bucket's inputs and mask (the mask's tables are
-    [rows, blocks] each); the graphs' shared pool holds one step's activations at the largest bucket: a layer's
-    (the pool reuses them layer after layer) and the logits. It does not grow with the context: the attention
-    reads the cache in place."""
+    with room to spare: twice what its parts add up to). Every bucket's inputs (tables of ``context_blocks`` per
+    row) and mask (two int32 tables of the cache's ``blocks`` per row); the graphs' shared pool holds one step's
+    activations at the largest bucket: a layer's (the pool reuses them layer after layer) and the logits. No
+    copy of the keys: the attention reads the cache in place."""
     rows = bucket(max_rows)
     element = torch.empty((), dtype=dtype).element_size()
     per_row = (8 * arch.hidden_size + 3 * max(arch.ffn_hidden_size, arch.moe_ffn_hidden_size or 0)) \
         * element // tensor_parallel + arch.padded_vocab_size // tensor_parallel * (element + 4)
-    masks = sum(2 * r * (blocks + 1) * 4 + r * (blocks + 8) * 8 for r in DecodeGraphs.bucket_sizes(rows))
-    return 2 * (rows * per_row + masks)
+    per_bucket_row = 2 * (blocks + 1) * 4 + (context_blocks + 6) * 8
+    return 2 * (rows * per_row + sum(DecodeGraphs.bucket_sizes(rows)) * per_bucket_row)
 
 
 @dataclasses.dataclass
