@@ -175,25 +175,25 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Bloc
     return kernel(q.device.type, q.shape[2] == 1)(q, keys, values, mask, scale, keys.shape[1] != q.shape[1])
 
 
+def _padded_to(q: torch.Tensor, n: int) -> torch.Tensor:
+    """``q`` [m, heads, d] with zero rows up to ``n`` (the mask's compiled shape)."""
+    return q if len(q) == n else torch.cat([q, q.new_zeros(n - len(q), *q.shape[1:])])
+
+
 def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: PagedMask,
            scale: float | None) -> torch.Tensor:
     """Decode rows ``q`` [n, heads, d] (the mask's rows may be more: padding) -> [n, heads * d]."""
-    n, h, d = q.shape
-    rows = mask.kv_counts.shape[0]
-    if rows != n:
-        q = torch.cat([q, q.new_zeros(rows - n, h, d)])
-    return attend(q[:, :, None], keys, values, mask.mask, scale)[:n, :, 0].reshape(n, h * d)
+    n = len(q)
+    out = attend(_padded_to(q, mask.kv_counts.shape[0])[:, :, None], keys, values, mask.mask, scale)
+    return out[:n, :, 0].reshape(n, -1)
 
 
 def chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: PagedMask,
           scale: float | None) -> torch.Tensor:
     """A prompt chunk's queries ``q`` [L, heads, d] (padded to the mask's length) -> [L, heads * d]."""
-    length, h, d = q.shape
-    padded_length = mask.query_pos.shape[1]
-    if padded_length != length:
-        q = torch.cat([q, q.new_zeros(padded_length - length, h, d)])
-    out = attend(q.transpose(0, 1)[None], keys, values, mask.mask, scale)  # [1, heads, L, d]
-    return out[0, :, :length].transpose(0, 1).reshape(length, h * d)
+    length = len(q)
+    q = _padded_to(q, mask.query_pos.shape[1]).transpose(0, 1)[None]
+    return attend(q, keys, values, mask.mask, scale)[0, :, :length].transpose(0, 1).reshape(length, -1)
 
 
 def warm_up(cache, heads: int, longest: int, window: int | None = None) -> None:
