@@ -123,3 +123,15 @@ def test_compiled_as_on_cuda_it_matches_and_compiles_once_per_shape(cache, monke
             got = flex_paged.chunk(q, *cache32.flat(0), step.prompts[0].flex, None)
             torch.testing.assert_close(got, reference(cache32, q, table, list(range(first, first + n))), atol=1e-5,
                                        rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_a_tile_of_padding_only_reads_what_the_last_query_does(window):
+    """A chunk of 257 queries is padded to 512: its fourth tile holds no real query and reads the last one's
+    blocks, never a negative count."""
+    start, count = flex_paged.chunk_spans(0, 257, 512, 32, window)
+    last_block = 256 // 32
+    first_seen = [0, 0, 0, 0] if window is None else [0, (128 - 50) // 32, (256 - 50) // 32, (256 - 50) // 32]
+    assert start.tolist() == [first_seen]
+    assert count.tolist() == [[127 // 32 - first_seen[0] + 1, 255 // 32 - first_seen[1] + 1,
+                                last_block - first_seen[2] + 1, last_block - first_seen[3] + 1]]

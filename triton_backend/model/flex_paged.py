@@ -162,9 +162,9 @@ def chunk_spans(first: int, length: int, padded_length: int, block_size: int,
     """(start, count) [1, tiles]: the table entries each 128-query tile of a prompt chunk at positions ``first ..
     first + length - 1`` reads (padding queries past the chunk read what its last query reads)."""
     tiles = -(-padded_length // Q_TILE)
-    low = first + np.arange(tiles) * Q_TILE
-    high = np.minimum(low + Q_TILE, first + length) - 1
-    high = np.maximum(high, low.clip(max=first + length - 1))
+    last = first + length - 1
+    low = (first + np.arange(tiles) * Q_TILE).clip(max=last)  # a tile of padding only: as the last query
+    high = np.minimum(low + Q_TILE - 1, last)
     start = np.zeros(tiles, np.int64) if window is None else np.maximum(low - window, 0) // block_size
     return start[None], (high // block_size - start + 1)[None]
 
