@@ -4,9 +4,9 @@ On a GPU an eager decode step of a small model is launch overhead: a few hundred
 each launched from Python. A CUDA graph records the kernels of one step once and replays them with one call.
 A graph needs fixed shapes and fixed tensor addresses, so a decode-only step (every sequence advancing by one
 token) is padded to a bucket of rows (the next power of two); block tables are padded to the longest context's
-blocks. Every bucket is captured at start (``capture_all``, before the server is ready), all in one memory pool;
-steps with a prompt chunk, and steps past the largest bucket, run the eager path. The ranks of a job agree on
-each bucket's capture (``capture_all``): all replay, or all run eagerly.
+blocks. Every bucket is captured at start, before the server is ready, all in one memory pool, the ranks of a
+job agreeing on each (``capture_all``): all replay, or all run eagerly. Steps with a prompt chunk, and steps
+past the largest bucket, run the eager path.
 
 The static step is ``FunctionalGPT.run`` with FlexAttention over the pool (``flex_paged.py``): each row reads its
 own blocks in place through its table, whatever its length, so the graph's memory does not grow with the
