@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
-from triton_backend.model import flex_paged
+from triton_backend.model import flex_paged, graphs
 
 GROUPS, HEADS, D, BS, BLOCKS = 2, 4, 8, 4, 64
 
@@ -75,6 +75,23 @@ def test_a_long_chunk_spans_several_query_tiles(cache):
     torch.testing.assert_close(got, reference(cache, q, table[:48], list(range(40, 190))))
 
 
+def assert_lists_match_the_mask(mask, total_blocks: int) -> None:
+    """Each row's (and query tile's) listed blocks are exactly the blocks its mask function lets any of its queries
+    see, each once."""
+    seen = mask.mask.mask_mod
+    rows, _, tiles, _ = mask.kv_indices.shape
+    places = torch.arange(total_blocks * BS)
+    for r in range(rows):
+        for t in range(tiles):
+            queries = range(t * flex_paged.Q_TILE, min((t + 1) * flex_paged.Q_TILE, mask.query_pos.shape[1]))
+            visible = set()
+            for qi in queries:
+                got = seen(torch.tensor(r), torch.tensor(0), torch.tensor(qi), places)
+                visible |= set((places[got] // BS).tolist())
+            listed = mask.kv_indices[r, 0, t, :mask.kv_counts[r, 0, t]].tolist()
+            assert sorted(listed) == sorted(visible) and len(set(listed)) == len(listed), (r, t)
+
+
 @pytest.mark.parametrize("window", [None, 30])
 def test_the_block_lists_name_exactly_the_blocks_the_mask_lets_through(cache, window):
     """The compiled kernel reads only the listed blocks (the unfused reference reads them all): a block left off a
@@ -82,18 +99,33 @@ def test_the_block_lists_name_exactly_the_blocks_the_mask_lets_through(cache, wi
     rows = [([3, 7, 1], 9, 1), ([3, 7, 5, 2], 12, 1), (list(range(10, 60)), 37, 160)]
     _, step = step_of(cache, rows, window)
     for mask in (step.flex, step.prompts[0].flex):
-        seen = mask.mask.mask_mod
-        rows_, _, tiles, _ = mask.kv_indices.shape
-        places = torch.arange(cache.total_blocks * BS)
-        for r in range(rows_):
-            for t in range(tiles):
-                queries = range(t * flex_paged.Q_TILE, min((t + 1) * flex_paged.Q_TILE, mask.query_pos.shape[1]))
-                visible = set()
-                for qi in queries:
-                    got = seen(torch.tensor(r), torch.tensor(0), torch.tensor(qi), places)
-                    visible |= set((places[got] // BS).tolist())
-                listed = mask.kv_indices[r, 0, t, :mask.kv_counts[r, 0, t]].tolist()
-                assert sorted(listed) == sorted(visible) and len(set(listed)) == len(listed)
+        assert_lists_match_the_mask(mask, cache.total_blocks)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_a_buckets_mask_refilled_step_after_step_lists_and_attends_right(window):
+    """The CUDA graphs' way (``graphs.static_mask`` once per bucket, ``refill_mask`` in every step): after each
+    refill the lists match the mask function (the padding rows list nothing) and the attention matches SDPA."""
+    torch.manual_seed(1)
+    c = PagedKVCache(1, BLOCKS, BS, GROUPS, D, torch.float64, "cpu", scratch=True, group_major=True)
+    c.keys[0].copy_(torch.randn(c.keys[0].shape, dtype=torch.float64))
+    c.values[0].copy_(torch.randn(c.values[0].shape, dtype=torch.float64))
+    inputs = graphs.StaticInputs.empty(4, 6, c.scratch, "cpu")
+    mask = graphs.static_mask(c, inputs, window)
+    steps = ([([3, 7, 1], 9), ([3, 7, 5, 2], 12), ([9], 2), ([40, 41, 42, 43, 44, 45], 22)],
+             [([8, 2], 5), ([3, 7, 5, 2, 11], 16)])  # four rows, then two (and two padding rows)
+    for rows in steps:
+        tables = np.concatenate([t for t, _ in rows])
+        positions = np.array([p for _, p in rows])
+        inputs.fill(graphs.static_inputs(positions, tables, np.array([len(t) for t, _ in rows]), 4, 6, BS,
+                                         c.scratch))
+        graphs.refill_mask(mask, c, inputs, window)
+        assert_lists_match_the_mask(mask, c.total_blocks)
+        assert mask.kv_counts[len(rows):].sum() == 0
+        q = torch.randn(len(rows), HEADS, D, dtype=torch.float64)
+        got = flex_paged.decode(q, *c.flat(0), mask, None)
+        want = torch.cat([reference(c, q[i:i + 1], table, [p], window) for i, (table, p) in enumerate(rows)])
+        torch.testing.assert_close(got, want)
 
 
 def test_compiled_as_on_cuda_it_matches_and_compiles_once_per_shape(cache, monkeypatch):
