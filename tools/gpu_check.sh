@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: decode against the memory bandwidth (tools/gpu_decode.py, a Llama-3.2-1B-shaped model),
 # then TP=1 on CUDA with NCCL, the demo model and a ~350M random-init GPT in
-# bfloat16, tokens/s at batch 1 and 32 through the in-process engine (PyTriton does not install there): Megatron's
+# bfloat16, tokens/s at batch 1, 16 and 32 through the in-process engine (PyTriton does not install there): Megatron's
 # modules (COMPILE=0), the fast forward run eagerly (CUDA_GRAPHS=0) and replayed as CUDA graphs (the default).
 #
 # Here, before the device call (see the device tool's README for the pip download flags):
@@ -20,12 +20,12 @@ bench() {  # checkpoint, label: Megatron's modules, the fast forward eagerly, th
   for mode in "0 0" "1 0" "1 1"; do
     set -- "$1" "$2" ${mode}
     COMPILE=$3 CUDA_GRAPHS=$4 torchrun --standalone --nproc-per-node 1 -m tools.offline --checkpoint "$1" \
-      --tokenizer demo_model/tokenizer.model --bench --batch 1 32 --max-tokens 128 --prompt "The for statement" \
+      --tokenizer demo_model/tokenizer.model --bench --batch 1 16 32 --max-tokens 128 --prompt "The for statement" \
       2>"$out.$2.$3$4.log" | sed "s/^{/{\"model\": \"$2\", \"compile\": $3, \"cuda_graphs\": $4, /" | tee -a "$out"
   done
 }
 # first the attention's figures: decode step time against the bytes it must read (weights + live KV) at 1 and 64
-# sequences x 1k / 8k / 32k, as a fraction of the card's bandwidth; a prefill chunk; no host sync in a step
+# sequences x 1k / 8k / 32k, as a fraction of the card's bandwidth; a prefill chunk; waits on the device per decode step
 python3 tools/gpu_decode.py 2>"$out.decode.log" | tee -a "$out"
 bench demo_model/checkpoint demo
 torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt-350m --vocab 4096 \

@@ -145,11 +145,11 @@ class FailingOnce:
     def __getattr__(self, name):
         return getattr(self.gpt, name)
 
-    def forward(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return self.gpt.forward(*args, **kwargs)
+        return self.gpt.step(*args, **kwargs)
 
 
 def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(gpt, start_engine):
@@ -406,9 +406,9 @@ class SlowSteps:
     def __getattr__(self, name):
         return getattr(self.gpt, name)
 
-    def forward(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
         time.sleep(self.seconds)
-        return self.gpt.forward(*args, **kwargs)
+        return self.gpt.step(*args, **kwargs)
 
 
 def test_the_busy_time_sums_every_step(gpt, start_engine):
@@ -430,11 +430,11 @@ class RaisingOnce(FailingOnce):
         super().__init__(gpt, fail_on_call)
         self.error = error
 
-    def forward(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise self.error
-        return self.gpt.forward(*args, **kwargs)
+        return self.gpt.step(*args, **kwargs)
 
 
 @pytest.mark.parametrize("error, fatal", [

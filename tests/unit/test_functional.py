@@ -260,7 +260,7 @@ def test_a_failing_static_step_falls_back_to_the_eager_path_with_one_log_line(ca
     model = context_model(ARCH)
     gpt = CachedGPT(model, ARCH, max_slots=4, block_size=4, graphs="eager")
 
-    def broken(*_):
+    def broken(*_, **__):
         raise RuntimeError("capture failed")
 
     gpt.graphs.run = broken

@@ -21,7 +21,7 @@ def test_a_dry_run_times_each_case_against_the_bytes_it_must_read(capsys):
         assert abs(c["needed_gb"] * 1e9 - weights - c["rows"] * c["context"] * per_token) < 1e6
         assert c["step_ms"] > 0 and "fraction_of_bandwidth" in c and "step_over_ideal" in c
     assert prefill["prefill_tokens"] == 48 and prefill["prefill_tokens_per_s"] > 0
-    assert syncs == {"decode_step_syncs": "not checked (CPU)"}
+    assert syncs == {"device_waits_per_decode_step": "not checked (CPU)", "target": 1}
 
 
 def test_bandwidth_by_the_gpus_name():

@@ -178,9 +178,9 @@ class CountingSegments:
     def __getattr__(self, name):
         return getattr(self.gpt, name)
 
-    def forward(self, tokens, positions, last, lengths, *rest, **kwargs):
+    def step(self, tokens, positions, last, lengths, *rest, **kwargs):
         self.multi_token += int((lengths > 1).sum())
-        return self.gpt.forward(tokens, positions, last, lengths, *rest, **kwargs)
+        return self.gpt.step(tokens, positions, last, lengths, *rest, **kwargs)
 
 
 def test_preempted_sequences_read_again_in_small_chunks_count_as_prompt_chunks(model):

@@ -20,17 +20,17 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def forward(self, *step, host=None):
+    def step(self, *step, host=None):
         self.calls.append([t.clone() for t in step])
         return torch.zeros(len(step[2]), 8)
 
 
 STEPS = [  # packed: tokens, positions, indices of the tokens whose logits are wanted, tokens per sequence,
-    # the block tables one after another, and each table's length
-    (torch.tensor([5, 2**40, 7]), torch.tensor([0, 1, 2]), torch.tensor([2]), torch.tensor([3]), torch.tensor([3]),
-     torch.tensor([1])),
+    # each sequence's slot, table entries kept and table length, and the new entries one after another
+    (torch.tensor([5, 2**40, 7]), torch.tensor([0, 1, 2]), torch.tensor([2]), torch.tensor([3]), torch.tensor([0]),
+     torch.tensor([0]), torch.tensor([1]), torch.tensor([3])),
     (torch.tensor([9, 2**62, 4, 4]), torch.tensor([3, 250, 0, 1]), torch.tensor([0, 1, 3]), torch.tensor([1, 1, 2]),
-     torch.tensor([3, 0, 7, 2**50, 1]), torch.tensor([1, 3, 1])),
+     torch.tensor([0, 5, 2]), torch.tensor([1, 1, 0]), torch.tensor([1, 3, 1]), torch.tensor([0, 7, 2**50])),
 ]
 
 
@@ -41,7 +41,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     if rank == 0:
         leader = Leader(gpt)
         for step in STEPS:
-            leader.forward(*step)
+            leader.step(*step)
         leader.heartbeat()
         leader.shutdown()
     else:
@@ -65,4 +65,4 @@ def test_followers_run_the_same_int64_steps_and_stop_on_shutdown():
     for rank in range(3):
         calls, dtypes = results[rank]
         assert calls == expected, f"rank {rank}"
-        assert dtypes == ["torch.int64"] * 6  # ids beyond float32's exact range survive
+        assert dtypes == ["torch.int64"] * 8  # ids beyond float32's exact range survive

@@ -15,6 +15,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from triton_backend.transfer import upload
+
 
 class PagedKVCache:
     """Keys and values of every layer in ``num_blocks`` blocks of ``block_size`` tokens."""
@@ -97,7 +99,8 @@ SPAN_SLACK = 2
 
 
 def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_lengths,
-         pairs: bool = True, window: int | None = None, host_positions: np.ndarray | None = None) -> StepContext:
+         pairs: bool = True, window: int | None = None, host_positions: np.ndarray | None = None,
+         batch: tuple | None = None) -> StepContext:
     """The step for packed tokens at ``positions`` ([N]), in segments of ``lengths`` (one per sequence, in
     packed order); sequence i's block table is the next ``table_lengths[i]`` entries of ``tables``. A segment of
     one token is a decode (it may also be a one-token prompt); a longer one a prompt chunk. Raises
@@ -105,7 +108,9 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
     more than the attention it plans. ``pairs``: plan the decodes' (row, block) pairs for the torch attention
     (not needed where the CPU kernel reads the tables). ``window``: a decode sees only itself and the ``window``
     keys before it (sliding-window attention; the pairs then mask the older ones). ``host_positions``: the
-    positions as a numpy array (else they are read back from ``positions``' device)."""
+    positions as a numpy array (else they are read back from ``positions``' device). ``batch``: the
+    ``tables.BatchTables`` that holds these tables on the device and each sequence's slot in it, which
+    FlexAttention's masks are gathered from (else the tables are uploaded)."""
     bs, device = cache.block_size, positions.device
     pos = (positions.cpu().numpy() if host_positions is None else host_positions).astype(np.int64)
     lengths, tables, table_lengths = (np.asarray(x, dtype=np.int64).reshape(-1)
@@ -127,11 +132,12 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
     for i in np.flatnonzero(lengths > 1).tolist():
         used = tables[table_starts[i]:table_starts[i] + -(-(first[i] + lengths[i]) // bs)]
         prompts.append(PromptChunk(int(starts[i]), int(lengths[i]), int(first[i]),
-                                   torch.from_numpy(used).to(device) if first[i] else None))  # pragma: no mutate
+                                   upload(used, device) if first[i] else None))  # pragma: no mutate
         if flex:
-            prompts[-1].flex = _flex_chunk(cache, used, int(first[i]), int(lengths[i]), device, window)
-    step = StepContext(cache, positions[None], torch.from_numpy(write_blocks).to(device),  # pragma: no mutate
-                       torch.from_numpy(offsets).to(device), None, 0, None, None, None, prompts)  # pragma: no mutate
+            on_device = None if batch is None else batch[0].device[batch[1][i], :len(used)][None]
+            prompts[-1].flex = _flex_chunk(cache, used, int(first[i]), int(lengths[i]), device, window, on_device)
+    step = StepContext(cache, positions[None], upload(write_blocks, device),  # pragma: no mutate
+                       upload(offsets, device), None, 0, None, None, None, prompts)  # pragma: no mutate
     if not pairs:
         step.host_writes = (write_blocks, offsets)
     decodes = np.flatnonzero(lengths == 1)
@@ -140,13 +146,13 @@ def plan(cache: PagedKVCache, positions: torch.Tensor, lengths, tables, table_le
         step.tables, step.table_starts, step.lengths = (np.ascontiguousarray(x, dtype=np.int64) for x in (
             tables, table_starts[decodes], first[decodes] + 1))
         if flex:
-            step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
+            step.decode_index = upload(starts[decodes], device)  # pragma: no mutate
             step.flex = _flex_decodes(cache, tables, table_starts[decodes], table_lengths[decodes], first[decodes],
-                                      device, window)
+                                      device, window, None if batch is None else (batch[0], batch[1][decodes]))
         elif pairs:
             _plan_decodes(step, starts[decodes], first[decodes], table_starts[decodes], tables, bs, device, window)
         else:
-            step.decode_index = torch.from_numpy(starts[decodes]).to(device)  # pragma: no mutate
+            step.decode_index = upload(starts[decodes], device)  # pragma: no mutate
     return step
 
 
@@ -170,48 +176,58 @@ def _plan_decodes(step: StepContext, index, position, table_start, tables, bs: i
     rows[pair_block[primary]] = pair_row[primary]
     seen[pair_block[primary]] = pair_seen[primary]
     extra = ~primary
-    step.decode_index = torch.from_numpy(index).to(device)  # pragma: no mutate
+    step.decode_index = upload(index, device)  # pragma: no mutate
     step.span = span
-    step.pair_rows = torch.from_numpy(np.concatenate([rows, pair_row[extra]])).to(device)  # pragma: no mutate
-    step.extra_blocks = torch.from_numpy(pair_block[extra]).to(device) if extra.any() else None  # pragma: no mutate
-    seen_all = torch.from_numpy(np.concatenate([seen, pair_seen[extra]])).to(device)  # pragma: no mutate
+    step.pair_rows = upload(np.concatenate([rows, pair_row[extra]]), device)  # pragma: no mutate
+    step.extra_blocks = upload(pair_block[extra], device) if extra.any() else None  # pragma: no mutate
+    seen_all = upload(np.concatenate([seen, pair_seen[extra]]), device)  # pragma: no mutate
     step.valid = torch.arange(bs, device=device)[None, :] < seen_all[:, None]  # pragma: no mutate
     if window is not None:  # and not before the window: key position >= the row's position - window
         lowest = position[pair_row] - window - j * bs  # first place in the pair's block the row may see
-        lowest_all = torch.from_numpy(np.concatenate([np.zeros(span, dtype=np.int64), lowest[extra]])).to(device)
+        lowest_all = upload(np.concatenate([np.zeros(span, dtype=np.int64), lowest[extra]]), device)
         primary_rows = pair_block[primary]
-        lowest_all[torch.from_numpy(primary_rows).to(device)] = torch.from_numpy(lowest[primary]).to(device)
+        lowest_all[upload(primary_rows, device)] = upload(lowest[primary], device)
         step.valid &= torch.arange(bs, device=device)[None, :] >= lowest_all[:, None]
     # added to the scores: -inf where a pair may not look (a block nobody decoding holds: everywhere)
     bias = torch.zeros(step.valid.shape, device=device)  # pragma: no mutate
     step.bias = bias.masked_fill_(~step.valid, float("-inf"))[:, None, None]
 
 
-def _flex_decodes(cache: PagedKVCache, tables, table_start, table_length, position, device, window):
-    """The decode rows' mask for FlexAttention, rows padded to a power of two (the compiled shapes)."""
+def _flex_decodes(cache: PagedKVCache, tables, table_start, table_length, position, device, window, batch=None):
+    """The decode rows' mask for FlexAttention, rows padded to a power of two (the compiled shapes). ``batch``:
+    (``BatchTables``, the rows' slots), whose device copy the rows' tables are gathered from (padding rows take
+    slot 0's, which their count of 0 masks out)."""
     from triton_backend.model import flex_paged
 
     n, rows = len(position), flex_paged.padded(len(position))
-    table = np.zeros((rows, int(table_length.max())), dtype=np.int64)
-    entry = np.arange(table_length.sum()) - np.repeat(np.cumsum(table_length) - table_length, table_length)
-    table[:n][np.arange(table.shape[1])[None, :] < table_length[:, None]] = tables[
-        np.repeat(table_start, table_length) + entry]
-    counts, pos = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    width = int(table_length.max())
+    counts, pos, slots = np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros(rows, np.int64)
     counts[:n], pos[:n] = table_length, position
-    table_t, counts_t, pos_t = (torch.from_numpy(x).to(device) for x in (table, counts, pos))  # pragma: no mutate
+    if batch is None:
+        table = np.zeros((rows, width), dtype=np.int64)
+        entry = np.arange(table_length.sum()) - np.repeat(np.cumsum(table_length) - table_length, table_length)
+        table[:n][np.arange(width)[None, :] < table_length[:, None]] = tables[
+            np.repeat(table_start, table_length) + entry]
+    else:
+        slots[:n] = batch[1]
+    small = upload(np.stack([counts, pos, slots]), device)  # pragma: no mutate
+    counts_t, pos_t = small[0], small[1]
+    table_t = upload(table, device) if batch is None else batch[0].rows(small[2], width)
     start, count = flex_paged.decode_spans(pos_t, counts_t, cache.block_size, window)
     return flex_paged.PagedMask.build(table_t, start, count, counts_t, pos_t[:, None], cache.total_blocks,
                                       cache.block_size, window, flex_paged.Q_TILE)
 
 
-def _flex_chunk(cache: PagedKVCache, table: np.ndarray, first: int, length: int, device, window):
-    """A prompt chunk's mask for FlexAttention, its queries padded to a power of two (the compiled shapes)."""
+def _flex_chunk(cache: PagedKVCache, table: np.ndarray, first: int, length: int, device, window,
+                on_device: torch.Tensor | None = None):
+    """A prompt chunk's mask for FlexAttention, its queries padded to a power of two (the compiled shapes).
+    ``on_device``: the same table already on the device ([1, blocks])."""
     from triton_backend.model import flex_paged
 
     padded_length = flex_paged.padded(length, flex_paged.MIN_CHUNK)
     start, count = flex_paged.chunk_spans(first, length, padded_length, cache.block_size, window)
-    table_t, start_t, count_t = (torch.from_numpy(np.ascontiguousarray(x)).to(device)  # pragma: no mutate
-                                 for x in (table[None], start, count))
+    start_t, count_t = (upload(x, device) for x in (start, count))  # pragma: no mutate
+    table_t = upload(np.ascontiguousarray(table[None]), device) if on_device is None else on_device
     query_pos = first + torch.arange(padded_length, device=device)[None]  # pragma: no mutate
-    return flex_paged.PagedMask.build(table_t, start_t, count_t, torch.tensor([len(table)], device=device),
+    return flex_paged.PagedMask.build(table_t, start_t, count_t, upload(np.array([len(table)]), device),
                                       query_pos, cache.total_blocks, cache.block_size, window, flex_paged.Q_TILE)

@@ -25,6 +25,7 @@ import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
 from triton_backend.cache.blocks import BlockPool
+from triton_backend.transfer import upload
 
 from .generation import EngineBusy, Generation, new_generation, validate
 from .grammar import GUIDE_TYPE, Grammars, prefetch
@@ -143,6 +144,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[Sequence] = []  # in the order they were admitted
+        self._slots = list(range(self.max_slots - 1, -1, -1))  # rows of the ranks' block tables no sequence holds
         self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
         self._wake = threading.Condition()
         self._stopping = False
@@ -406,6 +408,7 @@ class Engine:
                 self.blocks.count_lookup(len(row.generation.prompt), row.computed)
             (self._preempted if resumed else self._waiting).popleft()
             row.group = group
+            row.slot, row.tabled = self._slots.pop(), 0
             self._running.append(row)  # counted as running from here on (load, drain)
             members.append(row)
             chunks.append(_Chunk(row, n, n == row.pending()))
@@ -458,7 +461,7 @@ class Engine:
         """Send ``row`` back to wait: its blocks go back (its full ones stay findable), its tokens are kept and
         read again when it resumes, its sampling state too."""
         row.release(self.blocks)
-        self._running.remove(row)
+        self._leave(row)
         self._preempted.appendleft(row)
         self.stats.preemptions += 1
 
@@ -472,7 +475,7 @@ class Engine:
         token of each sequence whose pending tokens it finishes, and the log-probs of the prompt positions being
         scored. In this process (no pipeline) the outputs are there at once; through a pipeline they are
         collected later (``_collect``)."""
-        tokens, positions, lengths, tables, table_lengths, last = [], [], [], [], [], []
+        tokens, positions, lengths, slots, keeps, table_lengths, entries, last = [], [], [], [], [], [], [], []
         scored: list[tuple[Sequence, Scored]] = []
         sampled: list[Sequence] = []
         for c in chunks:
@@ -481,8 +484,12 @@ class Engine:
             tokens += r.tokens(r.computed, r.computed + c.length)
             positions += range(r.computed, r.computed + c.length)
             lengths.append(c.length)
-            tables += r.blocks
+            # its block table as an edit of what the ranks hold (cache/tables.py): the blocks taken since
+            slots.append(r.slot)
+            keeps.append(r.tabled)
             table_lengths.append(len(r.blocks))
+            entries += r.blocks[r.tabled:]
+            r.tabled = len(r.blocks)
             if r.scoring():  # position q's logits give prompt token q + 1's log-prob
                 first = len(r.generation.prompt_logprobs)
                 count = min(r.computed + c.length, len(r.generation.prompt) - 1) - first
@@ -493,9 +500,11 @@ class Engine:
                 sampled.append(r)
                 last.append(len(tokens) - 1)
         device = self.gpt.device  # pragma: no mutate
-        arrays = [np.asarray(x, dtype=np.int64) for x in (tokens, positions, last, lengths, tables, table_lengths)]
-        step = [torch.from_numpy(x).to(device) for x in arrays]  # pragma: no mutate
-        host = (arrays[1], arrays[3], arrays[4], arrays[5])  # what the step plans from: no read back from the device
+        arrays = [np.asarray(x, dtype=np.int64)
+                  for x in (tokens, positions, last, lengths, slots, keeps, table_lengths, entries)]
+        whole = upload(np.concatenate(arrays), device)  # pragma: no mutate
+        step = list(whole.split([len(x) for x in arrays]))  # one upload
+        host = (arrays[1], arrays[3], *arrays[4:])  # what the step plans from: no read back from the device
         launched = _Launched(chunks, [r for r, _ in scored], sampled)
         for c in chunks:
             c.row.in_flight = True
@@ -505,7 +514,7 @@ class Engine:
                             self.vocab_size, host=host)
         else:
             prefetch([r.sampler.guide for r in sampled if r.sampler.guide is not None], self.vocab_size)
-            logits = self.gpt.forward(*step, host=host)
+            logits = self.gpt.step(*step, host=host)
             launched.outputs = compute(logits, [s for _, s in scored], [r.sampler for r in sampled], self.vocab_size)
         self._in_flight.append(launched)
         self._last_group = chunks[0].row.group
@@ -579,9 +588,15 @@ class Engine:
         g.finish_reason, g.error, g.finished_at = reason, error, time.monotonic()
         self._finish(g)
 
+    def _leave(self, row: Sequence) -> None:
+        """``row`` stops running: its slot is free for the next sequence admitted."""
+        self._running.remove(row)
+        self._slots.append(row.slot)
+        row.slot = -1
+
     def _free(self, row: Sequence) -> None:
         if row in self._running:
-            self._running.remove(row)
+            self._leave(row)
         if row in self._preempted:
             self._preempted.remove(row)
         row.release(self.blocks)

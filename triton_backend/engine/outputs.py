@@ -13,6 +13,7 @@ import logging
 import torch
 
 from preprocessing.params import InvalidRequest
+from triton_backend.transfer import upload
 
 from .grammar import prefetch
 from .sampling import RowSampler, alternatives, model_log_probs, sample
@@ -57,14 +58,14 @@ def compute(logits: torch.Tensor, scored: list[Scored], samplers: list[RowSample
     if scored:
         for s in scored:
             log_probs = model_log_probs(logits[s.at:s.at + s.count], vocab_size)
-            targets = torch.tensor(s.sampler.prompt[s.first + 1:s.first + 1 + s.count], device=log_probs.device)
+            targets = upload(torch.tensor(s.sampler.prompt[s.first + 1:s.first + 1 + s.count]), log_probs.device)
             top = s.sampler.params.top_log_probs
             scores.append((log_probs.gather(1, targets[:, None])[:, 0].tolist(),
                            alternatives(log_probs, [top] * s.count) if top else None))
         keep = torch.ones(logits.shape[0], dtype=torch.bool)
         for s in scored:
             keep[s.at:s.at + s.count] = False
-        logits = logits[keep.to(logits.device)]  # pragma: no mutate
+        logits = logits[upload(keep, logits.device)]  # pragma: no mutate
     out = StepOutputs(scores, [None] * len(samplers), [None] * len(samplers), [None] * len(samplers),
                       [None] * len(samplers))
     if not samplers:

@@ -13,6 +13,7 @@ import random
 import torch
 
 from preprocessing.params import InvalidRequest, SamplingParams
+from triton_backend.transfer import upload
 
 from . import sampling_kernel
 from .grammar import Guide, apply_guides
@@ -79,7 +80,7 @@ class DistinctIds:
             grown = self.buffer.new_empty(max(2 * len(self.buffer), size))
             grown[:self.size] = self.buffer[:self.size]
             self.buffer = grown
-        self.buffer[self.size:size] = torch.tensor(new, dtype=torch.long, device=self.buffer.device)
+        self.buffer[self.size:size] = upload(torch.tensor(new, dtype=torch.long), self.buffer.device)
         self.size = size
 
     @property
@@ -119,7 +120,7 @@ class TokenCounts:
                 self.seen.add(new)
             if self.generated is not None:
                 self.generated.add(new)
-                self.counts.index_put_((torch.tensor(new, dtype=torch.long, device=device),),
+                self.counts.index_put_((upload(torch.tensor(new, dtype=torch.long), device),),
                                        torch.ones(len(new), device=device), accumulate=True)
             self._held = len(row.generated)
         return self
@@ -213,7 +214,8 @@ def _choose(logits: torch.Tensor, rows: list[RowSampler], which: list[int], chos
         chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     for part, choose in ((greedy, _greedy), (plain, _draw_plain), (truncated, _draw)):
         if part:
-            chosen[part] = choose(logits[part], [rows[i] for i in part]).to(chosen.device)
+            index = upload(torch.tensor(part), logits.device)  # a list as an index would be copied, waiting
+            chosen[index] = choose(logits[index], [rows[i] for i in part]).to(chosen.device)
     return chosen
 
 
@@ -260,7 +262,7 @@ def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """One value per row, as a [rows, 1] column on ``like``'s device and in its dtype."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # pragma: no mutate
+    return upload(torch.tensor(values, dtype=like.dtype), like.device)[:, None]  # pragma: no mutate
 
 
 def _greedy(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:

@@ -21,6 +21,8 @@ class Sequence:
     group: int = 0  # the batch it runs in while several are in flight (pipeline stages)
     in_flight: bool = False  # a step that runs it was launched and its outputs are not back yet
     blocks: list[int] = dataclasses.field(default_factory=list)  # its block table
+    slot: int = -1  # its row of the ranks' block tables while it runs (``cache/tables.py``)
+    tabled: int = 0  # entries of its block table the ranks hold in that row
     computed: int = 0  # tokens (prompt, then generated) whose keys and values are in the cache
     published: int = 0  # full blocks made findable by their prefix (``BlockPool.publish``)
     last_key: bytes = b""  # the key of block ``published - 1``
@@ -83,4 +85,4 @@ class Sequence:
     def release(self, pool: BlockPool) -> None:
         """Give its blocks back (its full ones stay findable) and start again from nothing."""
         pool.release(self.blocks)
-        self.blocks, self.computed, self.published, self.last_key = [], 0, 0, b""
+        self.blocks, self.computed, self.published, self.last_key, self.tabled = [], 0, 0, b"", 0

@@ -52,7 +52,9 @@ class Rotary:
 
     def freqs(self, positions: torch.Tensor) -> torch.Tensor:
         """Megatron's angles for ``positions`` [b, s]: [s, b, 1, rot]."""
-        inv_freq = self.inv_freq.to(positions.device)  # pragma: no mutate
+        if self.inv_freq.device != positions.device:  # once: a copy at every step would wait for the device
+            self.inv_freq = self.inv_freq.to(positions.device)  # pragma: no mutate
+        inv_freq = self.inv_freq
         freqs = positions.t()[..., None].float() * inv_freq  # [s, b, rot / 2]
         if self.interleaved:  # each angle twice in a row, for channel pairs (0, 1), (2, 3), ... as Megatron lays it
             return torch.stack([freqs, freqs], dim=-1).flatten(-2)[:, :, None, :]

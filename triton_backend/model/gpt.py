@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from triton_backend.cache.kv_cache import PagedKVCache, plan
+from triton_backend.cache.tables import BatchTables
 
 from . import decode_kernel, flex_paged, functional, moe
 from .architecture import GPTArchitecture
@@ -241,6 +242,8 @@ class CachedGPT:
             model.decoder.register_forward_hook(_keep_wanted_rows)
         self.device = param.device
         self.tp = tp
+        # the running sequences' block tables, kept here between steps and changed by each step's edits (``step``)
+        self.tables = BatchTables(max_slots, -(-self.max_len // block_size), num_blocks, param.device)
         # decode attention by the CPU kernel where it applies and builds (decode_kernel.py), else torch's
         self.kernel = not self.flex and decode_kernel.applies(self.cache.keys[0], arch.num_attention_heads //
                                                               (groups * tp)) \
@@ -291,9 +294,24 @@ class CachedGPT:
         return moe.expert_tokens(self.model)
 
     @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
+             slots: torch.Tensor, keeps: torch.Tensor, table_lengths: torch.Tensor, entries: torch.Tensor,
+             hidden: torch.Tensor | None = None, host: tuple[np.ndarray, ...] | None = None):
+        """``forward`` with the block tables given as edits to the ones this rank keeps (``cache/tables.py``), the
+        way the engine and the ranks run steps: sequence i runs in slot ``slots[i]``, keeps the first ``keeps[i]``
+        entries of its table there and gets the next ``table_lengths[i] - keeps[i]`` of ``entries``. ``host``:
+        positions, lengths, slots, keeps, table lengths and entries as numpy arrays (else they are read back
+        from the device, in one transfer)."""
+        positions_h, lengths_h, slots_h, keeps_h, table_lengths_h, entries_h = host if host is not None else \
+            read_back(positions, lengths, slots, keeps, table_lengths, entries)
+        tables = self.tables.apply(slots_h, keeps_h, table_lengths_h, entries_h)
+        return self.forward(tokens, positions, last, lengths, None, table_lengths, hidden,
+                            host=(positions_h, lengths_h, tables, table_lengths_h), slots=slots_h)
+
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
-                tables: torch.Tensor, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None,
-                host: tuple[np.ndarray, ...] | None = None):
+                tables: torch.Tensor | None, table_lengths: torch.Tensor, hidden: torch.Tensor | None = None,
+                host: tuple[np.ndarray, ...] | None = None, slots: np.ndarray | None = None):
         """Logits (float32, [len(last), vocab]) at packed indices ``last`` after running the packed ``tokens``.
 
         ``tokens`` and ``positions`` are [N], in segments of ``lengths`` (one per sequence); segment i's block
@@ -302,22 +320,25 @@ class CachedGPT:
         a stage before the last returns its hidden states ([N, h], every token: the next stage's cache needs
         them all) instead of logits. ``host``: the same positions, lengths, tables and table lengths as numpy
         arrays, which the step plans from; without them they are read back from the device, in one transfer.
+        ``slots``: each sequence's slot in ``self.tables`` (``step``), whose device copy the attention's masks and
+        the static steps then gather from, instead of uploading the tables.
         """
         host_positions, lengths, tables, table_lengths = host if host is not None else read_back(
             positions, lengths, tables, table_lengths)
+        batch = None if slots is None else (self.tables, slots)
         if not (self.first and self.last):
             return self._stage_forward(tokens, positions, last, lengths, tables, table_lengths, hidden,
-                                       host_positions)
+                                       host_positions, batch)
         if self.graphs is not None and (lengths == 1).all():
             try:
-                logits = self.graphs.run(tokens, host_positions, tables, table_lengths, last)
+                logits = self.graphs.run(tokens, host_positions, tables, table_lengths, last, batch=batch)
             except Exception as err:  # never an outage: the eager path serves this step and every later one
                 LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
                 self.graphs, logits = None, None
             if logits is not None:
                 return gather_vocab(logits.float().contiguous(), self.tp)
         step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window,
-                    host_positions=host_positions)
+                    host_positions=host_positions, batch=batch)
         if self.fast is not None:
             return gather_vocab(self.fast.forward(tokens, positions, step, last).float().contiguous(), self.tp)
         for module in self.attention:
@@ -332,19 +353,20 @@ class CachedGPT:
         return gather_vocab(logits.float().contiguous(), self.tp)
 
 
-    def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden, host_positions):
+    def _stage_forward(self, tokens, positions, last, lengths, tables, table_lengths, hidden, host_positions,
+                       batch):
         """A pipeline stage's part of ``forward``: decode steps through its own static steps (graphs) when it has
         them, else eagerly."""
         if self.graphs is not None and (lengths == 1).all():
             try:
-                out = self.graphs.run(tokens, host_positions, tables, table_lengths, last, hidden)
+                out = self.graphs.run(tokens, host_positions, tables, table_lengths, last, hidden, batch)
             except Exception as err:  # never an outage: the eager path serves this step and every later one
                 LOG.warning("static decode steps are off, every step runs eagerly: %s: %s", type(err).__name__, err)
                 self.graphs, out = None, None
             if out is not None:
                 return gather_vocab(out.float().contiguous(), self.tp) if self.last else out
         step = plan(self.cache, positions, lengths, tables, table_lengths, pairs=not self.kernel, window=self.window,
-                    host_positions=host_positions)
+                    host_positions=host_positions, batch=batch)
         rows = last if self.last else None
         if self.fast is not None:
             out = self.fast.run(tokens, positions, lambda attention, q, k, v: attention.attend(step, q, k, v), rows,

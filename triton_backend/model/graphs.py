@@ -29,6 +29,8 @@ import logging
 import numpy as np
 import torch
 
+from triton_backend.transfer import upload
+
 from . import flex_paged
 
 LOG = logging.getLogger(__name__)
@@ -79,22 +81,30 @@ class StaticInputs:
         for name, value in host.items():
             getattr(self, name).copy_(torch.from_numpy(value), non_blocking=True)
 
+    def fill_tables(self, batch, slots: np.ndarray) -> None:
+        """Rows 0 .. n - 1 of the bucket's table from ``batch`` (a ``BatchTables``): the tables of ``slots`` [n],
+        gathered on the device (past each row's count, stale entries: its mask never reads them)."""
+        n = len(slots)
+        self.tables[:n].copy_(batch.rows(upload(slots, self.tables.device), self.tables.shape[1]))
+
 
 def static_inputs(positions: np.ndarray, tables: np.ndarray, table_lengths: np.ndarray, rows: int, blocks: int,
-                  block_size: int, scratch: int) -> dict[str, np.ndarray]:
+                  block_size: int, scratch: int, table: bool = True) -> dict[str, np.ndarray]:
     """Host arrays of a decode step's bucket: ``positions`` [n] (one token per sequence), sequence i's block table
-    the next ``table_lengths[i]`` entries of ``tables``; rows ``n .. rows`` are padding."""
+    the next ``table_lengths[i]`` entries of ``tables``; rows ``n .. rows`` are padding. ``table``: with the
+    [rows, blocks] table (without it, the caller fills the bucket's table from the device)."""
     n = len(positions)
-    table = np.full((rows, blocks), scratch, dtype=np.int64)
-    table[:n][np.arange(blocks)[None, :] < table_lengths[:, None]] = tables
     counts, write_blocks, write_offsets, pos = (np.zeros(rows, np.int64), np.full(rows, scratch, np.int64),
                                                 np.zeros(rows, np.int64), np.zeros(rows, np.int64))
     pos[:n] = positions
     counts[:n] = table_lengths
-    write_blocks[:n] = table[np.arange(n), positions // block_size]
+    write_blocks[:n] = tables[np.cumsum(table_lengths) - table_lengths + positions // block_size]
     write_offsets[:n] = positions % block_size
-    return {"positions": pos, "tables": table, "counts": counts, "write_blocks": write_blocks,
-            "write_offsets": write_offsets}
+    out = {"positions": pos, "counts": counts, "write_blocks": write_blocks, "write_offsets": write_offsets}
+    if table:
+        out["tables"] = np.full((rows, blocks), scratch, dtype=np.int64)
+        out["tables"][:n][np.arange(blocks)[None, :] < table_lengths[:, None]] = tables
+    return out
 
 
 def static_mask(cache, inputs: StaticInputs, window: int | None) -> flex_paged.PagedMask:
@@ -171,18 +181,22 @@ class DecodeGraphs:
         return True
 
     def run(self, tokens: torch.Tensor, positions: np.ndarray, tables: np.ndarray, table_lengths: np.ndarray,
-            rows: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+            rows: torch.Tensor, hidden: torch.Tensor | None = None, batch: tuple | None = None
+            ) -> torch.Tensor | None:
         """The logits of packed ``rows`` for a decode step (one token per sequence at ``positions``), or None when
         the step is past the largest bucket (the caller runs it eagerly). A pipeline stage after the first takes
         ``hidden``; one before the last returns the step's hidden states (a copy: the next replay reuses the
-        buffer while a send may still read it)."""
+        buffer while a send may still read it). ``batch``: (``BatchTables``, each sequence's slot), the device
+        copy of the tables, gathered from instead of uploading them."""
         n = len(positions)
         size = bucket(n)
         if size > self.max_rows or int(table_lengths.max()) > self.max_blocks:
             return None
         graph, inputs, mask, logits = self.buckets.get(size) or self._make(size)
         inputs.fill(static_inputs(positions, tables, table_lengths, size, self.max_blocks, self.cache.block_size,
-                                  self.cache.scratch))
+                                  self.cache.scratch, table=batch is None))
+        if batch is not None:
+            inputs.fill_tables(*batch)
         inputs.tokens[:n].copy_(tokens)
         inputs.tokens[n:].zero_()
         if inputs.hidden is not None:

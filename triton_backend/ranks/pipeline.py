@@ -3,7 +3,7 @@
 The job has TP x PP ranks, ordered as Megatron orders them (rank = TP rank + TP x stage). A step travels:
 
 1. Rank 0 (stage 0, TP rank 0) broadcasts it to the other TP ranks of stage 0 over their group: a header
-   ``[command, tokens, rows, sequences, table entries, plan bytes]``, the int64 payload ``protocol.py``
+   ``[command, tokens, rows, sequences, new table entries, plan bytes]``, the int64 payload ``protocol.py``
    describes, and the plan (which logits rows are sampled or scored, for which sequences; pickled).
 2. Every rank of stage s runs its layers, then sends header, payload, plan and its hidden states [tokens, h]
    to the rank with its TP rank in stage s + 1 (point to point, ``isend``: gloo on CPU, NCCL on GPU; Megatron's
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from triton_backend.engine.grammar import Grammars
 from triton_backend.engine.outputs import Mirror, StepOutputs
 
-from .protocol import Command, Fronting, lost
+from .protocol import Command, Fronting, lost, split
 
 LOG = logging.getLogger(__name__)
 HEADER = 6  # command, tokens, rows, sequences, table entries, plan bytes
@@ -126,9 +126,9 @@ class PipelineLeader(Fronting):
 
     def launch(self, step: list[torch.Tensor], scored: list, sampled: list, released: list[int],
                vocab_size: int, host=None) -> None:
-        """Start ``step`` (the engine's six int64 tensors) down the pipeline. ``scored``: (sequence id,
-        ``outputs.Scored``); ``sampled``: (sequence id, sampler); ``released``: sequences retired since;
-        ``host``: the step's host arrays (``CachedGPT.forward``)."""
+        """Start ``step`` (the engine's eight int64 tensors, ``CachedGPT.step``'s) down the pipeline. ``scored``:
+        (sequence id, ``outputs.Scored``); ``sampled``: (sequence id, sampler); ``released``: sequences retired
+        since; ``host``: the step's host arrays (``CachedGPT.step``)."""
         new = {}
         for i, sampler in [(i, s.sampler) for i, s in scored] + sampled:
             if i not in self.mirrored:
@@ -137,12 +137,12 @@ class PipelineLeader(Fronting):
         self.mirrored.difference_update(released)
         plan = pickle.dumps({"new": new, "released": released, "vocab": vocab_size, "sampled": [i for i, _ in sampled],
                              "scored": [(i, s.at, s.count, s.first) for i, s in scored]})
-        tokens, _, last, lengths, tables, _ = step
+        tokens, _, last, lengths, *_, entries = step
         command = Command.TALLY_STEP if self.tallies_wanted else Command.STEP
         self.tallies_wanted, self.tallies_stale = False, command == Command.STEP
-        parts = self._message(command, (len(tokens), len(last), len(lengths), len(tables)),
+        parts = self._message(command, (len(tokens), len(last), len(lengths), len(entries)),
                               torch.cat(step).to(torch.int64), plan)
-        hidden = self.gpt.forward(*step, host=host)
+        hidden = self.gpt.step(*step, host=host)
         self.sends.send(parts + [hidden], self.next)
 
     def collect(self) -> StepOutputs:
@@ -217,14 +217,14 @@ def follow(gpt, tp: int, pp: int, group, stage_group=None, tokenizer=None) -> No
                 sends.send([header], rank + tp)
             sends.wait()
             return
-        payload = receive(torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=device))
+        payload = receive(torch.empty(2 * n + rows + 4 * sequences + entries, dtype=torch.int64, device=device))
         plan = receive(torch.empty(plan_bytes, dtype=torch.uint8, device=device))
         hidden = receive(torch.empty(n, hidden_size, dtype=dtype, device=device)) if stage > 0 else None
         if mirror is not None:  # its guided rows' masks fill while the forward pass runs
             wanted = pickle.loads(plan.cpu().numpy().tobytes())
             mirror.vocab_size = wanted["vocab"]
             mirror.prepare(wanted)
-        out = gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]), hidden=hidden)
+        out = gpt.step(*split(payload, n, rows, sequences, entries), hidden=hidden)
         tally = command == Command.TALLY_STEP and tp_rank == 0
         if not last:
             if tally:  # this stage's tallies join the earlier ones in the plan it passes on

@@ -2,12 +2,13 @@
 
 Each step is two broadcasts from rank 0 over the world group: a fixed header ``[command, tokens, rows,
 sequences, table entries]`` and, for STEP, one int64 payload with the packed token ids and positions, the
-indices of the tokens whose logits are wanted, each sequence's token count and its KV block table (ids and
-positions never travel as floats). Rank 0's engine alone decides which blocks hold what; the tables it sends
-make every rank write and read the same places. Followers run ``CachedGPT.forward``
-on exactly those tensors, so their tensor-parallel collectives line up with rank 0's. Rank 0 validates a
-request fully before anything is broadcast; followers only ever see well-formed steps. HEARTBEAT keeps idle
-followers inside the collective timeout; SHUTDOWN ends them.
+indices of the tokens whose logits are wanted, each sequence's token count, and its KV block table as an edit
+of the one every rank keeps for it (its slot, the entries kept, the length now, and the new entries, all the
+sequences' together: ``cache/tables.py``); ids and positions never travel as floats. Rank 0's engine alone
+decides which blocks hold what; the edits it sends make every rank write and read the same places. Followers
+run ``CachedGPT.step`` on exactly those tensors, so their tensor-parallel collectives line up with rank 0's.
+Rank 0 validates a request fully before anything is broadcast; followers only ever see well-formed steps.
+HEARTBEAT keeps idle followers inside the collective timeout; SHUTDOWN ends them.
 
 The broadcasts use a group of their own whose timeout is short (``COLLECTIVE_TIMEOUT_S``): a follower whose
 leader went silent fails fast, while the world group keeps a long timeout for slow checkpoint loading.
@@ -81,7 +82,7 @@ class Fronting:
 
 
 class Leader(Fronting):
-    """Rank 0's side: ``forward`` broadcasts a step to the followers, then runs it locally."""
+    """Rank 0's side: ``step`` broadcasts a step to the followers, then runs it locally."""
 
     def __init__(self, gpt, group=None):
         super().__init__(gpt)
@@ -99,11 +100,12 @@ class Leader(Fronting):
         except RuntimeError as err:  # gloo and NCCL raise RuntimeError (DistBackendError) for a lost peer
             raise lost(None, err) from err
 
-    def forward(self, tokens, positions, last, lengths, tables, table_lengths, host=None):
-        step = (tokens, positions, last, lengths, tables, table_lengths)
+    def step(self, tokens, positions, last, lengths, slots, keeps, table_lengths, entries, host=None):
+        """Broadcast the step (``CachedGPT.step``'s eight tensors), then run it here."""
+        step = (tokens, positions, last, lengths, slots, keeps, table_lengths, entries)
         payload = torch.cat(step).to(torch.int64)
-        self._send(Command.STEP, (len(tokens), len(last), len(lengths), len(tables)), payload)
-        return self.gpt.forward(*step, host=host)
+        self._send(Command.STEP, (len(tokens), len(last), len(lengths), len(entries)), payload)
+        return self.gpt.step(*step, host=host)
 
     def heartbeat(self) -> None:
         self._send(Command.HEARTBEAT)
@@ -134,6 +136,11 @@ def follow(gpt, group=None) -> None:
             continue
         if command != Command.STEP:
             raise RuntimeError(f"unknown command {command} from rank 0")
-        payload = torch.empty(2 * n + rows + 2 * sequences + entries, dtype=torch.int64, device=gpt.device)
+        payload = torch.empty(2 * n + rows + 4 * sequences + entries, dtype=torch.int64, device=gpt.device)
         receive(payload)
-        gpt.forward(*payload.split([n, n, rows, sequences, entries, sequences]))
+        gpt.step(*split(payload, n, rows, sequences, entries))
+
+
+def split(payload: torch.Tensor, n: int, rows: int, sequences: int, entries: int) -> list[torch.Tensor]:
+    """A STEP payload as ``CachedGPT.step``'s eight tensors."""
+    return list(payload.split([n, n, rows, sequences, sequences, sequences, sequences, entries]))
