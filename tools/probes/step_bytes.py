@@ -1,6 +1,7 @@
 """What a step sends to the other ranks: its block tables as edits of the ones every rank keeps
 (``cache/tables.py``) against the whole tables each step once carried. Bytes per decode step, averaged over a
-steady decode of ROWS sequences at CONTEXT tokens, counted from the real engine's steps.
+steady decode of ROWS sequences at CONTEXT tokens (the steps that decode every one of them), counted from the
+real engine's steps.
 
     .venv/bin/python tools/probes/step_bytes.py [--rows 64] [--context 8192] [--steps 64]
 
@@ -28,14 +29,14 @@ from triton_backend.model.gpt import CachedGPT, build_model, init_parallel  # no
 class Counting:
     """The real model; adds up each decode step's payload, as sent now and as the whole tables made it."""
 
-    def __init__(self, gpt):
-        self.gpt, self.now, self.whole, self.steps = gpt, 0, 0, 0
+    def __init__(self, gpt, rows: int):
+        self.gpt, self.rows, self.now, self.whole, self.steps = gpt, rows, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.gpt, name)
 
     def step(self, tokens, positions, last, lengths, slots, keeps, table_lengths, entries, **kwargs):
-        if bool((lengths == 1).all()):
+        if len(lengths) == self.rows and bool((lengths == 1).all()):  # every sequence decoding
             common = 2 * len(tokens) + len(last) + len(lengths)
             self.now += 8 * (common + 3 * len(lengths) + len(entries))
             self.whole += 8 * (common + len(lengths) + int(table_lengths.sum()))
@@ -51,16 +52,16 @@ def main() -> None:
     a = parser.parse_args()
     init_parallel(1, "cpu")
     torch.manual_seed(0)
-    longest = a.context + a.steps
+    longest = a.context + a.rows + a.steps  # the first admitted decodes while the others' prompts are read
     arch = GPTArchitecture(max_position_embeddings=longest, seq_length=longest, **TINY)
     gpt = CachedGPT(build_model(arch), arch, max_slots=a.rows, max_len=longest)
     engine = Engine(gpt, arch.padded_vocab_size, 0, prefill_tokens=a.context)
-    engine.gpt = counting = Counting(gpt)
+    engine.gpt = counting = Counting(gpt, a.rows)
     engine.start()
     try:
         with engine._wake:
             gens = [engine.submit([1 + (i * 7 + j) % 500 for j in range(a.context - 1)],
-                                  SamplingParams(max_tokens=a.steps, end_id=-1)) for i in range(a.rows)]
+                                  SamplingParams(max_tokens=a.rows + a.steps, end_id=-1)) for i in range(a.rows)]
         for g in gens:
             g.wait(3600)
     finally:
