@@ -27,6 +27,8 @@ bench() {  # checkpoint, label: Megatron's modules, the fast forward eagerly, th
 # first the attention's figures: decode step time against the bytes it must read (weights + live KV) at 1 and 64
 # sequences x 1k / 8k / 32k, as a fraction of the card's bandwidth; a prefill chunk; waits on the device per decode step
 python3 tools/gpu_decode.py 2>"$out.decode.log" | tee -a "$out"
+# ours against Megatron-core's dynamic engine, same weights, 16 x 128 greedy tokens (its failure stops nothing)
+python3 tools/gpu_megatron_engine.py 2>"$out.megatron.log" | tee -a "$out" || true
 bench demo_model/checkpoint demo
 torchrun --standalone --nproc-per-node 1 -m triton_backend.make_checkpoint --random gpt-350m --vocab 4096 \
   --format torch_dist --out /tmp/gpt350m 2>"$out.make.log" | tee -a "$out.make.log"

@@ -1,5 +1,6 @@
-"""``tools/gpu_decode.py``, the GPU check's decode figures, run dry on CPU with a small model: the same code path
-(the static steps, FlexAttention over the group-major cache), every case and the bytes each step must read."""
+"""The GPU check's tools run dry on CPU with a small model: ``tools/gpu_decode.py``'s decode figures (the same code
+path: the static steps, FlexAttention over the group-major cache; every case and the bytes each step must read),
+and ``tools/gpu_megatron_engine.py``'s comparison with Megatron's dynamic engine (our half, and the weights)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,17 @@ def test_bandwidth_by_the_gpus_name():
     assert gpu_decode.bandwidth("NVIDIA H100 PCIe") == 2000e9
     assert gpu_decode.bandwidth("NVIDIA H200") == 4800e9
     assert gpu_decode.bandwidth("Tesla T4") is None
+
+
+def test_the_megatron_comparison_runs_ours_dry_and_gives_megatron_our_weights(capsys):
+    """``tools/gpu_megatron_engine.py`` on CPU: our engine's figure, a line saying Megatron's dynamic engine needs
+    CUDA, and the twin Megatron would serve (its own RoPE, a copy of our state dict) giving our model's logits."""
+    from tools import gpu_megatron_engine
+
+    assert gpu_megatron_engine.main(["--tiny", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    head, ours, megatron, twin = lines
+    assert head["streams"] == 4 and head["output_tokens"] == 16
+    assert ours["engine"] == "ours" and ours["output_tokens_per_s"] > 0
+    assert megatron == {"megatron_dynamic_engine": "needs CUDA"}
+    assert twin["twin_max_logit_diff"] < 1e-4
