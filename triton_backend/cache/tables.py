@@ -5,8 +5,9 @@ A sequence the engine runs has a slot (0 .. max_slots - 1) for as long as it run
 ``block_size`` tokens; ``BlockPool`` never swaps a block it holds), so a step carries, for each of its sequences,
 only the slot, how many entries the ranks already hold (``keeps``: the rest of the row is stale), the table's
 length now and the entries past ``keeps`` (``entries``, all the step's, in packed order). In a steady decode that
-is one entry per sequence every ``block_size`` steps, where the whole table used to travel (64 sequences of 8k
-tokens in blocks of 16: 256 KiB a step, broadcast to every rank and uploaded to every device).
+is one entry per sequence every ``block_size`` steps, where the whole tables used to travel (64 sequences of 8k
+tokens in blocks of 32: 128 KiB a step, broadcast to every rank and uploaded to every device;
+``tools/probes/step_bytes.py`` counts both).
 
 Each rank keeps the table twice: on the host, where the step is planned (and the CPU kernel reads it), and on
 the device, where FlexAttention's masks and the CUDA graphs' inputs are gathered from it by slot, so no table is

@@ -43,7 +43,7 @@ from triton_backend.engine.outputs import Mirror, StepOutputs
 from .protocol import Command, Fronting, lost, split
 
 LOG = logging.getLogger(__name__)
-HEADER = 6  # command, tokens, rows, sequences, table entries, plan bytes
+HEADER = 6  # command, tokens, rows, sequences, new table entries, plan bytes
 
 
 def make_stage_groups(tp: int, pp: int, timeout_s: float) -> list:
