@@ -14,9 +14,13 @@ import numpy as np
 import torch
 
 
+def staged(data, device) -> torch.Tensor:
+    """``data`` (a numpy array, or a tensor on the CPU) as a CPU tensor to copy to ``device`` without waiting:
+    page-locked for CUDA."""
+    t = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    return t.pin_memory() if torch.device(device).type == "cuda" else t
+
+
 def upload(data, device) -> torch.Tensor:
     """``data`` (a numpy array, or a tensor on the CPU) on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return staged(data, device).to(device, non_blocking=True)

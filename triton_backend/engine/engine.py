@@ -408,7 +408,7 @@ class Engine:
                 self.blocks.count_lookup(len(row.generation.prompt), row.computed)
             (self._preempted if resumed else self._waiting).popleft()
             row.group = group
-            row.slot, row.tabled = self._slots.pop(), 0
+            row.slot = self._slots.pop()  # its table is new to the ranks: ``tabled`` is 0 (``Sequence.release``)
             self._running.append(row)  # counted as running from here on (load, drain)
             members.append(row)
             chunks.append(_Chunk(row, n, n == row.pending()))

@@ -29,7 +29,7 @@ import logging
 import numpy as np
 import torch
 
-from triton_backend.transfer import upload
+from triton_backend.transfer import staged, upload
 
 from . import flex_paged
 
@@ -79,7 +79,8 @@ class StaticInputs:
 
     def fill(self, host: dict[str, np.ndarray]) -> None:
         for name, value in host.items():
-            getattr(self, name).copy_(torch.from_numpy(value), non_blocking=True)
+            target = getattr(self, name)
+            target.copy_(staged(value, target.device), non_blocking=True)
 
     def fill_tables(self, batch, slots: np.ndarray) -> None:
         """Rows 0 .. n - 1 of the bucket's table from ``batch`` (a ``BatchTables``): the tables of ``slots`` [n],
